@@ -1,0 +1,47 @@
+# Set-up is idempotent: `make demo` and `make test` install what is missing (apt packages as root, Python
+# packages into .venv/) and then run. Nothing is downloaded from a model hub.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+APT_PACKAGES := flite
+INSTALLED := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup apt demo test test-slow clean
+
+setup: apt $(INSTALLED)
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "Missing apt packages:$$missing (run make as root to install them)"; exit 1; fi; \
+	  echo "Installing apt packages:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is installed first by exact version: that CPU wheel is on local disk; an unpinned torch would pull a CUDA build.
+$(INSTALLED): pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[train,dev]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/echox init-random --size tiny --out build/echox-tiny
+	flite -voice slt -t "what is the capital of france" -o build/question.wav
+	$(VENV)/bin/echox speak build/question.wav -o build/answer.wav --model build/echox-tiny
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf build .pytest_cache

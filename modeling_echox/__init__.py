@@ -1,0 +1,35 @@
+"""EchoX for transformers. Importing this package registers EchoX with the transformers Auto classes."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForMultimodalLM, AutoProcessor
+
+from .configuration_echox import EchoXConfig, EchoXVocoderConfig
+from .modeling_echox import EchoXForSpeechToSpeech, EchoXGenerationOutput, EchoXOutput, EchoXPreTrainedModel
+from .processing_echox import EchoXProcessor
+from .unit_vocabulary import EchoXUnitVocabulary
+from .vocoder import EchoXCodeHifiGan
+
+__version__ = "0.1.0"
+
+AutoConfig.register(EchoXConfig.model_type, EchoXConfig, exist_ok=True)
+AutoConfig.register(EchoXVocoderConfig.model_type, EchoXVocoderConfig, exist_ok=True)
+AutoModel.register(EchoXConfig, EchoXForSpeechToSpeech, exist_ok=True)
+AutoModel.register(EchoXVocoderConfig, EchoXCodeHifiGan, exist_ok=True)
+AutoModelForMultimodalLM.register(EchoXConfig, EchoXForSpeechToSpeech, exist_ok=True)
+AutoProcessor.register(EchoXConfig, EchoXProcessor, exist_ok=True)
+
+# Saved checkpoints carry `auto_map` and this code, so `trust_remote_code=True` loads them without this package.
+EchoXConfig.register_for_auto_class()
+EchoXForSpeechToSpeech.register_for_auto_class("AutoModel")
+EchoXProcessor.register_for_auto_class()
+
+__all__ = [
+    "EchoXCodeHifiGan",
+    "EchoXConfig",
+    "EchoXForSpeechToSpeech",
+    "EchoXGenerationOutput",
+    "EchoXOutput",
+    "EchoXPreTrainedModel",
+    "EchoXProcessor",
+    "EchoXUnitVocabulary",
+    "EchoXVocoderConfig",
+]

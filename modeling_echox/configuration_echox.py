@@ -1,0 +1,221 @@
+"""Configuration classes of EchoX: the composite `EchoXConfig` and the unit vocoder's `EchoXVocoderConfig`."""
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+
+@strict
+class EchoXVocoderConfig(PreTrainedConfig):
+    r"""
+    Configuration of the unit vocoder: a CodeHiFiGAN (unit embedding, duration predictor, HiFi-GAN generator) that turns
+    deduplicated speech units into a waveform. The defaults are those of fairseq's mHuBERT layer-11 km1000 LJSpeech
+    unit vocoder shipped with the released EchoX.
+
+    Field names follow `SeamlessM4TConfig` so that transformers' HiFi-GAN building blocks read them directly.
+    """
+
+    model_type = "echox_vocoder"
+
+    num_units: int = 1000
+    unit_embed_dim: int = 128
+    num_speakers: int = 0
+    spkr_embed_dim: int = 0
+    upsample_initial_channel: int = 512
+    upsample_rates: list[int] | tuple[int, ...] = (5, 4, 4, 2, 2)
+    upsample_kernel_sizes: list[int] | tuple[int, ...] = (11, 8, 8, 4, 4)
+    resblock_kernel_sizes: list[int] | tuple[int, ...] = (3, 7, 11)
+    resblock_dilation_sizes: list | tuple = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    leaky_relu_slope: float = 0.1
+    variance_predictor_kernel_size: int = 3
+    var_pred_dropout: float = 0.5
+    sampling_rate: int = 16000
+    initializer_range: float = 0.01
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.num_speakers == 0 and self.spkr_embed_dim != 0:
+            raise ValueError("EchoXVocoderConfig: spkr_embed_dim must be 0 when num_speakers is 0.")
+        if len(self.upsample_rates) != len(self.upsample_kernel_sizes):
+            raise ValueError("EchoXVocoderConfig: upsample_rates and upsample_kernel_sizes must have the same length.")
+
+    @property
+    def lang_embed_dim(self) -> int:
+        """EchoX's vocoder has no language embedding (read by transformers' `SeamlessM4THifiGan`)."""
+        return 0
+
+    @property
+    def hop_length(self) -> int:
+        """Waveform samples produced per (duration-expanded) unit frame."""
+        hop = 1
+        for rate in self.upsample_rates:
+            hop *= rate
+        return hop
+
+
+# Token ids of the released (Llama-3 based) EchoX; see `configuration_echox.EchoXConfig` docs.
+_LLAMA3_SPEAKER_HEADER = [128006, 128000, 65576, 128007, 128000, 198]  # <|start_header_id|> BOS "speaker" <|end_header_id|> BOS "\n"
+_LLAMA3_EOT = 128009
+
+
+@strict
+class EchoXConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`EchoXForSpeechToSpeech`]: speech encoder → speech adapter → LLM → echo decoder → unit vocoder.
+
+    Sub-configs:
+        audio_config: a `WhisperConfig`; only its encoder part is used.
+        text_config: the LLM, any causal LM config (`LlamaConfig`, `Qwen2Config`, ...).
+        echo_config: the echo decoder's transformer, a small `LlamaConfig` (released: 8 layers, 768 wide, 12 heads).
+        vocoder_config: an [`EchoXVocoderConfig`].
+
+    Speech adapter:
+        audio_token_id: id of the single `<audio>` placeholder that the speech embeddings replace (released: 128256).
+        adapter_frame_stack: encoder frames concatenated into one adapter frame (2: 50 Hz → 25 Hz).
+        adapter_intermediate_size: FFN width of the adapter's frame block (`None` → 2 × LLM hidden size).
+        adapter_num_heads: attention heads of the frame block and look-back attention (`None` → LLM heads).
+        adapter_dropout: dropout of the frame block and look-back attention.
+        adapter_per_frame_block: original quirk. The released frame block is a `TransformerEncoderLayer` called on a
+            `[1, frames, H]` tensor with `batch_first=False`, so each frame only attends to itself. `True` reproduces
+            that; `False` lets frames attend to each other (needs retraining).
+        ctc_loss_weight: weight of the CTC loss on the adapter's CTC head (blank = `audio_token_id`).
+
+    Prompt:
+        mask_eot_in_prompt: original quirk. The released model uses `<|eot_id|>` as padding and masks every eot of
+            the prompt out of attention (positions still count).
+        text_pad_token_id: the LLM pad id (released: 128009 = `<|eot_id|>`).
+        max_audio_seconds: longest input clip (the Whisper window); longer clips are refused, never truncated.
+
+    Units and the echo decoder:
+        num_units: size of the acoustic unit inventory (k-means K; released 1000). Decoded units ≥ K are dropped.
+        unit_vocab_size: number of unit-language tokens `<|unit_...|>`.
+        unit_token_offset: id of the first unit-language token in the echo decoder's vocabulary; ids below it are LLM
+            text ids (released: 128257 = LLM vocabulary size).
+        echo_intermediate_size: hidden width of the denoising adapter (`None` → LLM intermediate size).
+        echo_prefix_ids / echo_suffix_ids: text ids embedded before / after each segment's hidden states (speaker
+            header; eot + speaker header).
+        echo_prefix_quirk_id: original quirk. At inference the released model appends id 12800 (a typo of 128000
+            in its training code) to the prefix of every segment; `None` disables it.
+        echo_eos_token_id: id that ends an echo-decoder run (released: 128009).
+        echo_max_new_tokens: longest echo-decoder output per segment.
+        unit_max_piece_length: most acoustic units in one unit-language piece (width of the model's unit table).
+        denoise_loss_cap: the denoising loss is scaled down to at most this fraction of the echo CE loss.
+
+    Streaming rule (segmentation of the text into echo segments):
+        segment_boundary_token_id: the token whose output embedding the hidden states are compared with (".").
+        segment_lookahead: tokens looked ahead to confirm a peak of the cosine score.
+        segment_min_tokens / segment_score_threshold: cut at a peak above the threshold once a segment has this many tokens.
+        segment_max_tokens: cut at any peak once a segment has this many tokens.
+    """
+
+    model_type = "echox"
+    sub_configs_defaults = {
+        "audio_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "echo_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="llama",
+            init_kwargs={
+                "hidden_size": 768,
+                "intermediate_size": 2048,
+                "num_hidden_layers": 8,
+                "num_attention_heads": 12,
+                "num_key_value_heads": 12,
+                "head_dim": 64,
+                "max_position_embeddings": 2048,
+                "vocab_size": 1,  # the echo decoder embeds through the LLM's and its own unit tables, not this one
+                "bos_token_id": None,
+                "eos_token_id": None,
+                "pad_token_id": None,
+            },
+        ),
+        "vocoder_config": SubConfigSpec(config_class=EchoXVocoderConfig),
+    }
+
+    audio_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    echo_config: dict | PreTrainedConfig | None = None
+    vocoder_config: dict | PreTrainedConfig | None = None
+
+    audio_token_id: int = 128256
+    adapter_frame_stack: int = 2
+    adapter_intermediate_size: int | None = None
+    adapter_num_heads: int | None = None
+    adapter_dropout: float = 0.1
+    adapter_per_frame_block: bool = True
+    ctc_loss_weight: float = 0.3
+
+    mask_eot_in_prompt: bool = True
+    text_pad_token_id: int | None = _LLAMA3_EOT
+    max_audio_seconds: float = 30.0
+    sampling_rate: int = 16000
+
+    num_units: int = 1000
+    unit_vocab_size: int = 1000
+    unit_token_offset: int = 128257
+    echo_intermediate_size: int | None = None
+    echo_prefix_ids: list[int] | None = None
+    echo_suffix_ids: list[int] | None = None
+    echo_prefix_quirk_id: int | None = 12800
+    echo_eos_token_id: int = _LLAMA3_EOT
+    echo_max_new_tokens: int = 2048
+    unit_max_piece_length: int = 1
+    denoise_loss_cap: float = 0.2
+
+    segment_boundary_token_id: int = 13
+    segment_lookahead: int = 5
+    segment_min_tokens: int = 20
+    segment_score_threshold: float = 0.1
+    segment_max_tokens: int = 50
+    segmentation_mode: Literal["faithful", "fast"] = "faithful"
+
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.echo_prefix_ids is None:
+            self.echo_prefix_ids = list(_LLAMA3_SPEAKER_HEADER)
+        if self.echo_suffix_ids is None:
+            self.echo_suffix_ids = [_LLAMA3_EOT, *_LLAMA3_SPEAKER_HEADER]
+        if self.unit_token_offset != self.text_config.vocab_size:
+            raise ValueError(
+                f"EchoXConfig: unit_token_offset ({self.unit_token_offset}) must equal the LLM vocabulary size "
+                f"(text_config.vocab_size = {self.text_config.vocab_size}): unit tokens follow the text ids."
+            )
+        if not 0 <= self.audio_token_id < self.text_config.vocab_size:
+            raise ValueError(
+                f"EchoXConfig: audio_token_id {self.audio_token_id} is outside the LLM vocabulary "
+                f"(text_config.vocab_size = {self.text_config.vocab_size})."
+            )
+        if self.text_config.hidden_size % self.adapter_heads != 0:
+            raise ValueError(
+                f"EchoXConfig: the LLM hidden size {self.text_config.hidden_size} is not divisible by "
+                f"adapter_num_heads={self.adapter_heads}."
+            )
+
+    @property
+    def adapter_heads(self) -> int:
+        return self.adapter_num_heads or self.text_config.num_attention_heads
+
+    @property
+    def adapter_ffn_dim(self) -> int:
+        return self.adapter_intermediate_size or 2 * self.text_config.hidden_size
+
+    @property
+    def denoiser_dim(self) -> int:
+        return self.echo_intermediate_size or self.text_config.intermediate_size
+
+    @property
+    def echo_vocab_size(self) -> int:
+        """Size of the echo decoder's output vocabulary: LLM text ids, then the unit-language tokens."""
+        return self.unit_token_offset + self.unit_vocab_size
+
+    @property
+    def max_audio_samples(self) -> int:
+        return int(self.max_audio_seconds * self.sampling_rate)
+
+
+__all__ = ["EchoXConfig", "EchoXVocoderConfig"]

@@ -1,0 +1,493 @@
+"""EchoX: a speech-to-speech LLM with an echo decoder (arXiv 2509.09174), as a transformers model."""
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.utils import ModelOutput
+
+from .configuration_echox import EchoXConfig
+from .echo_decoder import EchoXEchoDecoder
+from .segmentation import SegmentationRule, boundary_scores
+from .speech_adapter import EchoXSpeechAdapter
+from .vocoder import EchoXCodeHifiGan
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EchoXOutput(ModelOutput):
+    """
+    Output of [`EchoXForSpeechToSpeech.forward`]. `loss` combines what the batch carries: stage I (speech-to-text:
+    `lm_loss` + `ctc_loss_weight` × `ctc_loss`), stage II (text-to-codec: `echo_loss`) and stage III (echo training:
+    `echo_loss` + capped `denoise_loss`, with the S2T loss by the paper's rule).
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    ctc_loss: torch.FloatTensor | None = None
+    echo_loss: torch.FloatTensor | None = None
+    denoise_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    ctc_logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class EchoXGenerationOutput(ModelOutput):
+    """
+    Output of [`EchoXForSpeechToSpeech.generate`], per sample of the batch:
+        sequences: generated text ids `[B, n]` (after the eos: pad id).
+        text: decoded answers, when a tokenizer was given.
+        segments: `(start, end)` token spans of each spoken segment.
+        segment_unit_ids: acoustic unit ids of each segment.
+        unit_ids: all unit ids of the answer.
+        waveforms: the spoken answer, float32 at `sampling_rate`.
+    """
+
+    sequences: torch.LongTensor | None = None
+    text: list[str] | None = None
+    segments: list[list[tuple[int, int]]] | None = None
+    segment_unit_ids: list[list[list[int]]] | None = None
+    unit_ids: list[list[int]] | None = None
+    waveforms: list[torch.FloatTensor] | None = None
+    sampling_rate: int | None = None
+
+
+@dataclass
+class _PromptInputs:
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.LongTensor
+    position_ids: torch.LongTensor
+    labels: torch.LongTensor | None
+    ctc_logits: torch.Tensor | None
+
+
+class EchoXPreTrainedModel(PreTrainedModel):
+    config: EchoXConfig
+    base_model_prefix = ""
+    input_modalities = ("audio", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["WhisperEncoderLayer", "LlamaDecoderLayer", "Qwen2DecoderLayer", "EchoXSpeechAdapter"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, EchoXForSpeechToSpeech):
+            module.unit_table.fill_(-1)
+
+
+class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
+    """
+    The whole EchoX: `audio_tower` (Whisper encoder) → `speech_adapter` → `language_model` (any causal LM) →
+    `echo_decoder` → `vocoder` (unit HiFi-GAN). `unit_table` maps each unit-language token to its acoustic unit ids.
+    """
+
+    output_modalities = ("text", "audio")
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: EchoXConfig):
+        super().__init__(config)
+        self.audio_tower = WhisperEncoder(config.audio_config)
+        self.speech_adapter = EchoXSpeechAdapter(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.echo_decoder = EchoXEchoDecoder(config)
+        self.vocoder = EchoXCodeHifiGan(config.vocoder_config)
+        self.register_buffer(
+            "unit_table", torch.full((config.unit_vocab_size, config.unit_max_piece_length), -1, dtype=torch.long)
+        )
+        self.post_init()
+        # The speech encoder is frozen, as in the paper; `audio_tower.requires_grad_(True)` makes it trainable.
+        self.audio_tower.requires_grad_(False)
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings):
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    @property
+    def text_table(self) -> torch.Tensor:
+        """The LLM output-embedding table `[V, H]`: the echo decoder's (frozen) text embeddings."""
+        return self.language_model.get_output_embeddings().weight
+
+    # ----------------------------------------------------------------------------------------------------- speech in
+    def get_speech_embeddings(self, input_features: torch.FloatTensor):
+        """Log-mel features `[N, n_mels, frames]` → `SpeechAdapterOutput` (speech embeddings per clip, CTC logits)."""
+        expected = (self.config.audio_config.num_mel_bins, self.audio_tower.config.max_source_positions * 2)
+        if input_features.dim() != 3 or tuple(input_features.shape[1:]) != expected:
+            raise ValueError(
+                f"input_features must have shape [clips, {expected[0]}, {expected[1]}] (log-mel bins, frames of the "
+                f"{self.config.max_audio_seconds:g} s window), got {list(input_features.shape)}."
+            )
+        if not torch.isfinite(input_features).all():
+            raise ValueError("input_features contain NaN or infinite values.")
+        tower_trains = any(parameter.requires_grad for parameter in self.audio_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
+            states = self.audio_tower(input_features.to(self.audio_tower.dtype)).last_hidden_state
+        return self.speech_adapter(states.to(self.speech_adapter.projector.weight.dtype))
+
+    def _prepare_prompt(self, input_ids, attention_mask, input_features=None, labels=None, padding_side="right"):
+        """
+        Embed `input_ids`, replace each `<audio>` placeholder by its clip's speech embeddings (clips in row-major
+        order), re-pad the batch on `padding_side`, and build the attention mask (padding, plus every eot when
+        `mask_eot_in_prompt`) and position ids (contiguous over non-padding tokens, masked eots included).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        placeholders = input_ids == self.config.audio_token_id
+        num_clips = 0 if input_features is None else input_features.shape[0]
+        if int(placeholders.sum()) != num_clips:
+            raise ValueError(
+                f"The prompt holds {int(placeholders.sum())} audio placeholder token(s) (id {self.config.audio_token_id}) "
+                f"but {num_clips} audio clip(s) were given; each clip needs exactly one placeholder."
+            )
+        speech = self.get_speech_embeddings(input_features) if num_clips else None
+        clips = iter(speech.speech_embeddings) if speech is not None else iter(())
+        embed = self.get_input_embeddings()
+        pad_id = self.config.text_pad_token_id if self.config.text_pad_token_id is not None else 0
+
+        rows_ids, rows_embeds, rows_labels = [], [], []
+        for row in range(input_ids.shape[0]):
+            keep = attention_mask[row].bool()
+            ids = input_ids[row][keep]
+            row_labels = labels[row][keep] if labels is not None else None
+            pieces_ids, pieces_embeds, pieces_labels, start = [], [], [], 0
+            for position in torch.nonzero(ids == self.config.audio_token_id).flatten().tolist():
+                clip = next(clips)
+                pieces_ids += [ids[start:position], ids.new_full((clip.shape[0],), self.config.audio_token_id)]
+                pieces_embeds += [embed(ids[start:position]), clip.to(embed.weight.dtype)]
+                if row_labels is not None:
+                    pieces_labels += [row_labels[start:position], row_labels.new_full((clip.shape[0],), IGNORE_INDEX)]
+                start = position + 1
+            pieces_ids.append(ids[start:])
+            pieces_embeds.append(embed(ids[start:]))
+            rows_ids.append(torch.cat(pieces_ids))
+            rows_embeds.append(torch.cat(pieces_embeds))
+            if row_labels is not None:
+                pieces_labels.append(row_labels[start:])
+                rows_labels.append(torch.cat(pieces_labels))
+
+        lengths = [row.shape[0] for row in rows_ids]
+        ids = pad_sequence(rows_ids, batch_first=True, padding_value=pad_id, padding_side=padding_side)
+        inputs_embeds = pad_sequence(rows_embeds, batch_first=True, padding_side=padding_side)
+        not_padding = pad_sequence(
+            [torch.ones(n, dtype=torch.long, device=ids.device) for n in lengths],
+            batch_first=True,
+            padding_side=padding_side,
+        )
+        position_ids = (not_padding.cumsum(-1) - 1).clamp(min=0)
+        mask = not_padding
+        if self.config.mask_eot_in_prompt and self.config.text_pad_token_id is not None:
+            mask = mask * (ids != self.config.text_pad_token_id).long()
+        new_labels = None
+        if labels is not None:
+            new_labels = pad_sequence(rows_labels, batch_first=True, padding_value=IGNORE_INDEX, padding_side=padding_side)
+        return _PromptInputs(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            labels=new_labels,
+            ctc_logits=speech.ctc_logits if speech is not None else None,
+        )
+
+    # ------------------------------------------------------------------------------------------------------- losses
+    def _ctc_loss(self, ctc_logits, ctc_labels):
+        """CTC of the adapter's head against transcript ids (`-100` padded); blank = `<audio>`, as released."""
+        if ctc_labels.shape[0] != ctc_logits.shape[0]:
+            raise ValueError(f"ctc_labels has {ctc_labels.shape[0]} rows but the batch has {ctc_logits.shape[0]} audio clips.")
+        valid = ctc_labels != IGNORE_INDEX
+        log_probs = nn.functional.log_softmax(ctc_logits.float(), dim=-1).transpose(0, 1)
+        input_lengths = torch.full((ctc_logits.shape[0],), ctc_logits.shape[1], dtype=torch.long)
+        return nn.functional.ctc_loss(
+            log_probs,
+            ctc_labels.masked_fill(~valid, 0),
+            input_lengths,
+            valid.sum(-1),
+            blank=self.config.audio_token_id,
+            reduction="mean",
+            zero_infinity=True,
+        )
+
+    def _echo_loss(self, segments, unit_labels, quirk_flags):
+        """
+        Teacher-forced echo-decoder CE. `segments`: LLM-space vectors `[n_i, H]` of each segment; `unit_labels`:
+        its target ids (joint vocabulary, ending with the echo eos).
+        """
+        table = self.text_table
+        rows, targets = [], []
+        for segment, target, with_quirk in zip(segments, unit_labels, quirk_flags):
+            prompt = self.echo_decoder.segment_embeddings(segment, table, with_quirk_id=with_quirk)
+            rows.append(torch.cat([prompt, self.echo_decoder.embed_ids(target[:-1], table)]))
+            targets.append(torch.cat([target.new_full((prompt.shape[0] - 1,), IGNORE_INDEX), target]))
+        inputs = pad_sequence(rows, batch_first=True)
+        labels = pad_sequence(targets, batch_first=True, padding_value=IGNORE_INDEX)
+        mask = pad_sequence([torch.ones(row.shape[0], dtype=torch.long, device=inputs.device) for row in rows], batch_first=True)
+        logits, _ = self.echo_decoder(inputs, attention_mask=mask)
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    @staticmethod
+    def _split_segments(lengths_row, total):
+        """Token spans from one row of `echo_segment_lengths` (0 = no segment)."""
+        spans, start = [], 0
+        for length in lengths_row.tolist():
+            if length <= 0:
+                continue
+            if start + length > total:
+                raise ValueError(f"echo_segment_lengths add up to more than the {total} response tokens of the sample.")
+            spans.append((start, start + length))
+            start += length
+        return spans
+
+    def _text_to_codec_segments(self, echo_text_ids, unit_labels):
+        """Stage II: segments are the text-table embeddings of gold text; `echo_text_ids` `[B, S, Lt]`, -100 padded."""
+        table = self.text_table.detach()
+        segments, labels, quirks = [], [], []
+        for sample_text, sample_units in zip(echo_text_ids, unit_labels):
+            for index, (text, units) in enumerate(zip(sample_text, sample_units)):
+                text = text[text != IGNORE_INDEX]
+                if text.numel() == 0:
+                    continue
+                segments.append(nn.functional.embedding(text, table))
+                labels.append(units[units != IGNORE_INDEX])
+                quirks.append(index > 0)
+        return segments, labels, quirks
+
+    def _echo_segments(self, hidden_states, labels, unit_labels, echo_segment_lengths):
+        """
+        Stage III: the denoised LLM hidden states that produced each response token, cut into segments, and the
+        denoising loss (1 - cos to the text-table row of the gold token, summed over tokens, averaged over samples).
+        """
+        table = self.text_table.detach()
+        producing = labels[:, 1:] != IGNORE_INDEX
+        segments, targets, quirks, denoise = [], [], [], []
+        for row in range(labels.shape[0]):
+            states = hidden_states[row, :-1][producing[row]]
+            gold = labels[row, 1:][producing[row]]
+            if echo_segment_lengths is None:
+                spans = [(0, states.shape[0] - 1)]  # the whole response but its final eot, like inference
+            else:
+                spans = self._split_segments(echo_segment_lengths[row], states.shape[0])
+            denoised = self.echo_decoder.denoiser(states)
+            used = max(end for _, end in spans)
+            cosine = nn.functional.cosine_similarity(denoised[:used].float(), table[gold[:used]].float(), dim=-1)
+            denoise.append((1 - cosine).sum())
+            for index, (start, end) in enumerate(spans):
+                units = unit_labels[row, index]
+                segments.append(denoised[start:end])
+                targets.append(units[units != IGNORE_INDEX])
+                quirks.append(index > 0)
+        return segments, targets, quirks, torch.stack(denoise).mean()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        ctc_labels: torch.LongTensor | None = None,
+        unit_labels: torch.LongTensor | None = None,
+        echo_text_ids: torch.LongTensor | None = None,
+        echo_segment_lengths: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> EchoXOutput:
+        r"""
+        input_features: log-mel features `[clips, n_mels, frames]`, one clip per `<audio>` placeholder in `input_ids`.
+        labels: LLM targets aligned with `input_ids` (-100 outside the response); stage I CE.
+        ctc_labels: transcript ids per clip `[clips, Lt]` (-100 padded); stage I CTC.
+        unit_labels: echo-decoder targets `[B, S, Lu]` per segment (joint-vocabulary ids ending with the echo eos,
+            -100 padded). With `echo_text_ids` `[B, S, Lt]` (gold text per segment): stage II (text-to-codec). With
+            `labels`: stage III (echo training) on the LLM's hidden states; `echo_segment_lengths` `[B, S]` gives the
+            response tokens per segment (the released segment-wise mode: echo loss only), without it the whole
+            response is one segment and the loss follows the paper's combination with the S2T loss.
+        """
+        if echo_text_ids is not None:
+            if unit_labels is None:
+                raise ValueError("echo_text_ids (text-to-codec training) needs unit_labels.")
+            segments, targets, quirks = self._text_to_codec_segments(echo_text_ids, unit_labels)
+            echo_loss = self._echo_loss(segments, targets, quirks)
+            return EchoXOutput(loss=echo_loss, echo_loss=echo_loss)
+
+        prompt = None
+        if input_features is not None or (inputs_embeds is None and position_ids is None):
+            if input_ids is None:
+                raise ValueError("EchoX needs input_ids (or inputs_embeds with position_ids).")
+            prompt = self._prepare_prompt(input_ids, attention_mask, input_features, labels)
+            inputs_embeds, attention_mask, position_ids, labels = (
+                prompt.inputs_embeds,
+                prompt.attention_mask,
+                prompt.position_ids,
+                prompt.labels,
+            )
+        elif inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        need_hidden = unit_labels is not None
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=bool(output_hidden_states) or need_hidden,
+            output_attentions=output_attentions,
+            logits_to_keep=logits_to_keep,
+        )
+        logits = outputs.logits
+        ctc_logits = prompt.ctc_logits if prompt is not None else None
+
+        lm_loss = ctc_loss = echo_loss = denoise_loss = loss = None
+        if labels is not None:
+            lm_loss = nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
+            loss = lm_loss
+        if ctc_labels is not None:
+            if ctc_logits is None:
+                raise ValueError("ctc_labels were given without input_features.")
+            ctc_loss = self._ctc_loss(ctc_logits, ctc_labels)
+            loss = ctc_loss * self.config.ctc_loss_weight if loss is None else loss + self.config.ctc_loss_weight * ctc_loss
+        if unit_labels is not None:
+            if labels is None:
+                raise ValueError("unit_labels need labels (echo training) or echo_text_ids (text-to-codec training).")
+            segments, targets, quirks, denoise_loss = self._echo_segments(
+                outputs.hidden_states[-1], labels, unit_labels, echo_segment_lengths
+            )
+            echo_loss = self._echo_loss(segments, targets, quirks)
+            cap = self.config.denoise_loss_cap * echo_loss.detach()
+            weight = cap / denoise_loss.detach() if denoise_loss.detach() > cap else 1.0
+            echo_total = echo_loss + weight * denoise_loss
+            if echo_segment_lengths is not None:
+                loss = echo_total
+            elif loss.detach() < 1.0:
+                loss = 0.2 * loss + 2.0 * echo_total
+            else:
+                loss = loss + echo_total
+
+        return EchoXOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            ctc_loss=ctc_loss,
+            echo_loss=echo_loss,
+            denoise_loss=denoise_loss,
+            logits=logits,
+            ctc_logits=ctc_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=outputs.attentions,
+        )
+
+    # --------------------------------------------------------------------------------------------------- generation
+    def units_from_echo_ids(self, echo_ids: list[int]) -> list[int]:
+        """Acoustic unit ids of generated echo-decoder ids: unit tokens' pieces in order; text ids and units ≥ K dropped."""
+        offset = self.config.unit_token_offset
+        rows = [i - offset for i in echo_ids if offset <= i < offset + self.config.unit_vocab_size]
+        if not rows:
+            return []
+        units = self.unit_table[torch.tensor(rows, device=self.unit_table.device)].flatten()
+        return units[units >= 0].tolist()
+
+    def speak(self, hidden_states: list[torch.Tensor]) -> tuple[list[list[int]], list[torch.FloatTensor]]:
+        """Echo decoder + vocoder for a list of text segments (their LLM hidden states): unit ids and audio of each."""
+        echo_ids = self.echo_decoder.generate(hidden_states, self.text_table)
+        units = [self.units_from_echo_ids(ids) for ids in echo_ids]
+        audio = [
+            self.vocoder.synthesize(unit_ids) if unit_ids else torch.zeros(0, device=self.vocoder.device)
+            for unit_ids in units
+        ]
+        return units, audio
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        generation_config=None,
+        return_audio: bool = True,
+        tokenizer=None,
+        **kwargs,
+    ) -> EchoXGenerationOutput:
+        """
+        Answer a batch of prompts (speech or text-only; different lengths) in text and, with `return_audio`, speech.
+        Text decoding is transformers' `generate` (greedy or sampling per `generation_config` / kwargs); the answer is
+        cut into segments by the released streaming rule and each segment is spoken by the echo decoder + vocoder.
+        """
+        if input_ids is None:
+            raise ValueError("EchoX.generate needs input_ids (build them with EchoXProcessor).")
+        prompt = self._prepare_prompt(input_ids, attention_mask, input_features, padding_side="left")
+        for key in ("output_hidden_states", "return_dict_in_generate", "inputs_embeds", "position_ids"):
+            if key in kwargs:
+                raise ValueError(f"EchoX.generate sets {key} itself.")
+        generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        model_kwargs = generation_config.update(**kwargs)
+        generation_config.output_hidden_states = return_audio
+        generation_config.return_dict_in_generate = True
+        generated = super().generate(
+            inputs_embeds=prompt.inputs_embeds,
+            attention_mask=prompt.attention_mask,
+            position_ids=prompt.position_ids,
+            generation_config=generation_config,
+            **model_kwargs,
+        )
+        sequences = generated.sequences
+        eos_ids = generation_config.eos_token_id
+        eos_ids = set([eos_ids] if isinstance(eos_ids, int) else (eos_ids or []))
+        answer_lengths = []
+        for row in sequences.tolist():
+            ends = [i for i, token in enumerate(row) if token in eos_ids]
+            answer_lengths.append(ends[0] if ends else len(row))
+
+        text = None
+        if tokenizer is not None:
+            text = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(sequences.tolist(), answer_lengths)]
+        output = EchoXGenerationOutput(sequences=sequences, text=text, sampling_rate=self.config.vocoder_config.sampling_rate)
+        if not return_audio:
+            return output
+
+        # hidden_states: per step, per layer; the last layer is the post-norm state that produced the step's token.
+        states = torch.cat([step[-1][:, -1:] for step in generated.hidden_states], dim=1)
+        boundary = self.text_table[self.config.segment_boundary_token_id]
+        rule = SegmentationRule.from_config(self.config)
+        segments, flat_states = [], []
+        for row, length in enumerate(answer_lengths):
+            spans = rule.split(boundary_scores(states[row, :length], boundary))
+            segments.append(spans)
+            flat_states += [states[row, start:end] for start, end in spans]
+        flat_units, flat_audio = self.speak(flat_states)
+
+        output.segments = segments
+        output.segment_unit_ids, output.unit_ids, output.waveforms = [], [], []
+        cursor = 0
+        for spans in segments:
+            units = flat_units[cursor : cursor + len(spans)]
+            audio = flat_audio[cursor : cursor + len(spans)]
+            cursor += len(spans)
+            output.segment_unit_ids.append(units)
+            output.unit_ids.append([unit for segment in units for unit in segment])
+            output.waveforms.append(torch.cat(audio).float().cpu() if audio else torch.zeros(0))
+        return output
+
+
+__all__ = ["EchoXPreTrainedModel", "EchoXForSpeechToSpeech", "EchoXOutput", "EchoXGenerationOutput"]

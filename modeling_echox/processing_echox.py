@@ -1,0 +1,400 @@
+"""Processor of EchoX: audio + text prompt → `input_ids` (one speech placeholder per clip) and Whisper features."""
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import cached_file
+
+from .audio_io import DEFAULT_MAX_SECONDS, load_audio
+from .unit_vocabulary import UNIT_VOCAB_FILE, EchoXUnitVocabulary
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful language and speech assistant. You are able to understand the speech content that the user "
+    "provides, and assist the user with a variety of tasks using natural language."
+)
+PROMPT_FORMATS = ("llama3_pieces", "chat_template")
+
+_START_HEADER = "<|start_header_id|>"
+_END_HEADER = "<|end_header_id|>"
+_EOT = "<|eot_id|>"
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
+
+
+def _is_clip(value: Any) -> bool:
+    """One audio clip (as opposed to a batch of clips): a path, an array / tensor or a dict."""
+    return isinstance(value, (str, os.PathLike, Mapping, np.ndarray)) or type(value).__module__.startswith("torch")
+
+
+class EchoXProcessor(ProcessorMixin):
+    r"""
+    Builds EchoX prompts. Wraps a `WhisperFeatureExtractor` (speech → log-mel features of the 30 s window), the LLM
+    tokenizer and the unit-language vocabulary ([`EchoXUnitVocabulary`], stored as `unit_vocab.txt`).
+
+    Every prompt that comes with audio holds exactly one `audio_token` id; the model replaces it by the clip's
+    (variable number of) speech vectors.
+
+    Args:
+        feature_extractor (`WhisperFeatureExtractor`): computes `input_features`.
+        tokenizer: the LLM tokenizer; must know `audio_token` as a single token.
+        unit_vocabulary (`EchoXUnitVocabulary`, *optional*): the unit-language pieces, used by `decode_units`.
+        audio_token (`str`): the speech placeholder (`"<audio_patch>"` in the released Llama-3 checkpoints).
+        system_prompt (`str`): the system message (default: the original EchoX one).
+        prompt_format (`str`):
+            - `"llama3_pieces"` (default, the original): the prompt is assembled from separately tokenized pieces, so a
+              Llama-3 tokenizer prepends `<|begin_of_text|>` to each piece (see `build_prompt_ids`).
+            - `"chat_template"`: `tokenizer.apply_chat_template` on `[system, user: audio_token + text]` with the
+              generation prompt (uses the processor's `chat_template` if set, else the tokenizer's).
+        max_audio_seconds (`float`): longest accepted clip; longer clips are refused, never truncated.
+        chat_template (`str`, *optional*): a Jinja chat template for `prompt_format="chat_template"`.
+    """
+
+    def __init__(
+        self,
+        feature_extractor,
+        tokenizer,
+        unit_vocabulary: EchoXUnitVocabulary | None = None,
+        audio_token: str = "<audio>",
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        prompt_format: str = "llama3_pieces",
+        max_audio_seconds: float = DEFAULT_MAX_SECONDS,
+        chat_template: str | None = None,
+    ):
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}.")
+        if unit_vocabulary is not None and not isinstance(unit_vocabulary, EchoXUnitVocabulary):
+            raise TypeError(f"unit_vocabulary must be an EchoXUnitVocabulary, got {type(unit_vocabulary).__name__}.")
+        window_seconds = feature_extractor.n_samples / feature_extractor.sampling_rate
+        if not 0 < max_audio_seconds <= window_seconds:
+            raise ValueError(
+                f"max_audio_seconds must be in (0, {window_seconds:g}] (the feature extractor's window), "
+                f"got {max_audio_seconds}."
+            )
+        audio_ids = tokenizer.encode(audio_token, add_special_tokens=False)
+        if len(audio_ids) != 1 or audio_ids[0] == tokenizer.unk_token_id:
+            raise ValueError(
+                f"The audio placeholder {audio_token!r} is not a single token of the tokenizer (got ids {audio_ids}); "
+                "add it as a special token first."
+            )
+        if audio_token in system_prompt:
+            raise ValueError(f"The system prompt must not contain the audio placeholder {audio_token!r}.")
+        self.audio_token = audio_token
+        self.audio_token_id = audio_ids[0]
+        self.system_prompt = system_prompt
+        self.prompt_format = prompt_format
+        self.max_audio_seconds = float(max_audio_seconds)
+        self._unit_vocabulary = unit_vocabulary
+        super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
+        if prompt_format == "llama3_pieces":
+            self._llama3_special_ids()  # fail early if the tokenizer lacks the Llama-3 header tokens
+
+    # ------------------------------------------------------------------ unit vocabulary
+
+    @property
+    def unit_vocabulary(self) -> EchoXUnitVocabulary | None:
+        return self._unit_vocabulary
+
+    @unit_vocabulary.setter
+    def unit_vocabulary(self, value: EchoXUnitVocabulary | None):
+        if value is not None and not isinstance(value, EchoXUnitVocabulary):
+            raise TypeError(f"unit_vocabulary must be an EchoXUnitVocabulary, got {type(value).__name__}.")
+        self._unit_vocabulary = value
+
+    def _require_unit_vocabulary(self) -> EchoXUnitVocabulary:
+        if self._unit_vocabulary is None:
+            raise ValueError(
+                f"This {self.__class__.__name__} has no unit vocabulary: pass `unit_vocabulary=` or load a directory "
+                f"that contains {UNIT_VOCAB_FILE}."
+            )
+        return self._unit_vocabulary
+
+    @property
+    def unit_tokens(self) -> list[str]:
+        """The unit-language tokens `<|unit_PIECE|>`, in id order (id = `unit_token_offset + index`)."""
+        return self._require_unit_vocabulary().tokens
+
+    def decode_units(self, echo_token_ids, unit_token_offset: int, num_units: int) -> list[int]:
+        """
+        Turn one echo-decoder output sequence into acoustic unit ids, with the original EchoX rule: ids ≥
+        `unit_token_offset` become their `<|unit_PIECE|>` strings, lower ids are decoded by the tokenizer (special
+        tokens kept), everything is concatenated, then [`EchoXUnitVocabulary.decode_text`] extracts the units (only
+        the unit-token payloads if the string contains "▁", else every integer; integers ≥ `num_units` dropped).
+        """
+        vocabulary = self._require_unit_vocabulary()
+        ids = np.asarray(echo_token_ids.detach().cpu() if hasattr(echo_token_ids, "detach") else echo_token_ids)
+        if ids.ndim > 1:
+            raise ValueError(f"decode_units expects one 1-D sequence of ids, got shape {tuple(ids.shape)}.")
+        parts: list[str] = []
+        text_run: list[int] = []
+        for token_id in ids.reshape(-1).tolist():
+            token_id = int(token_id)
+            if token_id < 0:
+                raise ValueError(f"decode_units: negative token id {token_id}.")
+            if token_id < unit_token_offset:
+                text_run.append(token_id)
+                continue
+            if text_run:
+                parts.append(self.tokenizer.decode(text_run, skip_special_tokens=False))
+                text_run = []
+            index = token_id - unit_token_offset
+            if index >= len(vocabulary):
+                raise ValueError(
+                    f"decode_units: id {token_id} is beyond the unit vocabulary ({len(vocabulary)} tokens from "
+                    f"offset {unit_token_offset})."
+                )
+            parts.append(vocabulary.token(index))
+        if text_run:
+            parts.append(self.tokenizer.decode(text_run, skip_special_tokens=False))
+        return vocabulary.decode_text("".join(parts), num_units)
+
+    # ------------------------------------------------------------------ text decoding
+
+    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
+        """Decode LLM output ids to text (special tokens skipped by default)."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        """Decode a batch of LLM output ids to texts (special tokens skipped by default)."""
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    # ------------------------------------------------------------------ prompt building
+
+    def _llama3_special_ids(self) -> tuple[int, int, int]:
+        ids = []
+        for token in (_START_HEADER, _END_HEADER):
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == self.tokenizer.unk_token_id:
+                raise ValueError(
+                    f"prompt_format='llama3_pieces' needs the Llama-3 token {token} in the tokenizer; use "
+                    "prompt_format='chat_template' for other tokenizers."
+                )
+            ids.append(token_id)
+        eot_id = self.tokenizer.convert_tokens_to_ids(_EOT)
+        if eot_id is None or eot_id == self.tokenizer.unk_token_id:
+            eot_id = self.tokenizer.eos_token_id
+        if eot_id is None:
+            raise ValueError("prompt_format='llama3_pieces' needs an <|eot_id|> (or eos) token in the tokenizer.")
+        return ids[0], ids[1], eot_id
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def build_prompt_ids(self, text: str = "", has_audio: bool = True) -> list[int]:
+        """
+        The token ids of one single-turn prompt, ending where the assistant's answer starts. With audio the user turn
+        holds exactly one `audio_token_id`, placed before the user text.
+
+        `"llama3_pieces"` layout (each `enc(...)` is a separate tokenizer call with special tokens, i.e. BOS first for
+        a Llama-3 tokenizer):
+
+            enc("")
+            <|start_header_id|> enc("system") <|end_header_id|>  enc("\\n")  enc(system_prompt) <|eot_id|>
+            <|start_header_id|> enc("user") <|end_header_id|>    enc("\\n" + audio_token)  enc(text) <|eot_id|>
+            <|start_header_id|> enc("assistant") <|end_header_id|>  enc("\\n")
+
+        Without audio the user turn is `enc("\\n" + text) <|eot_id|>`.
+        """
+        if self.audio_token in text:
+            raise ValueError(
+                f"The text prompt contains the audio placeholder {self.audio_token!r}; pass the audio through "
+                "`audio=` instead (the processor inserts the placeholder)."
+            )
+        if self.prompt_format == "chat_template":
+            return self._build_with_chat_template(text, has_audio)
+
+        start_header, end_header, eot = self._llama3_special_ids()
+
+        def header(role: str) -> list[int]:
+            return [start_header, *self._encode(role), end_header]
+
+        ids = list(self._encode(""))
+        ids += header("system") + self._encode("\n") + self._encode(self.system_prompt) + [eot]
+        ids += header("user")
+        if has_audio:
+            ids += self._encode("\n" + self.audio_token) + self._encode(text) + [eot]
+        else:
+            ids += self._encode("\n" + text) + [eot]
+        ids += header("assistant") + self._encode("\n")
+        return ids
+
+    def _build_with_chat_template(self, text: str, has_audio: bool) -> list[int]:
+        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise ValueError("prompt_format='chat_template' needs a chat template (processor or tokenizer).")
+        messages = [
+            {"role": "system", "content": self.system_prompt},
+            {"role": "user", "content": (self.audio_token if has_audio else "") + text},
+        ]
+        encoded = self.tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+
+    # ------------------------------------------------------------------ __call__
+
+    def _normalize_inputs(self, audio, text) -> tuple[list[Any], list[str]]:
+        if text is not None:
+            if isinstance(text, str):
+                texts = [text]
+            elif isinstance(text, Sequence) and all(isinstance(t, str) for t in text):
+                texts = list(text)
+                if not texts:
+                    raise ValueError("`text` is an empty list.")
+            else:
+                raise ValueError("`text` must be a string or a list of strings.")
+        if audio is None:
+            if text is None:
+                raise ValueError(f"{self.__class__.__name__} needs audio, text, or both; got neither.")
+            return [None] * len(texts), texts
+
+        if _is_clip(audio):
+            clips = [audio]
+        elif isinstance(audio, (list, tuple)):
+            clips = list(audio)
+            if not clips:
+                raise ValueError("`audio` is an empty list.")
+            if any(isinstance(clip, (int, float)) and not isinstance(clip, bool) for clip in clips):
+                raise ValueError(
+                    "`audio` looks like a list of samples: pass one clip as a numpy array (with `sampling_rate`) "
+                    "and a batch as a list of clips."
+                )
+        else:
+            raise ValueError(
+                f"Unsupported `audio` of type {type(audio).__name__}: expected a path, an array, a dict or a list "
+                "of those."
+            )
+
+        if text is None:
+            texts = [""] * len(clips)
+        elif isinstance(text, str) and len(clips) > 1:
+            texts = texts * len(clips)  # one instruction for every clip
+        elif len(texts) != len(clips):
+            raise ValueError(
+                f"Got {len(clips)} audio clip(s) but {len(texts)} text prompt(s); pass one text per clip."
+            )
+        return clips, texts
+
+    def __call__(
+        self,
+        audio=None,
+        text: str | list[str] | None = None,
+        sampling_rate: int | None = None,
+        padding_side: str = "left",
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """
+        Prepare a batch of single-turn requests.
+
+        Args:
+            audio: one clip or a list of clips (paths, arrays / tensors with `sampling_rate`, `{"array",
+                "sampling_rate"}` dicts; see `load_audio`). `None` entries in a list make text-only samples.
+            text: the user's text prompt, or one per clip (default `""` for audio turns). A single string with
+                several clips applies to every clip. Must not contain the audio placeholder.
+            sampling_rate: sample rate of array clips (files and `{"array", "sampling_rate"}` dicts carry their own).
+            padding_side: `"left"` (default, for generation) or `"right"`.
+            return_tensors: `"pt"`, `"np"` or `None` (python lists).
+
+        Returns:
+            `BatchFeature` with `input_ids` and `attention_mask` `[B, L]` (padded with the tokenizer's pad id;
+            mask 0 = padding only), and when any audio is given `input_features` `[num_clips, n_mels, 3000]` in
+            batch order.
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+        clips, texts = self._normalize_inputs(audio, text)
+
+        waveforms = []
+        sequences = []
+        for clip, prompt in zip(clips, texts):
+            if clip is None and not prompt:
+                raise ValueError("A sample has neither audio nor text.")
+            if clip is not None:
+                # files and dicts with a "sampling_rate" carry their own rate; `sampling_rate` is for bare arrays
+                own_rate = isinstance(clip, Mapping) and clip.get("sampling_rate") is not None
+                waveforms.append(
+                    load_audio(
+                        clip,
+                        sampling_rate=None if own_rate else sampling_rate,
+                        target_rate=self.feature_extractor.sampling_rate,
+                        max_seconds=self.max_audio_seconds,
+                    )
+                )
+            ids = self.build_prompt_ids(prompt, has_audio=clip is not None)
+            expected = 1 if clip is not None else 0
+            if ids.count(self.audio_token_id) != expected:  # pragma: no cover - guarded by the text check
+                raise ValueError(f"Internal error: prompt has {ids.count(self.audio_token_id)} audio placeholders.")
+            sequences.append(ids)
+
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id
+        if pad_id is None:
+            raise ValueError("The tokenizer has neither a pad nor an eos token to pad with.")
+        max_len = max(len(ids) for ids in sequences)
+        input_ids = np.full((len(sequences), max_len), pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(sequences), max_len), dtype=np.int64)
+        for row, ids in enumerate(sequences):
+            span = slice(max_len - len(ids), max_len) if padding_side == "left" else slice(0, len(ids))
+            input_ids[row, span] = ids
+            attention_mask[row, span] = 1
+
+        data: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if return_tensors is None:
+            data = {key: value.tolist() for key, value in data.items()}
+        if waveforms:
+            features = self.feature_extractor(
+                waveforms,
+                sampling_rate=self.feature_extractor.sampling_rate,
+                padding="max_length",
+                return_attention_mask=False,
+                return_tensors="np",
+            )
+            data["input_features"] = features["input_features"]
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "input_features"]
+
+    # ------------------------------------------------------------------ serialization
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Save the feature extractor, tokenizer, processor config and (if any) `unit_vocab.txt`."""
+        hub_kwargs = {}
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
+            for key in ("commit_message", "commit_description", "token", "private", "revision", "create_pr"):
+                if key in kwargs:
+                    hub_kwargs[key] = kwargs.pop(key)
+        files = super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
+        if self._unit_vocabulary is not None:
+            files.append(self._unit_vocabulary.save_pretrained(os.fspath(save_directory)))
+        if push_to_hub:
+            self.push_to_hub(repo_id, **hub_kwargs)
+        return files
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, unit_vocabulary: EchoXUnitVocabulary | None = None, **kwargs
+    ):
+        """Load the processor; `unit_vocab.txt` (if present) becomes its unit vocabulary."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if unit_vocabulary is None:
+            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
+            path = cached_file(
+                pretrained_model_name_or_path,
+                UNIT_VOCAB_FILE,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                **hub_kwargs,
+            )
+            if path is not None:
+                unit_vocabulary = EchoXUnitVocabulary.from_file(path)
+        processor.unit_vocabulary = unit_vocabulary
+        return processor
+
+
+__all__ = ["DEFAULT_SYSTEM_PROMPT", "EchoXProcessor"]

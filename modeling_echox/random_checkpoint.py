@@ -1,0 +1,109 @@
+"""Randomly initialised EchoX checkpoints of a few sizes, complete with processor files, for tests and smoke runs."""
+
+import torch
+from transformers import GenerationConfig, WhisperFeatureExtractor
+
+from .configuration_echox import EchoXConfig
+from .modeling_echox import EchoXForSpeechToSpeech
+from .processing_echox import EchoXProcessor
+from .tiny_tokenizer import AUDIO_TOKEN, END_HEADER_TOKEN, EOT_TOKEN, START_HEADER_TOKEN, build_tiny_tokenizer
+from .unit_vocabulary import EchoXUnitVocabulary
+
+# Sub-model sizes. "tiny" loads and generates in well under a second on a laptop CPU.
+SIZES = {
+    "tiny": {
+        "audio": {"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64},
+        "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+        "echo": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16},
+        "vocoder": {"unit_embed_dim": 16, "upsample_initial_channel": 32},
+        "num_units": 64,
+        "max_new_tokens": 24,
+        "echo_max_new_tokens": 48,
+    },
+    "small": {
+        "audio": {"d_model": 384, "encoder_layers": 4, "encoder_attention_heads": 6, "encoder_ffn_dim": 1536},
+        "text": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4},
+        "echo": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 64},
+        "vocoder": {"unit_embed_dim": 128, "upsample_initial_channel": 128},
+        "num_units": 500,
+        "max_new_tokens": 64,
+        "echo_max_new_tokens": 256,
+    },
+}
+
+
+def build_random_echox(size: str = "tiny", seed: int = 0) -> tuple[EchoXForSpeechToSpeech, EchoXProcessor]:
+    """A randomly initialised EchoX and its processor (tiny Llama-3-style tokenizer, raw-unit vocabulary)."""
+    if size not in SIZES:
+        raise ValueError(f"Unknown size {size!r}; choose one of {sorted(SIZES)}.")
+    spec = SIZES[size]
+    tokenizer = build_tiny_tokenizer()
+    vocab = tokenizer.get_vocab()
+
+    def piece(text):  # ids of one template piece, BOS included, as the released prompt builder does
+        return tokenizer(text).input_ids
+
+    speaker_header = [vocab[START_HEADER_TOKEN], *piece("speaker"), vocab[END_HEADER_TOKEN], *piece("\n")]
+    num_units = spec["num_units"]
+    unit_vocabulary = EchoXUnitVocabulary.from_num_units(num_units)
+    text_vocab_size = len(tokenizer)
+    config = EchoXConfig(
+        audio_config={"model_type": "whisper", "num_mel_bins": 80, "max_source_positions": 1500, **spec["audio"]},
+        text_config={
+            "model_type": "llama",
+            "vocab_size": text_vocab_size,
+            "max_position_embeddings": 4096,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": vocab[EOT_TOKEN],
+            "pad_token_id": vocab[EOT_TOKEN],
+            "tie_word_embeddings": False,
+            **spec["text"],
+        },
+        echo_config={
+            "model_type": "llama",
+            "vocab_size": 1,
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "pad_token_id": None,
+            "max_position_embeddings": 2048,
+            **spec["echo"],
+        },
+        vocoder_config={"num_units": num_units, **spec["vocoder"]},
+        audio_token_id=vocab[AUDIO_TOKEN],
+        text_pad_token_id=vocab[EOT_TOKEN],
+        num_units=num_units,
+        unit_vocab_size=len(unit_vocabulary),
+        unit_token_offset=text_vocab_size,
+        unit_max_piece_length=1,
+        echo_prefix_ids=speaker_header,
+        echo_suffix_ids=[vocab[EOT_TOKEN], *speaker_header],
+        echo_prefix_quirk_id=None,
+        echo_eos_token_id=vocab[EOT_TOKEN],
+        echo_max_new_tokens=spec["echo_max_new_tokens"],
+        segment_boundary_token_id=piece(".")[-1],
+    )
+    torch.manual_seed(seed)
+    model = EchoXForSpeechToSpeech(config).eval()
+    model.unit_table.copy_(unit_vocabulary.to_unit_table(num_units))
+    model.generation_config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=spec["max_new_tokens"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=vocab[EOT_TOKEN],
+        pad_token_id=vocab[EOT_TOKEN],
+    )
+    processor = EchoXProcessor(
+        feature_extractor=WhisperFeatureExtractor(feature_size=80),
+        tokenizer=tokenizer,
+        unit_vocabulary=unit_vocabulary,
+        prompt_format="llama3_pieces",
+    )
+    return model, processor
+
+
+def write_random_checkpoint(out_dir: str, size: str = "tiny", seed: int = 0) -> str:
+    """Write a complete random checkpoint (config, safetensors, generation config, processor files) to `out_dir`."""
+    model, processor = build_random_echox(size, seed)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir

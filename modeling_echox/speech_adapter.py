@@ -1,0 +1,86 @@
+"""The speech adapter: Whisper encoder frames → a short sequence of LLM-space speech embeddings (Soundwave/EchoX)."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+
+@dataclass
+class SpeechAdapterOutput:
+    """
+    speech_embeddings: one `[v_i, H]` tensor per clip, the vectors that replace its `<audio>` placeholder.
+    ctc_logits: `[num_clips, frames, V]` logits of the CTC head over the LLM vocabulary (blank = `<audio>`).
+    """
+
+    speech_embeddings: list[torch.Tensor]
+    ctc_logits: torch.Tensor
+
+
+class EchoXSpeechAdapter(nn.Module):
+    """
+    Stack `adapter_frame_stack` encoder frames → `projector` → `frame_block` (one pre-norm transformer layer) →
+    `out_norm` → `ctc_head`. The CTC argmax then shrinks the sequence: of each run of frames with the same argmax only
+    the first is kept (blank runs too). The kept frames attend back over the kept frames (`look_back`, residual,
+    `look_back_norm`); their outputs are the speech embeddings.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        audio_dim = config.audio_config.d_model
+        hidden = config.text_config.hidden_size
+        self.frame_stack = config.adapter_frame_stack
+        self.per_frame_block = config.adapter_per_frame_block
+        self.projector = nn.Linear(audio_dim * self.frame_stack, hidden)
+        self.frame_block = nn.TransformerEncoderLayer(
+            d_model=hidden,
+            nhead=config.adapter_heads,
+            dim_feedforward=config.adapter_ffn_dim,
+            dropout=config.adapter_dropout,
+            norm_first=True,
+        )
+        self.out_norm = nn.LayerNorm(hidden)
+        self.ctc_head = nn.Linear(hidden, config.text_config.vocab_size, bias=False)
+        self.look_back = nn.MultiheadAttention(
+            hidden, config.adapter_heads, dropout=config.adapter_dropout, batch_first=True
+        )
+        self.look_back_norm = nn.LayerNorm(hidden)
+
+    def encode_frames(self, encoder_states: torch.Tensor) -> torch.Tensor:
+        """`[N, T, D]` encoder states → `[N, T / stack, H]` normalized adapter frames."""
+        num_clips, num_frames, dim = encoder_states.shape
+        if num_frames % self.frame_stack:
+            raise ValueError(
+                f"The speech encoder returned {num_frames} frames, not a multiple of adapter_frame_stack={self.frame_stack}."
+            )
+        frames = encoder_states.reshape(num_clips, num_frames // self.frame_stack, dim * self.frame_stack)
+        frames = self.projector(frames)
+        if self.per_frame_block:
+            # The released model feeds [1, T, H] to a sequence-first layer: a sequence of length 1 per frame, so
+            # attention never mixes frames. Every frame of every clip is one "batch" row here, which is the same.
+            frames = self.frame_block(frames.reshape(1, -1, frames.shape[-1])).reshape(frames.shape)
+        else:
+            frames = self.frame_block(frames.transpose(0, 1)).transpose(0, 1)
+        return self.out_norm(frames)
+
+    @staticmethod
+    def run_starts(ctc_logits: torch.Tensor) -> torch.BoolTensor:
+        """`[N, T]` mask of the frames that start a run of equal CTC argmax ids (frame 0 always)."""
+        tokens = ctc_logits.argmax(dim=-1)
+        keep = torch.ones_like(tokens, dtype=torch.bool)
+        keep[:, 1:] = tokens[:, 1:] != tokens[:, :-1]
+        return keep
+
+    def forward(self, encoder_states: torch.Tensor) -> SpeechAdapterOutput:
+        frames = self.encode_frames(encoder_states)
+        ctc_logits = self.ctc_head(frames)
+        keep = self.run_starts(ctc_logits)
+        lengths = keep.sum(dim=-1)
+        queries = pad_sequence([clip_frames[clip_keep] for clip_frames, clip_keep in zip(frames, keep)], batch_first=True)
+        attended, _ = self.look_back(queries, frames, frames, key_padding_mask=~keep, need_weights=False)
+        speech = self.look_back_norm(queries + attended)
+        return SpeechAdapterOutput(
+            speech_embeddings=[speech[clip, : lengths[clip]] for clip in range(frames.shape[0])],
+            ctc_logits=ctc_logits,
+        )
