@@ -388,3 +388,39 @@ def test_cli_init_random_and_speak(tmp_path):
     audio, rate = soundfile.read(answer)
     assert rate == 16000 and audio.ndim == 1
     assert main(["speak", str(tmp_path / "missing.wav"), "-o", str(answer), "--model", str(out)]) == 2
+
+
+# ------------------------------------------------------------------------------------------------- other LLM families
+def test_qwen2_llm_with_tied_embeddings(tester, tmp_path):
+    """Any causal LM works as the LLM: a Qwen2 with tied input/output embeddings trains, generates and round-trips."""
+    config = copy.deepcopy(tester.model.config).to_dict()
+    text = config["text_config"]
+    config["text_config"] = {
+        "model_type": "qwen2",
+        "vocab_size": text["vocab_size"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+        "eos_token_id": text["eos_token_id"],
+        "pad_token_id": text["pad_token_id"],
+    }
+    torch.manual_seed(0)
+    model = EchoXForSpeechToSpeech(EchoXConfig(**config))
+    model.generation_config = tester.model.generation_config
+    assert type(model.language_model).__name__ == "Qwen2ForCausalLM"
+    lm = model.language_model
+    assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    batch = tester.training_batch()
+    output = model.train()(**batch)
+    assert torch.isfinite(output.loss)
+    output.loss.backward()
+    model.eval()
+    model.save_pretrained(tmp_path)
+    reloaded = EchoXForSpeechToSpeech.from_pretrained(tmp_path).eval()
+    assert reloaded.language_model.get_output_embeddings().weight is reloaded.language_model.get_input_embeddings().weight
+    inputs = tester.speech_inputs()
+    a, b = model.generate(**inputs), reloaded.generate(**inputs)
+    assert torch.equal(a.sequences, b.sequences) and a.unit_ids == b.unit_ids
