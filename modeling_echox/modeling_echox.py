@@ -74,7 +74,7 @@ class EchoXPreTrainedModel(PreTrainedModel):
     base_model_prefix = ""
     input_modalities = ("audio", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["WhisperEncoderLayer", "LlamaDecoderLayer", "Qwen2DecoderLayer", "EchoXSpeechAdapter"]
+    _no_split_modules = ["EchoXSpeechAdapter"]  # the sub-models add their own layers in post_init
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True

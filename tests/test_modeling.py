@@ -424,3 +424,9 @@ def test_qwen2_llm_with_tied_embeddings(tester, tmp_path):
     inputs = tester.speech_inputs()
     a, b = model.generate(**inputs), reloaded.generate(**inputs)
     assert torch.equal(a.sequences, b.sequences) and a.unit_ids == b.unit_ids
+
+
+def test_generate_in_bfloat16(tester):
+    model = copy.deepcopy(tester.model).to(torch.bfloat16)
+    out = model.generate(**tester.speech_inputs())
+    assert out.waveforms[0].dtype == torch.float32 and out.waveforms[0].numel() > 0
