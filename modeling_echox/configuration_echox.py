@@ -108,6 +108,10 @@ class EchoXConfig(PreTrainedConfig):
         segment_lookahead: tokens looked ahead to confirm a peak of the cosine score.
         segment_min_tokens / segment_score_threshold: cut at a peak above the threshold once a segment has this many tokens.
         segment_max_tokens: cut at any peak once a segment has this many tokens.
+        segmentation_mode: the default rule, "faithful" (the above) or "fast" (word boundaries, see below).
+        fast_first_segment_tokens: the "fast" rule's first segment ends at the first word boundary after this many tokens.
+        fast_min_segment_tokens / fast_max_segment_tokens: later "fast" segments end at punctuation once they hold
+            `min` tokens, or at any word boundary once they hold `max`.
     """
 
     model_type = "echox"
@@ -170,6 +174,9 @@ class EchoXConfig(PreTrainedConfig):
     segment_score_threshold: float = 0.1
     segment_max_tokens: int = 50
     segmentation_mode: Literal["faithful", "fast"] = "faithful"
+    fast_first_segment_tokens: int = 3
+    fast_min_segment_tokens: int = 8
+    fast_max_segment_tokens: int = 24
 
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False

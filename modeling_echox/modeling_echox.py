@@ -1,7 +1,9 @@
 """EchoX: a speech-to-speech LLM with an echo decoder (arXiv 2509.09174), as a transformers model."""
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
+from threading import Thread
 
 import torch
 from torch import nn
@@ -12,9 +14,11 @@ from transformers.utils import ModelOutput
 
 from .configuration_echox import EchoXConfig
 from .echo_decoder import EchoXEchoDecoder
-from .segmentation import SegmentationRule, boundary_scores
+from .segmentation import FastSegmentation, boundary_scores, segmentation_rule
 from .speech_adapter import EchoXSpeechAdapter
+from .streaming import EchoXAudioStreamer, EchoXStreamChunk
 from .vocoder import EchoXCodeHifiGan
+from .vocoder_streaming import EchoXVocoderStream
 
 IGNORE_INDEX = -100
 
@@ -310,6 +314,7 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        hidden_states_callback=None,
         **kwargs,
     ) -> EchoXOutput:
         r"""
@@ -321,6 +326,8 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
             `labels`: stage III (echo training) on the LLM's hidden states; `echo_segment_lengths` `[B, S]` gives the
             response tokens per segment (the released segment-wise mode: echo loss only), without it the whole
             response is one segment and the loss follows the paper's combination with the S2T loss.
+        hidden_states_callback: called with the final-layer state `[B, H]` at the last position (the state that
+            produces the next token); streaming uses it.
         """
         if echo_text_ids is not None:
             if unit_labels is None:
@@ -343,7 +350,7 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         elif inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        need_hidden = unit_labels is not None
+        need_hidden = unit_labels is not None or hidden_states_callback is not None
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -356,6 +363,8 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         )
         logits = outputs.logits
         ctc_logits = prompt.ctc_logits if prompt is not None else None
+        if hidden_states_callback is not None:
+            hidden_states_callback(outputs.hidden_states[-1][:, -1])
 
         lm_loss = ctc_loss = echo_loss = denoise_loss = loss = None
         if labels is not None:
@@ -408,15 +417,10 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         units = self.unit_table[torch.tensor(rows, device=self.unit_table.device)].flatten()
         return units[units >= 0].tolist()
 
-    def speak(self, hidden_states: list[torch.Tensor]) -> tuple[list[list[int]], list[torch.FloatTensor]]:
-        """Echo decoder + vocoder for a list of text segments (their LLM hidden states): unit ids and audio of each."""
+    def speak_units(self, hidden_states: list[torch.Tensor]) -> list[list[int]]:
+        """Echo decoder for a list of text segments (their LLM hidden states `[n_i, H]`): the unit ids of each."""
         echo_ids = self.echo_decoder.generate(hidden_states, self.text_table)
-        units = [self.units_from_echo_ids(ids) for ids in echo_ids]
-        audio = [
-            self.vocoder.synthesize(unit_ids) if unit_ids else torch.zeros(0, device=self.vocoder.device)
-            for unit_ids in units
-        ]
-        return units, audio
+        return [self.units_from_echo_ids(ids) for ids in echo_ids]
 
     @torch.no_grad()
     def generate(
@@ -427,67 +431,120 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         generation_config=None,
         return_audio: bool = True,
         tokenizer=None,
+        segmentation_mode: str | None = None,
+        streamer=None,
         **kwargs,
     ) -> EchoXGenerationOutput:
         """
         Answer a batch of prompts (speech or text-only; different lengths) in text and, with `return_audio`, speech.
         Text decoding is transformers' `generate` (greedy or sampling per `generation_config` / kwargs); the answer is
-        cut into segments by the released streaming rule and each segment is spoken by the echo decoder + vocoder.
+        cut into segments by the `segmentation_mode` rule ("faithful": the released one, or "fast"; default from the
+        config) and each segment is spoken by the echo decoder; the vocoder voices the segments one after another.
+
+        `streamer`: a text streamer (e.g. `TextIteratorStreamer`), or an [`EchoXAudioStreamer`] that receives the
+        spoken segments while the text is being generated (batch size 1; the returned output then holds text only).
         """
         if input_ids is None:
             raise ValueError("EchoX.generate needs input_ids (build them with EchoXProcessor).")
-        prompt = self._prepare_prompt(input_ids, attention_mask, input_features, padding_side="left")
         for key in ("output_hidden_states", "return_dict_in_generate", "inputs_embeds", "position_ids"):
             if key in kwargs:
                 raise ValueError(f"EchoX.generate sets {key} itself.")
+        rule = segmentation_rule(self.config, segmentation_mode)
+        if return_audio and tokenizer is None and isinstance(rule, FastSegmentation):
+            raise ValueError("The 'fast' segmentation mode needs the tokenizer (it cuts at word boundaries).")
+        streams_audio = isinstance(streamer, EchoXAudioStreamer)
+        if streams_audio and input_ids.shape[0] != 1:
+            raise ValueError("An EchoXAudioStreamer streams one request at a time (batch size 1).")
+        prompt = self._prepare_prompt(input_ids, attention_mask, input_features, padding_side="left")
+
         generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         model_kwargs = generation_config.update(**kwargs)
-        generation_config.output_hidden_states = return_audio
+        generation_config.output_hidden_states = return_audio and not streams_audio
         generation_config.return_dict_in_generate = True
+        eos_ids = generation_config.eos_token_id
+        eos_ids = set([eos_ids] if isinstance(eos_ids, int) else (eos_ids or []))
+        if streams_audio:
+            streamer.eos_token_ids = eos_ids
+            model_kwargs["hidden_states_callback"] = streamer.put_hidden_state
         generated = super().generate(
             inputs_embeds=prompt.inputs_embeds,
             attention_mask=prompt.attention_mask,
             position_ids=prompt.position_ids,
             generation_config=generation_config,
+            streamer=streamer,
             **model_kwargs,
         )
         sequences = generated.sequences
-        eos_ids = generation_config.eos_token_id
-        eos_ids = set([eos_ids] if isinstance(eos_ids, int) else (eos_ids or []))
-        answer_lengths = []
+        answers = []
         for row in sequences.tolist():
             ends = [i for i, token in enumerate(row) if token in eos_ids]
-            answer_lengths.append(ends[0] if ends else len(row))
+            answers.append(row[: ends[0]] if ends else row)
 
         text = None
         if tokenizer is not None:
-            text = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(sequences.tolist(), answer_lengths)]
+            text = [tokenizer.decode(answer, skip_special_tokens=True) for answer in answers]
         output = EchoXGenerationOutput(sequences=sequences, text=text, sampling_rate=self.config.vocoder_config.sampling_rate)
-        if not return_audio:
+        if not return_audio or streams_audio:
             return output
 
         # hidden_states: per step, per layer; the last layer is the post-norm state that produced the step's token.
         states = torch.cat([step[-1][:, -1:] for step in generated.hidden_states], dim=1)
         boundary = self.text_table[self.config.segment_boundary_token_id]
-        rule = SegmentationRule.from_config(self.config)
         segments, flat_states = [], []
-        for row, length in enumerate(answer_lengths):
-            spans = rule.split(boundary_scores(states[row, :length], boundary))
+        for row, answer in enumerate(answers):
+            texts = [tokenizer.decode([token], skip_special_tokens=True) for token in answer] if tokenizer else [""] * len(answer)
+            spans = rule.split(boundary_scores(states[row, : len(answer)], boundary), texts)
             segments.append(spans)
             flat_states += [states[row, start:end] for start, end in spans]
-        flat_units, flat_audio = self.speak(flat_states)
+        flat_units = self.speak_units(flat_states)
 
         output.segments = segments
         output.segment_unit_ids, output.unit_ids, output.waveforms = [], [], []
         cursor = 0
         for spans in segments:
             units = flat_units[cursor : cursor + len(spans)]
-            audio = flat_audio[cursor : cursor + len(spans)]
             cursor += len(spans)
+            vocoder_stream = EchoXVocoderStream(self.vocoder)
+            audio = [vocoder_stream.push(segment_units) for segment_units in units] + [vocoder_stream.flush()]
             output.segment_unit_ids.append(units)
             output.unit_ids.append([unit for segment in units for unit in segment])
-            output.waveforms.append(torch.cat(audio).float().cpu() if audio else torch.zeros(0))
+            output.waveforms.append(torch.cat(audio))
         return output
+
+    def stream(
+        self,
+        input_ids: torch.LongTensor,
+        input_features: torch.FloatTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        tokenizer=None,
+        segmentation_mode: str | None = None,
+        timeout: float | None = None,
+        **generate_kwargs,
+    ) -> Iterator[EchoXStreamChunk]:
+        """
+        Answer one request and yield its spoken segments as soon as each is voiced (`EchoXStreamChunk`: text, 16 kHz
+        float32 audio, unit ids). Joined, the chunks' audio equals `generate`'s waveform for the same request.
+        """
+        streamer = EchoXAudioStreamer(self, tokenizer, segmentation_mode, timeout=timeout)
+
+        def run():
+            try:
+                self.generate(
+                    input_ids=input_ids,
+                    input_features=input_features,
+                    attention_mask=attention_mask,
+                    tokenizer=tokenizer,
+                    segmentation_mode=segmentation_mode,
+                    streamer=streamer,
+                    **generate_kwargs,
+                )
+            except Exception as error:
+                streamer.fail(error)
+
+        worker = Thread(target=run, daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()
 
 
 __all__ = ["EchoXPreTrainedModel", "EchoXForSpeechToSpeech", "EchoXOutput", "EchoXGenerationOutput"]

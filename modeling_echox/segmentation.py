@@ -1,17 +1,42 @@
-"""The streaming rule: where EchoX cuts the generated text into segments that the echo decoder speaks one by one."""
+"""Where EchoX cuts the generated text into segments that the echo decoder speaks one by one."""
 
 from dataclasses import dataclass
 
 import torch
 
+PUNCTUATION = (".", ",", "?", "!", ";", ":")
+
+
+class SegmentationRule:
+    """A rule that decides, token by token, where a segment of the answer ends."""
+
+    def cut_after(self, scores: list[float], texts: list[str], segment_start: int) -> int | None:
+        """
+        Called once the token at index `len(scores) - 1` has been generated (`scores`: boundary scores, `texts`: the
+        decoded tokens): returns the index of the last token of a segment that ends now, or `None`.
+        """
+        raise NotImplementedError
+
+    def split(self, scores: list[float], texts: list[str]) -> list[tuple[int, int]]:
+        """All segments `[start, end)` of a finished generation; the rest after the last cut is the final segment."""
+        segments, start = [], 0
+        for end in range(1, len(scores) + 1):
+            cut = self.cut_after(scores[:end], texts[:end], start)
+            if cut is not None:
+                segments.append((start, cut + 1))
+                start = cut + 1
+        if start < len(scores):
+            segments.append((start, len(scores)))
+        return segments
+
 
 @dataclass(frozen=True)
-class SegmentationRule:
+class FaithfulSegmentation(SegmentationRule):
     """
-    The released EchoX rule. Each generated token t gets a score s_t = cos(h_t, w), the cosine between the hidden state
-    that produced it and the LLM output-embedding row of "." (`boundary_token_id`). Token c is confirmed as a peak
-    `lookahead` tokens later if s_c is the maximum of s over [c - lookahead, c + lookahead]. A segment ends after a
-    peak c once it holds `max_tokens` tokens, or `min_tokens` tokens when s_c > `threshold`.
+    The released EchoX rule (`"faithful"`). Each generated token t gets a score s_t = cos(h_t, w), the cosine between
+    the hidden state that produced it and the LLM output-embedding row of "." (`boundary_token_id`). Token c is
+    confirmed as a peak `lookahead` tokens later if s_c is the maximum of s over [c - lookahead, c + lookahead]. A
+    segment ends after a peak c once it holds `max_tokens` tokens, or `min_tokens` tokens when s_c > `threshold`.
     """
 
     lookahead: int = 5
@@ -19,20 +44,7 @@ class SegmentationRule:
     threshold: float = 0.1
     max_tokens: int = 50
 
-    @classmethod
-    def from_config(cls, config) -> "SegmentationRule":
-        return cls(
-            lookahead=config.segment_lookahead,
-            min_tokens=config.segment_min_tokens,
-            threshold=config.segment_score_threshold,
-            max_tokens=config.segment_max_tokens,
-        )
-
-    def cut_after(self, scores: list[float], segment_start: int) -> int | None:
-        """
-        Called once the token at index `len(scores) - 1` has been generated: returns the index c of the last token of
-        a segment that ends now, or `None`.
-        """
+    def cut_after(self, scores, texts, segment_start):
         check = len(scores) - 1 - self.lookahead
         if check < 0:
             return None
@@ -44,17 +56,54 @@ class SegmentationRule:
             return check
         return None
 
-    def split(self, scores: list[float]) -> list[tuple[int, int]]:
-        """All segments `[start, end)` of a finished generation; the rest after the last cut is the final segment."""
-        segments, start = [], 0
-        for end in range(1, len(scores) + 1):
-            cut = self.cut_after(scores[:end], start)
-            if cut is not None:
-                segments.append((start, cut + 1))
-                start = cut + 1
-        if start < len(scores):
-            segments.append((start, len(scores)))
-        return segments
+
+@dataclass(frozen=True)
+class FastSegmentation(SegmentationRule):
+    """
+    The low-latency rule (`"fast"`): cuts at word boundaries, known one token later (the next token starts with a
+    space, or the last one ends with punctuation; punctuation stays with the word before it). The first segment ends
+    at the first boundary after `first_tokens` tokens; later ones at punctuation once they hold `min_tokens`, or at any
+    word boundary once they hold `max_tokens`.
+    """
+
+    first_tokens: int = 3
+    min_tokens: int = 8
+    max_tokens: int = 24
+
+    def cut_after(self, scores, texts, segment_start):
+        if len(texts) < 2:
+            return None
+        last, following = len(texts) - 2, texts[-1]
+        if following.lstrip()[:1] in PUNCTUATION and following.strip():
+            return None
+        ends_clause = texts[last].rstrip().endswith(PUNCTUATION)
+        if not (ends_clause or following[:1].isspace()):
+            return None
+        length = last + 1 - segment_start
+        if segment_start == 0:
+            return last if length >= self.first_tokens else None
+        if (ends_clause and length >= self.min_tokens) or length >= self.max_tokens:
+            return last
+        return None
+
+
+def segmentation_rule(config, mode: str | None = None) -> SegmentationRule:
+    """The rule of `mode` ("faithful" or "fast"; default: `config.segmentation_mode`) with the config's parameters."""
+    mode = mode or config.segmentation_mode
+    if mode == "faithful":
+        return FaithfulSegmentation(
+            lookahead=config.segment_lookahead,
+            min_tokens=config.segment_min_tokens,
+            threshold=config.segment_score_threshold,
+            max_tokens=config.segment_max_tokens,
+        )
+    if mode == "fast":
+        return FastSegmentation(
+            first_tokens=config.fast_first_segment_tokens,
+            min_tokens=config.fast_min_segment_tokens,
+            max_tokens=config.fast_max_segment_tokens,
+        )
+    raise ValueError(f"Unknown segmentation mode {mode!r}; use 'faithful' or 'fast'.")
 
 
 def boundary_scores(hidden_states: torch.Tensor, boundary_embedding: torch.Tensor) -> list[float]:

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMultimodalLM, AutoPr
 from modeling_echox import EchoXConfig, EchoXForSpeechToSpeech, EchoXProcessor
 from modeling_echox.loading import check_checkpoint_dir, load_echox
 from modeling_echox.random_checkpoint import build_random_echox
-from modeling_echox.segmentation import SegmentationRule
+from modeling_echox.segmentation import FaithfulSegmentation
 from modeling_echox.speech_adapter import EchoXSpeechAdapter
 
 SR = 16000
@@ -322,15 +322,16 @@ def test_echo_prefix_quirk_id(tester):
 
 
 def test_segmentation_rule_matches_the_released_thresholds():
-    rule = SegmentationRule()
+    rule = FaithfulSegmentation()
     scores = [0.0] * 60
     scores[22] = 0.5  # a peak above 0.1 after 20 tokens: cut after token 22
     scores[40] = 0.05  # a peak below the threshold and before 50 tokens: no cut
-    assert rule.split(scores) == [(0, 23), (23, 60)]
+    texts = [""] * 120
+    assert rule.split(scores, texts[:60]) == [(0, 23), (23, 60)]
     low = [0.01 * (i % 7) for i in range(120)]  # peaks at 6, 13, ... all below 0.1: cut at the first peak ≥ 50 tokens on
-    spans = rule.split(low)
+    spans = rule.split(low, texts)
     assert spans[0] == (0, 56) and spans[-1][1] == 120
-    assert rule.split([0.9, 0.1]) == [(0, 2)]  # too short to cut: the remainder is one segment
+    assert rule.split([0.9, 0.1], texts[:2]) == [(0, 2)]  # too short to cut: the remainder is one segment
 
 
 def test_units_from_echo_ids_drops_text_and_out_of_range(tester):

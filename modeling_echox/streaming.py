@@ -1,0 +1,138 @@
+"""Streaming speech out: an `EchoXAudioStreamer` for `generate(..., streamer=...)`, iterable chunk by chunk."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from queue import Queue
+
+import numpy as np
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from .segmentation import FastSegmentation, boundary_scores, segmentation_rule
+from .vocoder_streaming import EchoXVocoderStream
+
+_STOP = object()
+
+
+@dataclass
+class EchoXStreamChunk:
+    """
+    One spoken segment of the answer: its text, its unit ids and the audio that is final now (16 kHz float32; the
+    last chunk also carries the vocoder's held-back tail). `segment` counts from 0; `is_last` marks the end.
+    """
+
+    text: str
+    audio: np.ndarray
+    unit_ids: list[int]
+    segment: int
+    is_last: bool
+    sampling_rate: int = 16000
+
+
+class EchoXAudioStreamer(BaseStreamer):
+    """
+    Receives the tokens (and, from the model, the hidden states that produced them) of a running `generate`, cuts the
+    answer into segments as they complete, and voices each segment (echo decoder + vocoder) in a worker thread while
+    the LLM goes on decoding. Iterate over it (from another thread than `generate`'s) to get `EchoXStreamChunk`s in
+    order. One request at a time.
+
+    ```python
+    streamer = EchoXAudioStreamer(model, processor.tokenizer)
+    Thread(target=model.generate, kwargs={**inputs, "streamer": streamer}).start()
+    for chunk in streamer:
+        play(chunk.audio)
+    ```
+    (`model.stream(**inputs, tokenizer=...)` does exactly this.)
+    """
+
+    def __init__(self, model, tokenizer=None, segmentation_mode: str | None = None, timeout: float | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.rule = segmentation_rule(model.config, segmentation_mode)
+        if isinstance(self.rule, FastSegmentation) and tokenizer is None:
+            raise ValueError("The 'fast' segmentation mode needs the tokenizer (it cuts at word boundaries).")
+        self.timeout = timeout
+        self.sampling_rate = model.config.vocoder_config.sampling_rate
+        self.eos_token_ids: set[int] = set()
+        self._boundary = model.text_table[model.config.segment_boundary_token_id].detach()
+        self._queue: Queue = Queue()
+        self._worker = ThreadPoolExecutor(max_workers=1)
+        self._vocoder_stream = EchoXVocoderStream(model.vocoder)
+        self._pending_hidden = None
+        self._prompt_seen = False
+        self._finished = False
+        self._states, self._scores, self._texts, self._tokens = [], [], [], []
+        self._segment_start = 0
+        self._segments = 0
+        self.first_token_time: float | None = None
+        self.first_audio_time: float | None = None
+
+    # ------------------------------------------------------------------------------------------ generate's side
+    def put_hidden_state(self, hidden_state: torch.Tensor) -> None:
+        """Called by the model's forward with the final-layer state `[1, H]` that is about to produce a token."""
+        self._pending_hidden = hidden_state
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate first puts the prompt (empty when it is given as embeddings)
+            self._prompt_seen = True
+            return
+        if value.numel() != 1:
+            raise ValueError("EchoXAudioStreamer streams one request at a time (batch size 1).")
+        token = int(value.reshape(-1)[0])
+        if self._finished or token in self.eos_token_ids:
+            self._finished = True
+            return
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        state = self._pending_hidden[0]
+        self._tokens.append(token)
+        self._states.append(state)
+        self._scores += boundary_scores(state[None], self._boundary)
+        self._texts.append(self.tokenizer.decode([token], skip_special_tokens=True) if self.tokenizer else "")
+        cut = self.rule.cut_after(self._scores, self._texts, self._segment_start)
+        if cut is not None:
+            self._submit(self._segment_start, cut + 1, last=False)
+            self._segment_start = cut + 1
+
+    def end(self) -> None:
+        if self._segment_start < len(self._tokens):
+            self._submit(self._segment_start, len(self._tokens), last=True)
+        self._worker.submit(self._queue.put, _STOP)
+        self._worker.shutdown(wait=False)
+
+    def fail(self, error: BaseException) -> None:
+        """Hand an exception raised by `generate` to the consumer."""
+        self._queue.put(error)
+        self._queue.put(_STOP)
+
+    def _submit(self, start: int, end: int, last: bool) -> None:
+        states = torch.stack(self._states[start:end])
+        text = "".join(self._texts[start:end])
+        self._worker.submit(self._voice, self._segments, states, text, last)
+        self._segments += 1
+
+    @torch.no_grad()
+    def _voice(self, index: int, states: torch.Tensor, text: str, last: bool) -> None:
+        try:
+            units = self.model.speak_units([states])[0]
+            audio = self._vocoder_stream.push(units)
+            if last:
+                audio = torch.cat([audio, self._vocoder_stream.flush()])
+            if self.first_audio_time is None and audio.numel():
+                self.first_audio_time = time.perf_counter()
+            self._queue.put(EchoXStreamChunk(text, audio.numpy(), units, index, last, self.sampling_rate))
+        except Exception as error:  # surfaced to the consumer, which re-raises it
+            self._queue.put(error)
+
+    # -------------------------------------------------------------------------------------------- consumer side
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> EchoXStreamChunk:
+        item = self._queue.get(timeout=self.timeout)
+        if item is _STOP:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
