@@ -1,10 +1,13 @@
 """EchoX for transformers. Importing this package registers EchoX with the transformers Auto classes."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForMultimodalLM, AutoProcessor
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_echox import EchoXConfig, EchoXVocoderConfig
 from .modeling_echox import EchoXForSpeechToSpeech, EchoXGenerationOutput, EchoXOutput, EchoXPreTrainedModel
+from .pipeline_echox import SpeechToSpeechPipeline
 from .processing_echox import EchoXProcessor
+from .streaming import EchoXAudioStreamer, EchoXStreamChunk
 from .unit_vocabulary import EchoXUnitVocabulary
 from .vocoder import EchoXCodeHifiGan
 
@@ -16,6 +19,7 @@ AutoModel.register(EchoXConfig, EchoXForSpeechToSpeech, exist_ok=True)
 AutoModel.register(EchoXVocoderConfig, EchoXCodeHifiGan, exist_ok=True)
 AutoModelForMultimodalLM.register(EchoXConfig, EchoXForSpeechToSpeech, exist_ok=True)
 AutoProcessor.register(EchoXConfig, EchoXProcessor, exist_ok=True)
+PIPELINE_REGISTRY.register_pipeline("speech-to-speech", pipeline_class=SpeechToSpeechPipeline, pt_model=AutoModel)
 
 # Saved checkpoints carry `auto_map` and this code, so `trust_remote_code=True` loads them without this package.
 EchoXConfig.register_for_auto_class()
@@ -23,6 +27,9 @@ EchoXForSpeechToSpeech.register_for_auto_class("AutoModel")
 EchoXProcessor.register_for_auto_class()
 
 __all__ = [
+    "EchoXAudioStreamer",
+    "EchoXStreamChunk",
+    "SpeechToSpeechPipeline",
     "EchoXCodeHifiGan",
     "EchoXConfig",
     "EchoXForSpeechToSpeech",

@@ -1,6 +1,7 @@
 """The `echox` command line."""
 
 import argparse
+import os
 import sys
 import time
 
@@ -22,8 +23,14 @@ def _speak(args) -> None:
     model, processor = load_echox(args.model)
     started = time.perf_counter()
     inputs = processor(audio=args.input, text=args.prompt)
+    generate_kwargs = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
     with torch.inference_mode():
-        output = model.generate(**inputs, tokenizer=processor.tokenizer, max_new_tokens=args.max_new_tokens)
+        if args.stream:
+            _speak_streaming(model, processor, inputs, args, started, generate_kwargs)
+            return
+        output = model.generate(
+            **inputs, tokenizer=processor.tokenizer, segmentation_mode=args.mode, **generate_kwargs
+        )
     waveform = output.waveforms[0].numpy()
     soundfile.write(args.output, waveform, output.sampling_rate)
     print(output.text[0])
@@ -32,6 +39,72 @@ def _speak(args) -> None:
         f"{time.perf_counter() - started:.2f} s] -> {args.output}",
         file=sys.stderr,
     )
+
+
+def _speak_streaming(model, processor, inputs, args, started, generate_kwargs) -> None:
+    """Write each spoken segment to the output file as soon as it is ready, and say when it came."""
+    rate = model.config.vocoder_config.sampling_rate
+    samples, text = 0, []
+    with soundfile.SoundFile(args.output, "w", samplerate=rate, channels=1, subtype="PCM_16") as out:
+        for chunk in model.stream(
+            **inputs, tokenizer=processor.tokenizer, segmentation_mode=args.mode, **generate_kwargs
+        ):
+            out.write(chunk.audio)
+            out.flush()
+            samples += len(chunk.audio)
+            text.append(chunk.text)
+            elapsed = (time.perf_counter() - started) * 1000
+            print(
+                f"[{elapsed:7.0f} ms] segment {chunk.segment}: {len(chunk.audio) / rate:.2f} s of audio "
+                f"(total {samples / rate:.2f} s) {chunk.text!r}",
+                file=sys.stderr,
+            )
+    print("".join(text))
+
+
+def _convert_original(args) -> None:
+    from .convert_original import convert_original
+
+    started = time.perf_counter()
+    convert_original(
+        args.echox,
+        args.whisper,
+        args.out,
+        vocoder_checkpoint=args.vocoder_checkpoint,
+        vocoder_config=args.vocoder_config,
+        max_shard_size=args.max_shard_size,
+        dtype=args.dtype,
+    )
+    print(f"Wrote the converted EchoX checkpoint to {args.out} ({time.perf_counter() - started:.1f} s)")
+
+
+def _load_space_app():
+    """`spaces_demo.app`: imported from the repository root if it is on the path, else loaded from the checkout."""
+    try:
+        from spaces_demo import app
+    except ImportError:
+        import importlib.util
+        from pathlib import Path
+
+        path = Path(__file__).resolve().parent.parent / "spaces_demo" / "app.py"
+        if not path.is_file():
+            raise OSError(f"The Gradio demo (spaces_demo/app.py) is not next to this package ({path} not found).") from None
+        spec = importlib.util.spec_from_file_location("spaces_demo.app", path)
+        app = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(app)
+    return app
+
+
+def _demo(args) -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise OSError("The demo needs gradio: pip install 'echox[demo]' (gradio==6.31.0).") from None
+    app = _load_space_app()
+    argv = ["--model", args.model, "--host", args.host]
+    if args.port is not None:
+        argv += ["--port", str(args.port)]
+    app.main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
     speak.add_argument("--model", required=True, help="EchoX checkpoint directory")
     speak.add_argument("--prompt", default="", help="text that goes with the audio in the user turn")
     speak.add_argument("--max-new-tokens", type=int, default=None)
+    speak.add_argument("--stream", action="store_true", help="write the answer as it is spoken, segment by segment")
+    speak.add_argument("--mode", choices=["faithful", "fast"], default=None, help="segmentation rule (default: config)")
     speak.set_defaults(run=_speak)
+
+    convert = commands.add_parser(
+        "convert-original", help="convert a released EchoX checkpoint (+ its Whisper-large-v3 encoder) to this format"
+    )
+    convert.add_argument("--echox", required=True, help="directory of the released EchoX files (config, shards, tokenizer)")
+    convert.add_argument("--whisper", required=True, help="Whisper directory (config.json, preprocessor_config.json, safetensors)")
+    convert.add_argument("--out", required=True, help="output checkpoint directory")
+    convert.add_argument("--vocoder-checkpoint", default=None, help="fairseq vocoder checkpoint (default: ECHOX/g_00500000)")
+    convert.add_argument("--vocoder-config", default=None, help="fairseq vocoder config (default: ECHOX/vocoder_config.json)")
+    convert.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
+    convert.add_argument(
+        "--dtype", default=None, choices=["float16", "bfloat16", "float32"], help="cast the weights (default: as stored)"
+    )
+    convert.set_defaults(run=_convert_original)
+    demo = commands.add_parser("demo", help="run the Gradio speech-to-speech demo (spaces_demo/app.py)")
+    demo.add_argument(
+        "--model",
+        default=os.environ.get("ECHOX_MODEL", "build/echox-mini"),
+        help="EchoX checkpoint directory (default: $ECHOX_MODEL, else build/echox-mini)",
+    )
+    demo.add_argument("--port", type=int, default=None, help="server port (default: 7860)")
+    demo.add_argument("--host", default="127.0.0.1", help="server address (default: 127.0.0.1; 0.0.0.0 to share)")
+    demo.set_defaults(run=_demo)
     return parser
 
 

@@ -1,0 +1,134 @@
+"""Streaming latency of an EchoX checkpoint on spoken questions, per segmentation mode; prints and writes JSON.
+
+    python benchmarks/latency.py --model DIR --out latency.json [--questions N] [--manifest FILE.jsonl]
+
+Questions come from `--manifest` (`{"audio": path}` lines, as `echox eval` uses) or are spoken by flite. For each
+mode: first text token and first audio latency (from handing over the whole clip to the processor until the first
+token / first audio sample is ready), total time, real-time factor (compute seconds / seconds of audio produced)
+and the peak RSS of the process.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from threading import Thread
+
+import numpy as np
+import soundfile
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from modeling_echox.loading import load_echox  # noqa: E402
+from modeling_echox.streaming import EchoXAudioStreamer  # noqa: E402
+
+QUESTIONS = [
+    "what is the capital of france",
+    "what is the capital of japan",
+    "what is the capital of kenya",
+    "what is the capital of peru",
+    "what is the capital of canada",
+    "what is the capital of egypt",
+    "what is the capital of spain",
+    "what is the capital of norway",
+    "which continent is brazil in",
+    "which continent is india in",
+    "what day comes after monday",
+    "what day comes before friday",
+    "what month comes after march",
+    "what month comes before december",
+    "what is two plus three",
+    "what is seven minus four",
+    "what is six times two",
+    "what is nine plus one",
+    "what is the capital of italy",
+    "what is the capital of chile",
+]
+
+
+def spoken_questions(count: int, directory: str) -> list[np.ndarray]:
+    clips = []
+    for index in range(count):
+        path = os.path.join(directory, f"q{index}.wav")
+        subprocess.run(["flite", "-voice", "slt", "-t", QUESTIONS[index % len(QUESTIONS)], "-o", path], check=True)
+        clips.append(path)
+    return clips
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def measure(model, processor, clips, mode: str, max_new_tokens: int | None) -> dict:
+    first_token, first_audio, totals, compute, produced = [], [], [], 0.0, 0.0
+    kwargs = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
+    for clip in clips:
+        audio, rate = soundfile.read(clip, dtype="float32")
+        started = time.perf_counter()
+        inputs = processor(audio=audio, sampling_rate=rate)
+        streamer = EchoXAudioStreamer(model, processor.tokenizer, segmentation_mode=mode)
+        worker = Thread(
+            target=model.generate,
+            kwargs={**inputs, "tokenizer": processor.tokenizer, "segmentation_mode": mode, "streamer": streamer, **kwargs},
+        )
+        worker.start()
+        audio_ready, samples = None, 0
+        for chunk in streamer:
+            if audio_ready is None and len(chunk.audio):
+                audio_ready = time.perf_counter()
+            samples += len(chunk.audio)
+        worker.join()
+        finished = time.perf_counter()
+        first_token.append(((streamer.first_token_time or finished) - started) * 1000)
+        first_audio.append(((audio_ready or finished) - started) * 1000)
+        totals.append((finished - started) * 1000)
+        compute += finished - started
+        produced += samples / model.config.vocoder_config.sampling_rate
+    return {
+        "n": len(clips),
+        "first_text_token_ms_p50": percentile(first_token, 50),
+        "first_text_token_ms_p90": percentile(first_token, 90),
+        "first_audio_ms_p50": percentile(first_audio, 50),
+        "first_audio_ms_p90": percentile(first_audio, 90),
+        "total_ms_p50": percentile(totals, 50),
+        "audio_seconds": produced,
+        "rtf": compute / produced if produced else None,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--questions", type=int, default=20)
+    parser.add_argument("--manifest", default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, processor = load_echox(args.model)
+    with tempfile.TemporaryDirectory() as directory:
+        if args.manifest:
+            with open(args.manifest, encoding="utf-8") as handle:
+                clips = [json.loads(line)["audio"] for line in handle if line.strip()][: args.questions]
+        else:
+            clips = spoken_questions(args.questions, directory)
+        measure(model, processor, clips[:1], "faithful", args.max_new_tokens)  # warm-up
+        result = {"model": os.path.abspath(args.model), "torch_threads": torch.get_num_threads()}
+        for mode in ("faithful", "fast"):
+            result[mode] = measure(model, processor, clips, mode, args.max_new_tokens)
+    text = json.dumps(result, indent=2)
+    print(text)
+    with open(args.out, "w", encoding="utf-8") as handle:
+        handle.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
