@@ -88,7 +88,7 @@ def _load_space_app():
 
         path = Path(__file__).resolve().parent.parent / "spaces_demo" / "app.py"
         if not path.is_file():
-            raise OSError(f"The Gradio demo (spaces_demo/app.py) is not next to this package ({path} not found).") from None
+            raise OSError(f"The Gradio demo is not next to this package ({path} not found).") from None
         spec = importlib.util.spec_from_file_location("spaces_demo.app", path)
         app = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(app)

@@ -1,0 +1,450 @@
+"""
+The Gradio Space (spaces_demo/app.py): its streaming answer function without a server, its API through
+gradio_client, and the page in a real browser (Debian's chromium driven by Playwright), on a tiny random checkpoint.
+"""
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import time
+import wave
+
+import numpy as np
+import pytest
+import soundfile
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+gr = pytest.importorskip("gradio", reason="the demo extra (gradio==6.31.0) is not installed")
+
+from spaces_demo.app import (  # noqa: E402
+    EXAMPLE_QUESTIONS,
+    EchoXSpace,
+    build_demo,
+    launch_kwargs,
+    synthesize_examples,
+    wav_bytes,
+)
+
+SR = 16000
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-device-for-media-stream",  # a fake microphone (it beeps), for the recording test
+    "--use-fake-ui-for-media-stream",
+]
+
+
+# ------------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from modeling_echox.random_checkpoint import write_random_checkpoint
+
+    path = tmp_path_factory.mktemp("space") / "echox-tiny"
+    write_random_checkpoint(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def space(checkpoint):
+    return EchoXSpace.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def question_wav(tmp_path_factory):
+    """A spoken question (flite) or, without flite, a voiced-sounding synthetic clip."""
+    path = tmp_path_factory.mktemp("questions") / "question.wav"
+    if shutil.which("flite"):
+        subprocess.run(["flite", "-voice", "slt", "-t", "what is the capital of france", "-o", str(path)], check=True)
+    else:
+        t = np.arange(int(1.5 * SR)) / SR
+        soundfile.write(path, (0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(np.pi * t / 1.5)).astype(np.float32), SR)
+    return str(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _needs_ffmpeg():
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("gradio's streamed audio output needs the ffmpeg binary (apt-get install ffmpeg)")
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint, space, tmp_path_factory):
+    """The app on a free loopback port, shared by the API and browser tests."""
+    _needs_ffmpeg()
+    demo = build_demo(checkpoint, space=space, examples_dir=str(tmp_path_factory.mktemp("examples")))
+    demo.launch(
+        prevent_thread_lock=True,
+        server_name="127.0.0.1",
+        server_port=_free_port(),
+        quiet=True,
+        **launch_kwargs(demo),
+    )
+    yield demo
+    demo.close()
+
+
+def _wav_info(data: bytes) -> tuple[int, int, int, int]:
+    with wave.open(io.BytesIO(data), "rb") as reader:
+        return reader.getframerate(), reader.getnchannels(), reader.getsampwidth(), reader.getnframes()
+
+
+# ---------------------------------------------------------------------------------------- no server: the generator
+def test_wav_bytes_is_16bit_pcm_and_clips():
+    data = wav_bytes(np.array([0.0, 0.5, -1.5, 2.0, np.nan], dtype=np.float32))
+    assert _wav_info(data) == (SR, 1, 2, 5)
+    with wave.open(io.BytesIO(data), "rb") as reader:
+        pcm = np.frombuffer(reader.readframes(5), dtype="<i2")
+    assert pcm.tolist() == [0, 16384, -32767, 32767, 0]
+
+
+@pytest.mark.parametrize("mode", ["fast", "faithful"])
+def test_respond_streams_growing_text_and_audio(space, question_wav, mode):
+    outputs = list(space.respond(question_wav, mode))
+    assert outputs, "no output at all"
+    texts = [text for text, _, _ in outputs]
+    for before, after in zip(texts, texts[1:]):
+        assert after.startswith(before)  # the answer only grows
+    assert texts[-1].strip()
+    chunks = [audio for _, audio, _ in outputs if audio is not None]
+    assert chunks, "no audio chunk"
+    frames = 0
+    for chunk in chunks:
+        rate, channels, width, count = _wav_info(chunk)
+        assert (rate, channels, width) == (SR, 1, 2)
+        assert count > 0
+        frames += count
+    assert frames > 0
+    assert outputs[-1][2].startswith("done")
+    assert f"`{mode}`" in outputs[-1][2]
+    if mode == "fast":  # the tiny model's fast rule cuts its answer into more than one segment
+        assert len(outputs) >= 2 and texts[0] != texts[-1]
+
+
+def _bad_inputs(tmp_path):
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt garbage" + os.urandom(200))
+    empty_file = tmp_path / "empty.wav"
+    empty_file.write_bytes(b"")
+    nan_file = tmp_path / "nan.wav"
+    samples = np.full(SR, 0.1, dtype=np.float32)
+    samples[100] = np.nan
+    soundfile.write(nan_file, samples, SR, subtype="FLOAT")
+    return {
+        "nothing": (None, "No question yet"),
+        "empty array": ((SR, np.zeros(0, dtype=np.int16)), "empty"),
+        "empty file": (str(empty_file), "empty"),
+        "silent": ((SR, np.zeros(SR, dtype=np.int16)), "silent"),
+        "too long": ((SR, (1000 * np.ones(31 * SR)).astype(np.int16)), "too long"),
+        "nan": (str(nan_file), "invalid samples"),
+        "corrupt": (str(corrupt), "Could not read this audio file"),
+        "missing": (str(tmp_path / "nope.wav"), "did not arrive"),
+    }
+
+
+def test_bad_input_gives_a_friendly_error_then_a_good_input_works(space, question_wav, tmp_path):
+    for name, (audio, expected) in _bad_inputs(tmp_path).items():
+        with pytest.raises(gr.Error) as caught:
+            list(space.respond(audio, "fast"))
+        message = caught.value.message
+        assert expected in message, f"{name}: {message!r}"
+        assert "Traceback" not in message and "File \"" not in message
+    assert "30 seconds" in str(_raise(space, (SR, (1000 * np.ones(31 * SR)).astype(np.int16))))
+    outputs = list(space.respond(question_wav, "fast"))  # the space still answers after all that
+    assert outputs[-1][0].strip() and any(audio is not None for _, audio, _ in outputs)
+
+
+def _raise(space, audio):
+    with pytest.raises(gr.Error) as caught:
+        list(space.respond(audio, "fast"))
+    return caught.value.message
+
+
+def test_gradio_numpy_input_and_unknown_mode(space, question_wav):
+    samples, rate = soundfile.read(question_wav, dtype="int16")  # what gr.Audio(type="numpy") would pass
+    outputs = list(space.respond((rate, samples), "no-such-mode"))
+    assert outputs[-1][0].strip()
+    assert f"`{space.default_mode}`" in outputs[-1][2]
+
+
+def test_model_failure_is_reported_without_a_traceback(space, question_wav, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kaboom inside the model")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(space.model, "stream", broken)
+    message = _raise(space, question_wav)
+    assert "something went wrong" in message and "kaboom" not in message
+
+
+def test_slow_segments_are_followed_by_one_sample_nudges(space, question_wav, monkeypatch):
+    """While the next segment is being made, the generator yields 1-sample repeats of the last sample (see app.py)."""
+    from modeling_echox.streaming import EchoXStreamChunk
+
+    first = np.linspace(0.0, 0.5, 800, dtype=np.float32)
+
+    def slow_stream(**kwargs):
+        yield EchoXStreamChunk("Hello ", first, [], 0, False, SR)
+        time.sleep(0.8)
+        yield EchoXStreamChunk("world.", np.full(800, 0.5, np.float32), [], 1, True, SR)
+
+    monkeypatch.setattr(space.model, "stream", slow_stream)
+    outputs = list(space.respond(question_wav, "fast"))
+    sizes = [_wav_info(audio)[3] for _, audio, _ in outputs if audio is not None]
+    assert sizes[0] == 800 and sizes[-1] == 800
+    nudges = [audio for _, audio, _ in outputs[1:-1] if audio is not None]
+    assert 1 <= len(nudges) <= 8 and all(_wav_info(n)[3] == 1 for n in nudges)
+    assert all(text == "Hello " for text, _, _ in outputs[1:-1])
+    assert outputs[-1][0] == "Hello world."
+
+
+def test_examples_are_synthesized_and_cached(tmp_path, monkeypatch):
+    if shutil.which("flite") is None:
+        pytest.skip("flite is not installed")
+    paths = synthesize_examples(tmp_path)
+    assert len(paths) == len(EXAMPLE_QUESTIONS)
+    for path in paths:
+        info = soundfile.info(path)
+        assert info.duration > 0.5
+    before = [os.path.getmtime(p) for p in paths]
+    time.sleep(0.01)
+    assert synthesize_examples(tmp_path) == paths  # reused, not re-made
+    assert [os.path.getmtime(p) for p in paths] == before
+
+
+def test_without_flite_the_demo_offers_no_examples(checkpoint, space, tmp_path, monkeypatch):
+    import spaces_demo.app as app
+
+    monkeypatch.setattr(app.shutil, "which", lambda name: None)
+    assert synthesize_examples(tmp_path) == []
+    demo = build_demo(checkpoint, space=space, examples_dir=str(tmp_path))
+    assert demo.echox_examples == []
+    assert not any(isinstance(block, gr.Dataset) for block in demo.blocks.values())
+
+
+def test_demo_layout_and_queue(checkpoint, space, tmp_path):
+    demo = build_demo(checkpoint, space=space, examples_dir=str(tmp_path))
+    fns = [fn for fn in demo.fns.values() if fn.api_name == "respond"]
+    assert len(fns) == 1 and fns[0].concurrency_limit == "default"
+    assert demo._queue.default_concurrency_limit == 1  # one request at a time on the shared model
+    assert demo._queue.max_size is not None
+    audios = [block for block in demo.blocks.values() if isinstance(block, gr.Audio)]
+    question = next(a for a in audios if not a.streaming)
+    answer = next(a for a in audios if a.streaming)
+    assert question.sources == ["microphone", "upload"]
+    assert answer.autoplay
+    radio = next(block for block in demo.blocks.values() if isinstance(block, gr.Radio))
+    assert [choice[1] for choice in radio.choices] == ["faithful", "fast"]
+
+
+def test_cli_has_demo_command():
+    from modeling_echox.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--model", "some/dir", "--port", "7999"])
+    assert (args.command, args.model, args.port) == ("demo", "some/dir", 7999)
+    assert callable(args.run)
+
+
+# --------------------------------------------------------------------------------------------- API: gradio_client
+def test_api_streams_text_and_audio(served, question_wav):
+    import httpx
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(served.local_url, verbose=False, analytics_enabled=False)
+    job = client.submit(handle_file(question_wav), "fast", api_name="/respond")
+    outputs = list(job)
+    assert outputs, "the endpoint yielded nothing"
+    text, audio, status = job.outputs()[-1]
+    assert text.strip() and status.startswith("done")
+    assert str(audio).endswith(".m3u8")  # streamed audio is an HLS playlist of AAC segments
+
+    # The stream on the server: AAC segments that decode to audio.
+    runs = served.pending_streams[client.session_hash]
+    streams = [stream for run in runs.values() for stream in run.values()]
+    assert streams and all(stream.ended for stream in streams)
+    segments = [segment for stream in streams for segment in stream.segments]
+    assert segments and sum(segment["duration"] for segment in segments) > 0
+    run_id, run = next(iter(runs.items()))
+    component_id = next(iter(run))
+    base = f"{served.local_url}gradio_api/stream/{client.session_hash}/{run_id}/{component_id}"
+    playlist = httpx.get(f"{base}/playlist.m3u8").text
+    assert playlist.startswith("#EXTM3U") and "#EXT-X-ENDLIST" in playlist and ".aac" in playlist
+    first = next(line for line in playlist.splitlines() if ".aac" in line)
+    aac = httpx.get(f"{base}/{first}").content
+    pcm = subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "aac", "-i", "pipe:0", "-f", "s16le", "-ac", "1", "-ar", "16000", "pipe:1"],
+        input=aac,
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert len(pcm) > 2 * 1600  # more than 0.1 s of decoded audio
+
+    # Bad input: a friendly error, and the next request still works.
+    with pytest.raises(AppError, match="No question yet"):
+        client.predict(None, "fast", api_name="/respond")
+    text, audio, status = client.predict(handle_file(question_wav), "faithful", api_name="/respond")
+    assert text.strip() and status.startswith("done")
+    client.close()
+
+
+# ------------------------------------------------------------------------------------- a real browser (chromium)
+@pytest.fixture(scope="module")
+def browser(served, tmp_path_factory):
+    """Debian's chromium driven by Playwright (python): no browser download, a fresh profile, no background traffic."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, permissions=["microphone"]
+        )
+        yield context
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    return tmp_path_factory.mktemp("screenshots")
+
+
+PLAYING = (
+    "() => { const a = document.querySelector('#answer-audio audio'); return !!(a && a.src && a.currentTime > 0); }"
+)
+STATUS = "() => document.querySelector('#status')?.innerText || ''"
+
+
+def _pick_example(page, question):
+    page.get_by_text(question, exact=True).click()
+    page.wait_for_function("() => document.querySelector('#question audio, #question canvas, #question wave')")
+
+
+def _wait_done(page, previous=""):
+    page.wait_for_function(
+        "prev => { const s = document.querySelector('#status')?.innerText || ''; return s.startsWith('done') && s !== prev; }",
+        arg=previous,
+        timeout=60_000,
+    )
+
+
+def test_browser_plays_the_streamed_answer(served, browser, shots):
+    if not served.echox_examples:
+        pytest.skip("flite is not installed, so the page has no example to click")
+    page = browser.new_page()
+    try:
+        page.goto(served.local_url)
+        _pick_example(page, EXAMPLE_QUESTIONS[0])
+        page.locator("#mode").get_by_text("fast", exact=True).click()
+        clicked = time.perf_counter()
+        page.click("#speak")
+        page.wait_for_function(PLAYING, timeout=60_000, polling=50)
+        first_audio_s = time.perf_counter() - clicked
+        page.wait_for_function(
+            "() => (document.querySelector('#answer-text textarea')?.value || '').length > 0", timeout=30_000
+        )
+        _wait_done(page)
+        path = shots / "echox-space-answer.png"
+        page.screenshot(path=str(path), full_page=True)
+        print(f"\nfirst audio playing {first_audio_s:.2f} s after the click; screenshot: {path}")
+        assert path.stat().st_size > 10_000
+
+        # Bad input in the page: a friendly toast, no traceback, and the page keeps working.
+        page.locator("#question").get_by_label("Clear").click()
+        page.click("#speak")
+        toast = page.get_by_test_id("toast-text").filter(has_text="No question yet")
+        toast.first.wait_for(state="visible", timeout=30_000)
+        assert "Traceback" not in page.content()
+        page.wait_for_timeout(800)  # let the toast finish sliding in
+        page.screenshot(path=str(shots / "echox-space-error.png"))
+        before = page.evaluate(STATUS)
+        _pick_example(page, EXAMPLE_QUESTIONS[1])
+        page.click("#speak")
+        _wait_done(page, before)
+        page.wait_for_function(PLAYING, timeout=30_000, polling=50)
+    finally:
+        page.close()
+
+
+def test_browser_starts_playing_before_the_answer_is_finished(served, browser, shots, monkeypatch):
+    """A slow three-segment answer (a stand-in for a real model): the player must start while it is still being made."""
+    from modeling_echox.streaming import EchoXStreamChunk
+
+    def slow_stream(**kwargs):
+        t = np.arange(SR) / SR
+        for index, word in enumerate(["One, ", "two, ", "three."]):
+            time.sleep(1.5)
+            tone = (0.3 * np.sin(2 * np.pi * (300 + 100 * index) * t)).astype(np.float32)
+            yield EchoXStreamChunk(word, tone, [], index, index == 2, SR)
+
+    monkeypatch.setattr(served.echox_space.model, "stream", slow_stream)
+    if not served.echox_examples:
+        pytest.skip("flite is not installed, so the page has no example to click")
+    page = browser.new_page()
+    try:
+        page.goto(served.local_url)
+        _pick_example(page, EXAMPLE_QUESTIONS[2])
+        page.click("#speak")
+        page.wait_for_function(PLAYING, timeout=60_000, polling=50)
+        status = page.evaluate(STATUS)
+        text = page.evaluate("() => document.querySelector('#answer-text textarea')?.value || ''")
+        assert status.startswith("speaking"), f"audio only started once the answer was done: {status!r}"
+        assert text and text != "One, two, three."
+        page.screenshot(path=str(shots / "echox-space-streaming.png"), full_page=True)
+        _wait_done(page)
+        assert page.evaluate("() => document.querySelector('#answer-text textarea').value") == "One, two, three."
+    finally:
+        page.close()
+
+
+def _upload(page, path):
+    """Switch the question to its upload source (the last one used was the microphone) and give it a file."""
+    page.locator("#question").get_by_label("Upload file").click()
+    page.locator("#question input[type=file]").set_input_files(path)
+
+
+def test_browser_microphone_and_upload(served, browser, shots, question_wav, tmp_path):
+    """Record from chromium's fake microphone and answer it; upload a corrupt file and get a friendly message."""
+    page = browser.new_page()
+    try:
+        page.goto(served.local_url)
+        page.wait_for_selector("#speak")
+        page.locator("#question").get_by_text("Record", exact=True).click()
+        page.wait_for_timeout(2000)
+        page.locator("#question").get_by_text("Stop", exact=False).first.click()
+        page.wait_for_function("() => document.querySelector('#question audio, #question canvas, #question wave')")
+        page.click("#speak")
+        _wait_done(page)
+
+        corrupt = tmp_path / "broken.wav"
+        corrupt.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(256)) * 4)
+        page.locator("#question").get_by_label("Clear").click()
+        _upload(page, str(corrupt))
+        page.wait_for_timeout(500)
+        page.click("#speak")
+        toast = page.get_by_test_id("toast-text").filter(has_text="Could not read this audio file")
+        toast.first.wait_for(state="visible", timeout=30_000)
+        page.wait_for_timeout(800)  # let the toast finish sliding in
+        page.screenshot(path=str(shots / "echox-space-corrupt-upload.png"))
+
+        page.locator("#question").get_by_label("Clear").click()
+        _upload(page, question_wav)
+        page.wait_for_function("() => document.querySelector('#question audio, #question canvas, #question wave')")
+        before = page.evaluate(STATUS)
+        page.click("#speak")
+        _wait_done(page, before)
+    finally:
+        page.close()

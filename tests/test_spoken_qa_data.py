@@ -1,0 +1,144 @@
+"""The EchoX-mini spoken-QA generator (text side) and synthesizer (flite only here)."""
+
+import collections
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("countryinfo")
+pytest.importorskip("num2words")
+
+from training.data import spoken_qa, synthesize  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def records():
+    return spoken_qa.generate_qa(seed=0)
+
+
+def test_kinds_splits_and_fields(records):
+    assert {r["kind"] for r in records} == set(spoken_qa.KINDS)
+    assert {r["split"] for r in records} == set(spoken_qa.SPLITS)
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids))
+    for record in records:
+        assert set(record) >= {"id", "kind", "question", "answer", "answers", "split", "item", "phrasing"}
+        for text in (record["question"], record["answer"], *record["answers"]):
+            assert text == text.strip() and text.isascii()
+        assert record["question"] == spoken_qa.normalize_text(record["question"])
+        assert record["answer"] == spoken_qa.normalize_text(record["answer"])
+        # the spoken answer contains its (first) gold string
+        assert record["answers"][0] in record["answer"], record
+
+
+def test_country_split_has_no_overlap(records):
+    countries = collections.defaultdict(set)
+    for record in records:
+        country = spoken_qa.country_of(record)
+        if country is not None:
+            countries[record["split"]].add(country)
+    assert countries["train"] and countries["test"]
+    assert not countries["train"] & countries["test"]
+    assert not countries["train"] & countries["dev"]
+    assert not countries["dev"] & countries["test"]
+    # every continent has held-out countries
+    continent_of = {c["country"]: c["continent"] for c in spoken_qa.load_countries()}
+    assert {continent_of[c] for c in countries["test"]} == set(spoken_qa.CONTINENT_GOLD)
+    # held-out country names never appear in a training question either
+    train_questions = " ".join(r["question"] for r in records if r["split"] == "train")
+    leaked = [c for c in countries["test"] if f" {c} " in f" {train_questions} " and not any(
+        c in t for t in countries["train"])]
+    assert not leaked
+
+
+def test_items_keep_their_split_and_have_phrasings(records):
+    by_item = collections.defaultdict(list)
+    for record in records:
+        by_item[record["item"]].append(record)
+    for item, group in by_item.items():
+        assert len({r["split"] for r in group}) == 1, item
+        assert len({r["answer"] for r in group}) == 1, item
+        assert len({r["question"] for r in group}) == len(group) >= 3, item
+    for kind in ("day", "month", "arithmetic"):
+        splits = {r["split"] for r in records if r["kind"] == kind}
+        assert {"train", "test"} <= splits, kind
+
+
+def test_examples_and_determinism(records):
+    by_id = {r["id"]: r for r in records}
+    kenya = by_id["capital-kenya-p0"]
+    assert kenya["question"] == "what is the capital of kenya"
+    assert kenya["answer"] == "the capital of kenya is nairobi" and kenya["answers"] == ["nairobi"]
+    assert by_id["continent-kenya-p0"]["answers"] == ["africa"]
+    assert by_id["continent-brazil-p0"]["answers"] == ["south america"]
+    assert by_id["day-after-sunday-p0"]["answers"] == ["monday"]
+    assert by_id["month-before-january-p1"]["answer"] == "the month before january is december"
+    seven = by_id["arithmetic-3-plus-4-p0"]
+    assert seven["question"] == "what is three plus four" and seven["answers"] == ["seven", "7"]
+    assert by_id["arithmetic-7-times-3-p0"]["answers"] == ["twenty one", "21"]
+    assert spoken_qa.generate_qa(seed=0) == records
+    other = {r["item"]: r["split"] for r in spoken_qa.generate_qa(seed=1)}
+    assert other != {r["item"]: r["split"] for r in records}
+    # capitals that would be answered by echoing the question are not asked
+    assert "capital-luxembourg-p0" not in by_id and "continent-luxembourg-p0" in by_id
+
+
+def test_jsonl_roundtrip_and_cli(tmp_path, records, capsys):
+    path = str(tmp_path / "qa.jsonl")
+    spoken_qa.main(["--out", path, "--kinds", "day,month"])
+    lines = spoken_qa.read_jsonl(path)
+    assert lines and {r["kind"] for r in lines} == {"day", "month"}
+    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="Unknown kinds"):
+        spoken_qa.generate_qa(kinds=("colour",))
+
+
+def test_plan_jobs_voices(records):
+    jobs = synthesize.plan_jobs(records[:0] + [r for r in records if r["kind"] == "day"])
+    for job in jobs:
+        if job["record"]["split"] == "train":
+            assert job["voice"] in synthesize.TRAIN_VOICES and job["augment"] is not None
+        else:
+            assert job["voice"] in synthesize.HELDOUT_VOICES and job["augment"] is None
+    assert not set(synthesize.TRAIN_VOICES) & set(synthesize.HELDOUT_VOICES)
+    with pytest.raises(ValueError, match="both training and held-out"):
+        synthesize.plan_jobs(records[:1], train_voices=("flite_awb",), heldout_voices=("flite_awb",))
+
+
+def test_augment_changes_length_and_keeps_range():
+    rng = np.random.default_rng(0)
+    audio = (0.3 * np.sin(np.arange(16000) * 0.05) * rng.uniform(0.5, 1, 16000)).astype(np.float32)
+    params = {"tempo": 1.2, "pitch": 100, "snr_db": 10.0, "gain_db": 0.0, "noise_seed": 1}
+    out = synthesize.augment(audio, params)
+    assert out.dtype == np.float32 and np.abs(out).max() <= 0.99 + 1e-6
+    assert abs(len(out) / len(audio) - 1 / 1.2) < 0.05
+    np.testing.assert_array_equal(out, synthesize.augment(audio, params))
+
+
+@pytest.mark.skipif(shutil.which("flite") is None, reason="flite is not installed")
+def test_synthesize_two_items_with_flite(tmp_path, records):
+    picked = [next(r for r in records if r["split"] == "train"), next(r for r in records if r["split"] == "test")]
+    manifests = synthesize.synthesize_dataset(
+        picked,
+        str(tmp_path),
+        answer_voice="flite_slt",
+        workers=1,
+        train_voices=("flite_kal16",),
+        heldout_voices=("flite_awb",),
+        voices_per_record=1,
+        verbose=False,
+    )
+    assert set(manifests) == {"train", "test"}
+    import soundfile as sf
+
+    for split, path in manifests.items():
+        (line,) = [json.loads(x) for x in open(path, encoding="utf-8")]
+        assert set(line) >= {"id", "audio", "answers", "question", "answer_text", "answer_audio"}
+        assert line["voice"] == ("flite_kal16" if split == "train" else "flite_awb")
+        for key in ("audio", "answer_audio"):
+            audio, rate = sf.read(tmp_path / line[key])
+            assert rate == 16000 and audio.ndim == 1 and 0.5 < len(audio) / rate < 10
+            assert np.abs(audio).max() > 0.05
+        assert (line["augment"] is not None) == (split == "train")

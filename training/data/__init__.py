@@ -1,0 +1,1 @@
+"""Spoken-QA data for EchoX-mini: text QA generation (`spoken_qa`) and speech synthesis (`synthesize`)."""
