@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-APT_PACKAGES := flite
+APT_PACKAGES := flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox libsox-fmt-all \
+	ffmpeg chromium
 INSTALLED := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -27,9 +28,10 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch is installed first by exact version: that CPU wheel is on local disk; an unpinned torch would pull a CUDA build.
-$(INSTALLED): pyproject.toml | $(VENV)/bin/python
+$(INSTALLED): pyproject.toml requirements-mini.txt | $(VENV)/bin/python
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[train,dev]'
+	$(PIP) install -q -e '.[train,demo,mini,dev]'
+	$(PIP) install -q --require-hashes --no-deps -r requirements-mini.txt
 	touch $@
 
 demo: setup

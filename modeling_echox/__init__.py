@@ -8,7 +8,9 @@ from .modeling_echox import EchoXForSpeechToSpeech, EchoXGenerationOutput, EchoX
 from .pipeline_echox import SpeechToSpeechPipeline
 from .processing_echox import EchoXProcessor
 from .streaming import EchoXAudioStreamer, EchoXStreamChunk
+from .unit_language import EchoXUnitLanguage, train_unit_language
 from .unit_vocabulary import EchoXUnitVocabulary
+from .units import EchoXUnitExtractor, EchoXUnitKMeans, fit_kmeans
 from .vocoder import EchoXCodeHifiGan
 
 __version__ = "0.1.0"
@@ -37,6 +39,11 @@ __all__ = [
     "EchoXOutput",
     "EchoXPreTrainedModel",
     "EchoXProcessor",
+    "EchoXUnitExtractor",
+    "EchoXUnitKMeans",
+    "EchoXUnitLanguage",
     "EchoXUnitVocabulary",
+    "fit_kmeans",
+    "train_unit_language",
     "EchoXVocoderConfig",
 ]
