@@ -68,13 +68,25 @@ class EchoXEchoDecoder(nn.Module):
         return self.lm_head(outputs.last_hidden_state), outputs.past_key_values
 
     @torch.no_grad()
-    def generate(self, segments: list[torch.Tensor], text_table: torch.Tensor, max_new_tokens: int | None = None):
+    def generate(
+        self,
+        segments: list[torch.Tensor],
+        text_table: torch.Tensor,
+        max_new_tokens: int | None = None,
+        denoise: bool = True,
+        quirk_flags: list[bool] | None = None,
+    ):
         """
         Greedy decoding (as released) of every segment's unit-language tokens, all segments in one left-padded batch.
 
         Args:
             segments: LLM hidden states `[n_i, H]` of each segment (the denoiser is applied here).
             text_table: the LLM output-embedding table `[V, H]`.
+            max_new_tokens: default `echo_max_new_tokens` of the config.
+            denoise: `False` when `segments` already are text-table embeddings of text ids (text-to-codec use, as in
+                stage II training and when a frozen stage-II model labels text for stage III): no denoiser.
+            quirk_flags: per segment, whether its prefix gets `echo_prefix_quirk_id` (default: all, as released
+                inference does; training used it on every segment of a response but the first).
         Returns:
             One list of generated joint-vocabulary ids per segment, without the final eos.
         """
@@ -82,7 +94,11 @@ class EchoXEchoDecoder(nn.Module):
             return []
         max_new_tokens = max_new_tokens or self.config.echo_max_new_tokens
         eos = self.config.echo_eos_token_id
-        prompts = [self.segment_embeddings(self.denoiser(segment), text_table) for segment in segments]
+        quirk_flags = [True] * len(segments) if quirk_flags is None else list(quirk_flags)
+        prompts = [
+            self.segment_embeddings(self.denoiser(s) if denoise else s, text_table, with_quirk_id=quirk)
+            for s, quirk in zip(segments, quirk_flags, strict=True)
+        ]
         length = max(prompt.shape[0] for prompt in prompts)
         device = prompts[0].device
         inputs = torch.stack([nn.functional.pad(p, (0, 0, length - p.shape[0], 0)) for p in prompts])

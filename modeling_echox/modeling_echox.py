@@ -130,8 +130,27 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         return self.language_model.get_output_embeddings().weight
 
     # ----------------------------------------------------------------------------------------------------- speech in
-    def get_speech_embeddings(self, input_features: torch.FloatTensor):
-        """Log-mel features `[N, n_mels, frames]` → `SpeechAdapterOutput` (speech embeddings per clip, CTC logits)."""
+    def get_speech_embeddings(
+        self, input_features: torch.FloatTensor | None = None, encoder_states: torch.FloatTensor | None = None
+    ):
+        """
+        Log-mel features `[N, n_mels, frames]` → `SpeechAdapterOutput` (speech embeddings per clip, CTC logits).
+        `encoder_states` `[N, frames / 2, d_model]`: the frozen `audio_tower`'s outputs computed beforehand (e.g. a
+        training feature cache, see `encode_audio`); they replace `input_features` and skip the speech encoder.
+        """
+        if encoder_states is not None:
+            expected = (self.audio_tower.config.max_source_positions, self.config.audio_config.d_model)
+            if encoder_states.dim() != 3 or tuple(encoder_states.shape[1:]) != expected:
+                raise ValueError(
+                    f"encoder_states must have shape [clips, {expected[0]}, {expected[1]}] (the speech encoder's "
+                    f"output frames and width), got {list(encoder_states.shape)}."
+                )
+            return self.speech_adapter(encoder_states.to(self.speech_adapter.projector.weight.dtype))
+        states = self.encode_audio(input_features)
+        return self.speech_adapter(states.to(self.speech_adapter.projector.weight.dtype))
+
+    def encode_audio(self, input_features: torch.FloatTensor) -> torch.FloatTensor:
+        """The speech encoder alone: log-mel features `[N, n_mels, frames]` → states `[N, frames / 2, d_model]`."""
         expected = (self.config.audio_config.num_mel_bins, self.audio_tower.config.max_source_positions * 2)
         if input_features.dim() != 3 or tuple(input_features.shape[1:]) != expected:
             raise ValueError(
@@ -142,10 +161,11 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
             raise ValueError("input_features contain NaN or infinite values.")
         tower_trains = any(parameter.requires_grad for parameter in self.audio_tower.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
-            states = self.audio_tower(input_features.to(self.audio_tower.dtype)).last_hidden_state
-        return self.speech_adapter(states.to(self.speech_adapter.projector.weight.dtype))
+            return self.audio_tower(input_features.to(self.audio_tower.dtype)).last_hidden_state
 
-    def _prepare_prompt(self, input_ids, attention_mask, input_features=None, labels=None, padding_side="right"):
+    def _prepare_prompt(
+        self, input_ids, attention_mask, input_features=None, labels=None, padding_side="right", encoder_states=None
+    ):
         """
         Embed `input_ids`, replace each `<audio>` placeholder by its clip's speech embeddings (clips in row-major
         order), re-pad the batch on `padding_side`, and build the attention mask (padding, plus every eot when
@@ -154,13 +174,16 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         placeholders = input_ids == self.config.audio_token_id
-        num_clips = 0 if input_features is None else input_features.shape[0]
+        if input_features is not None and encoder_states is not None:
+            raise ValueError("Pass either input_features or encoder_states, not both.")
+        audio = input_features if input_features is not None else encoder_states
+        num_clips = 0 if audio is None else audio.shape[0]
         if int(placeholders.sum()) != num_clips:
             raise ValueError(
                 f"The prompt holds {int(placeholders.sum())} audio placeholder token(s) (id {self.config.audio_token_id}) "
                 f"but {num_clips} audio clip(s) were given; each clip needs exactly one placeholder."
             )
-        speech = self.get_speech_embeddings(input_features) if num_clips else None
+        speech = self.get_speech_embeddings(input_features, encoder_states) if num_clips else None
         clips = iter(speech.speech_embeddings) if speech is not None else iter(())
         embed = self.get_input_embeddings()
         pad_id = self.config.text_pad_token_id if self.config.text_pad_token_id is not None else 0
@@ -310,6 +333,7 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         unit_labels: torch.LongTensor | None = None,
         echo_text_ids: torch.LongTensor | None = None,
         echo_segment_lengths: torch.LongTensor | None = None,
+        encoder_states: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
@@ -326,6 +350,8 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
             `labels`: stage III (echo training) on the LLM's hidden states; `echo_segment_lengths` `[B, S]` gives the
             response tokens per segment (the released segment-wise mode: echo loss only), without it the whole
             response is one segment and the loss follows the paper's combination with the S2T loss.
+        encoder_states: the frozen speech encoder's outputs `[clips, frames, d_model]` (from `encode_audio`, e.g. a
+            feature cache), instead of `input_features`.
         hidden_states_callback: called with the final-layer state `[B, H]` at the last position (the state that
             produces the next token); streaming uses it.
         """
@@ -337,10 +363,10 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
             return EchoXOutput(loss=echo_loss, echo_loss=echo_loss)
 
         prompt = None
-        if input_features is not None or (inputs_embeds is None and position_ids is None):
+        if input_features is not None or encoder_states is not None or (inputs_embeds is None and position_ids is None):
             if input_ids is None:
                 raise ValueError("EchoX needs input_ids (or inputs_embeds with position_ids).")
-            prompt = self._prepare_prompt(input_ids, attention_mask, input_features, labels)
+            prompt = self._prepare_prompt(input_ids, attention_mask, input_features, labels, encoder_states=encoder_states)
             inputs_embeds, attention_mask, position_ids, labels = (
                 prompt.inputs_embeds,
                 prompt.attention_mask,

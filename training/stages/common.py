@@ -1,0 +1,408 @@
+"""
+Shared machinery of the three EchoX training stages: JSON configs, model loading, LoRA, a `transformers.Trainer`
+subclass that logs every loss component, resuming after a kill, the loss plot and the final EchoX checkpoint.
+
+Every stage entry point reads one JSON config (see `training/configs/stage*_tiny.json`); `--set key=value` overrides
+any field (dotted keys reach into sub-objects, values are parsed as JSON when they can be). Relative paths are
+relative to the working directory. A stage writes into `output_dir`:
+
+    checkpoint-N/           Trainer checkpoints (the run resumes from the newest complete one automatically)
+    train_log.jsonl         one JSON line per log event (loss components included) and per resume
+    loss.png                the loss curves, written at the end
+    final/                  a loadable EchoX checkpoint (model + processor); with `save_lora: "adapter"` the LoRA stays
+                            separate in final/lora_adapter/ (load with `load_trained_echox`)
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from modeling_echox import EchoXForSpeechToSpeech, EchoXProcessor
+
+LOSS_KEYS = ("lm_loss", "ctc_loss", "echo_loss", "denoise_loss")
+ADAPTER_DIR = "lora_adapter"
+
+COMMON_DEFAULTS: dict[str, Any] = {
+    "model": "random:tiny",  # a checkpoint directory, or "random:<size>" (build_random_echox)
+    "model_seed": 0,  # seed of a random model
+    "train_manifest": None,  # JSONL manifest(s) (training/stages/data.py)
+    "output_dir": None,
+    "feature_cache": True,  # cache the frozen speech encoder's outputs on disk (ignored when it trains)
+    "feature_cache_dir": None,  # default: <output_dir>/encoder_cache
+    "disable_dropout": False,  # set every dropout to 0 (exact DDP-vs-single-process comparisons)
+    "max_response_tokens": 512,
+    "max_ctc_length": 300,
+    "save_lora": "merged",  # "merged" | "adapter"
+    "lora": None,
+    "trainable_modules": [],
+    "training_args": {},  # any transformers.TrainingArguments field
+}
+
+TRAINING_ARGS_DEFAULTS: dict[str, Any] = {
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 1e-5,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.01,  # < 1: a fraction of max_steps
+    "weight_decay": 0.1,
+    "adam_beta2": 0.95,
+    "max_steps": 1000,
+    "logging_steps": 10,
+    "save_steps": 500,
+    "save_total_limit": 3,
+    "report_to": "none",
+    "seed": 1234,
+    "dataloader_num_workers": 0,
+    "ddp_find_unused_parameters": False,
+}
+
+
+# --------------------------------------------------------------------------------------------------------- config
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _set_dotted(config: dict, assignment: str) -> None:
+    key, _, raw = assignment.partition("=")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    node = config
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def load_config(path: str | None, defaults: dict, overrides: list[str] | None = None, extra: dict | None = None) -> dict:
+    """Stage defaults ← the JSON file ← `extra` ← `--set` overrides; keys starting with "_" are comments."""
+    config = _merge(COMMON_DEFAULTS, defaults)
+    if path:
+        with open(path, encoding="utf-8") as handle:
+            config = _merge(config, json.load(handle))
+    if extra:
+        config = _merge(config, extra)
+    for assignment in overrides or []:
+        _set_dotted(config, assignment)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    unknown = set(config) - set(COMMON_DEFAULTS) - set(defaults)
+    if unknown:
+        raise ValueError(f"Unknown config field(s): {sorted(unknown)}")
+    if not config.get("output_dir"):
+        raise ValueError("The config needs an output_dir.")
+    return config
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="JSON config file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    return parser.parse_args()
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+def load_trained_echox(path: str, merge_lora: bool = True):
+    """
+    `(model, processor)` from a stage's `final/` directory (or any EchoX checkpoint). A LoRA kept as an adapter
+    (`final/lora_adapter/`) is applied on top; `merge_lora` folds it into the weights.
+    """
+    model = EchoXForSpeechToSpeech.from_pretrained(path)
+    processor = EchoXProcessor.from_pretrained(path)
+    adapter = os.path.join(path, ADAPTER_DIR)
+    if os.path.isdir(adapter):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+        if merge_lora:
+            model = model.merge_and_unload()
+    return model, processor
+
+
+def load_model(config: dict):
+    """The starting model and processor of a stage (a LoRA adapter of an earlier stage is merged first)."""
+    name = config["model"]
+    if isinstance(name, str) and name.startswith("random:"):
+        from modeling_echox.random_checkpoint import build_random_echox
+
+        model, processor = build_random_echox(name.split(":", 1)[1], seed=config.get("model_seed", 0))
+    else:
+        model, processor = load_trained_echox(name, merge_lora=True)
+    if config.get("disable_dropout"):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            elif isinstance(module, torch.nn.MultiheadAttention):
+                module.dropout = 0.0
+            elif hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
+                module.attention_dropout = 0.0
+    return model, processor
+
+
+def lora_target_regex(targets) -> str:
+    """A list of projection names → a regex that only hits the LLM's layers (never the echo decoder's)."""
+    if isinstance(targets, str):
+        return targets
+    names = "|".join(re.escape(name) for name in targets)
+    return rf"language_model\..*\.({names})"
+
+
+def freeze_except(model, trainable_prefixes: list[str]) -> None:
+    """Freeze every parameter but those under the given module paths (e.g. "speech_adapter", "echo_decoder")."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(any(name == p or name.startswith(p + ".") for p in trainable_prefixes))
+
+
+def apply_lora(model, lora: dict | None, modules_to_save: list[str]):
+    """
+    Wrap `model` in a peft LoRA (on the LLM only) with `modules_to_save` fully trainable; without `lora`, just
+    freeze everything but `modules_to_save`. Returns the model to train.
+    """
+    if not lora:
+        freeze_except(model, modules_to_save)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    freeze_except(model, [])
+    peft_config = LoraConfig(
+        r=lora.get("r", 64),
+        lora_alpha=lora.get("alpha", 16),
+        lora_dropout=lora.get("dropout", 0.05),
+        target_modules=lora_target_regex(lora.get("target_modules", ["q_proj", "k_proj", "v_proj"])),
+        modules_to_save=list(modules_to_save) or None,
+        bias="none",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def count_parameters(model) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+# -------------------------------------------------------------------------------------------------------- trainer
+class EchoXTrainer(Trainer):
+    """
+    `Trainer` that also logs the model's loss components (`lm_loss`, `ctc_loss`, `echo_loss`, `denoise_loss`) and,
+    with `s_align` settings, runs the S-Align two-player game (training/stages/s_align.py) next to the model loss.
+    """
+
+    def __init__(self, *args, s_align: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._components: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.s_align = None
+        if s_align and s_align.get("enabled"):
+            from .s_align import SAlign
+
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self.s_align = SAlign(base, s_align)  # built after Trainer's set_seed: the same on every rank
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                for parameter in self.s_align.discriminator.parameters():
+                    torch.distributed.broadcast(parameter.data, src=0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            for key in LOSS_KEYS:
+                value = outputs.get(key) if hasattr(outputs, "get") else None
+                if value is not None:
+                    self._components[key].append(value.detach().float())
+        if self.s_align is not None:
+            term, logs = self.s_align.losses(inputs, self.state.global_step, model.training)
+            for key, value in logs.items():
+                self._components[key].append(value.float())
+            if term is not None:
+                loss = loss + term
+        return (loss, outputs) if return_outputs else loss
+
+    def _save_checkpoint(self, model, trial):
+        if self.s_align is not None and self.is_world_process_zero():
+            from .s_align import STATE_FILE
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            torch.save(self.s_align.state_dict(), os.path.join(folder, STATE_FILE))  # before trainer_state.json
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.s_align is not None:
+            from .s_align import STATE_FILE
+
+            path = os.path.join(resume_from_checkpoint, STATE_FILE)
+            if os.path.isfile(path):
+                self.s_align.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=False))
+            else:
+                print(f"warning: {path} is missing; the S-Align discriminator restarts from scratch.")
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._components:
+            for key, values in sorted(self._components.items()):
+                mean = torch.stack(values).mean().to(self.args.device)
+                if self.args.world_size > 1:
+                    mean = self.accelerator.reduce(mean, reduction="mean")
+                logs[key] = round(float(mean), 6)
+            self._components.clear()
+        super().log(logs, start_time)
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends every log event to `train_log.jsonl` (main process only)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": state.global_step, "time": time.time(), **logs}) + "\n")
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """Newest `checkpoint-N` that holds a `trainer_state.json` (written last), so a kill mid-save is skipped."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isfile(os.path.join(path, "trainer_state.json")):
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def training_arguments(config: dict, label_names: list[str]) -> TrainingArguments:
+    kwargs = _merge(TRAINING_ARGS_DEFAULTS, config.get("training_args") or {})
+    kwargs.update(
+        output_dir=config["output_dir"],
+        remove_unused_columns=False,  # the collator needs every manifest column; the model takes extra tensors
+        label_names=label_names,  # so evaluation treats the extra target tensors as labels
+    )
+    if not torch.cuda.is_available():
+        kwargs.setdefault("use_cpu", True)
+    return TrainingArguments(**kwargs)
+
+
+def plot_losses(log_history: list[dict], path: str, title: str = "") -> str | None:
+    """Loss curves (every `*loss` key against the step) → PNG. Returns the path, or None without data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for entry in log_history:
+        for key, value in entry.items():
+            if (key == "loss" or key.endswith("_loss")) and isinstance(value, (int, float)) and math.isfinite(value):
+                if key.startswith("eval_") or "step" not in entry:
+                    continue
+                series[key].append((entry["step"], float(value)))
+    if not series:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for key, points in sorted(series.items()):
+        axis.plot([p[0] for p in points], [p[1] for p in points], label=key, marker="." if len(points) < 30 else None)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def read_log(output_dir: str) -> list[dict]:
+    path = os.path.join(output_dir, "train_log.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def log_event(output_dir: str, event: dict, is_main: bool = True) -> None:
+    if is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "train_log.jsonl"), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"time": time.time(), **event}) + "\n")
+
+
+def save_final(trainer: Trainer, model, processor, config: dict) -> str:
+    """Write `output_dir/final/`: a loadable EchoX checkpoint (LoRA merged, or kept in `final/lora_adapter/`)."""
+    final = os.path.join(config["output_dir"], "final")
+    if not trainer.is_world_process_zero():
+        trainer.accelerator.wait_for_everyone()
+        return final
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    mode = config.get("save_lora", "merged")
+    if mode not in ("merged", "adapter"):
+        raise ValueError(f"save_lora must be 'merged' or 'adapter', got {mode!r}.")
+    if hasattr(unwrapped, "peft_config"):
+        if mode == "adapter":
+            unwrapped.save_pretrained(os.path.join(final, ADAPTER_DIR))
+            base = unwrapped.unload()
+        else:
+            base = unwrapped.merge_and_unload()
+    else:
+        base = unwrapped
+    base.save_pretrained(final)
+    processor.save_pretrained(final)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def run_trainer(
+    model, processor, config: dict, train_dataset, collator, label_names: list[str], stage: str, s_align: dict | None = None
+) -> dict:
+    """Train (resuming from the newest complete checkpoint), plot the losses, save `final/`; returns a summary."""
+    output_dir = config["output_dir"]
+    args = training_arguments(config, label_names)
+    trainer = EchoXTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        processing_class=None,
+        callbacks=[JsonlLogCallback(os.path.join(output_dir, "train_log.jsonl"))],
+        s_align=s_align,
+    )
+    if trainer.model_accepts_loss_kwargs:  # EchoX sets accepts_loss_kwargs = False: its loss is a per-batch mean
+        raise RuntimeError("Trainer would treat the EchoX loss as normalised for gradient accumulation; it is not.")
+    is_main = trainer.is_world_process_zero()
+    resume = last_complete_checkpoint(output_dir)
+    log_event(
+        output_dir,
+        {"event": "start", "stage": stage, "resume_from": resume, "world_size": args.world_size, **count_parameters(model)},
+        is_main,
+    )
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    final = save_final(trainer, trainer.model, processor, config)
+    plot = None
+    if is_main:
+        plot = plot_losses(trainer.state.log_history, os.path.join(output_dir, "loss.png"), f"EchoX {stage}")
+    summary = {
+        "event": "end",
+        "stage": stage,
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "seconds": time.time() - started,
+        "resumed_from": resume,
+        "final": final,
+        "plot": plot,
+    }
+    log_event(output_dir, summary, is_main)
+    return summary

@@ -1,0 +1,48 @@
+"""
+Stage II — text-to-codec (T2C): the echo decoder learns to turn text into unit-language tokens. Its inputs are the
+frozen LLM output-embedding rows of the gold text (the "text table", shared with the LLM as in the original), its
+targets the unit-language indices of the spoken answer (whole response, or per segment when the manifest has
+`segments`). Everything outside `echo_decoder` is frozen; the denoiser is frozen too (it is only used on LLM hidden
+states, i.e. in stage III). No audio is read.
+
+    python -m training.stages.stage2_t2c --config training/configs/stage2_tiny.json
+"""
+
+from accelerate import PartialState
+
+from .common import freeze_except, load_config, load_model, parse_args, run_trainer
+from .data import EchoXDataCollator, load_dialogue_dataset
+
+DEFAULTS = {
+    "trainable_modules": [
+        "echo_decoder.unit_embedding",
+        "echo_decoder.projection",
+        "echo_decoder.decoder",
+        "echo_decoder.lm_head",
+    ],
+    "training_args": {"learning_rate": 1e-3},  # the original run names suggest lr 1e-3
+}
+
+
+def main(config: dict) -> dict:
+    model, processor = load_model(config)
+    if config.get("lora"):
+        raise ValueError("Stage II trains the echo decoder only; remove `lora` from its config.")
+    dataset = load_dialogue_dataset(config["train_manifest"])
+    collator = EchoXDataCollator(
+        processor, model.config, stage="t2c", max_response_tokens=config["max_response_tokens"]
+    )
+    freeze_except(model, config["trainable_modules"])
+    model.train()
+    return run_trainer(model, processor, config, dataset, collator, ["unit_labels"], "stage2_t2c")
+
+
+def cli():
+    args = parse_args(__doc__.strip().splitlines()[0])
+    summary = main(load_config(args.config, DEFAULTS, args.set))
+    if PartialState().is_main_process:
+        print(summary)
+
+
+if __name__ == "__main__":
+    cli()

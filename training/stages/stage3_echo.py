@@ -1,0 +1,251 @@
+"""
+Stage III — Echo training. The targets are made by the models themselves, as in the paper:
+
+1. the stage-I model answers every spoken question greedily (`model.generate(return_audio=False)`): its own text;
+2. the frozen stage-II (text-to-codec) echo decoder turns that text — the text-table embeddings of the generated ids,
+   without the denoiser — into unit-language tokens (`text_to_unit_language`): the pseudo labels.
+
+Both are precomputed once into a JSONL cache (`targets_cache`, manifest format with `response_ids`, `units`,
+`segments` and `segment_lengths`), appended one record at a time so that a killed precompute resumes where it stopped.
+Then the model trains on its hidden states: denoiser → echo decoder against the pseudo labels (echo CE + the denoising
+cosine loss capped at 20 % of it, both in `forward`). With `segment_wise` the answer is cut into segments with the
+same rule streaming inference uses (`segmentation_rule(config, segmentation_mode)` on the cosine to ".") and each
+segment is one echo-decoder sample (`echo_segment_lengths`; echo loss only, as released); otherwise the whole answer
+is one segment and the S2T loss (CE + 0.3 · CTC) joins by the paper's rule. Trainable: LoRA on the LLM +
+speech_adapter + echo_decoder (denoiser included).
+
+    python -m training.stages.stage3_echo --config training/configs/stage3_tiny.json
+
+Only the precompute path is implemented (on-the-fly target generation is not).
+"""
+
+import json
+import os
+
+import torch
+from accelerate import PartialState
+from torch import nn
+
+from modeling_echox.segmentation import boundary_scores, segmentation_rule
+
+from .common import apply_lora, load_config, load_model, log_event, parse_args, run_trainer
+from .data import EchoXDataCollator, extract_features, load_dialogue_dataset, read_manifest
+from .stage1_s2t import build_feature_cache
+
+DEFAULTS = {
+    "echo_decoder_from": None,  # stage-II final/ directory: its echo decoder initialises (and labels for) stage III
+    "targets_cache": None,  # default <output_dir>/echo_targets.jsonl
+    "segment_wise": True,  # the released segment-wise mode (matches streaming inference)
+    "segmentation_mode": None,  # "faithful" | "fast" | None (the config's default)
+    "generation": {},  # kwargs of model.generate for the pseudo-label answers (default: greedy, the model's config)
+    "lora": {"r": 64, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj"]},
+    "trainable_modules": ["speech_adapter", "echo_decoder"],
+    "training_args": {"learning_rate": 3e-5},  # the original run names suggest lr 3e-5
+}
+
+
+# -------------------------------------------------------------------------------------------------- pseudo labels
+@torch.no_grad()
+def text_to_unit_language(
+    model, id_lists: list[list[int]], max_new_tokens: int | None = None, first_segment: list[bool] | None = None
+) -> list[list[int]]:
+    """
+    The frozen text-to-codec path: LLM text ids of each segment → unit-language indices (0-based), by greedy echo
+    decoding of the segment's text-table embeddings (no denoiser), exactly as stage II trained the echo decoder
+    (`first_segment[i]`: segment i opens a response, so its prefix has no quirk id; default: the first of the list).
+    """
+    table = model.text_table
+    segments = [nn.functional.embedding(torch.tensor(ids, dtype=torch.long, device=table.device), table) for ids in id_lists]
+    first_segment = [i == 0 for i in range(len(id_lists))] if first_segment is None else first_segment
+    quirks = [not first for first in first_segment]
+    echo_ids = model.echo_decoder.generate(
+        segments, table, max_new_tokens=max_new_tokens, denoise=False, quirk_flags=quirks
+    )
+    offset, size = model.config.unit_token_offset, model.config.unit_vocab_size
+    return [[i - offset for i in ids if offset <= i < offset + size] for ids in echo_ids]
+
+
+@torch.no_grad()
+def answer_states(model, prompt_ids: list[int], answer: list[int], input_features) -> torch.Tensor:
+    """Teacher-forced final-layer states that produce each answer token `[len(answer), H]` (as `generate` keeps them)."""
+    input_ids = torch.tensor([prompt_ids + answer], dtype=torch.long)
+    labels = torch.tensor([[-100] * len(prompt_ids) + answer], dtype=torch.long)
+    prompt = model._prepare_prompt(input_ids, None, input_features, labels)
+    outputs = model.language_model(
+        inputs_embeds=prompt.inputs_embeds,
+        attention_mask=prompt.attention_mask,
+        position_ids=prompt.position_ids,
+        output_hidden_states=True,
+    )
+    producing = prompt.labels[0, 1:] != -100
+    return outputs.hidden_states[-1][0, :-1][producing]
+
+
+def _done_ids(path: str) -> set[str]:
+    done = set()
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    done.add(json.loads(line)["id"])
+                except (json.JSONDecodeError, KeyError):  # a line cut by a kill: dropped below
+                    pass
+    return done
+
+
+def _drop_partial_lines(path: str) -> None:
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    good = []
+    for line in lines:
+        try:
+            json.loads(line)
+            good.append(line)
+        except json.JSONDecodeError:
+            pass
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("".join(line + "\n" for line in good))
+
+
+@torch.no_grad()
+def precompute_echo_targets(
+    model, processor, records, cache_path: str, segment_wise: bool = True, segmentation_mode=None, generation=None
+) -> dict:
+    """
+    Append a pseudo-labelled record to `cache_path` for every record whose id is not there yet (resumable): the
+    model's greedy answer ids, its segments (segment-wise) and the stage-II unit-language targets.
+    """
+    was_training = model.training
+    model.eval()
+    _drop_partial_lines(cache_path)
+    done = _done_ids(cache_path)
+    rule = segmentation_rule(model.config, segmentation_mode)
+    eos = model.generation_config.eos_token_id
+    eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+    boundary = model.text_table[model.config.segment_boundary_token_id]
+    tokenizer = processor.tokenizer
+    made = skipped = 0
+    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+    with open(cache_path, "a", encoding="utf-8") as handle:
+        for record in records:
+            if record["id"] in done:
+                continue
+            has_audio = bool(record.get("audio"))
+            prompt_ids = processor.build_prompt_ids(record.get("prompt") or "", has_audio=has_audio)
+            features = extract_features(processor.feature_extractor, [record["audio"]]) if has_audio else None
+            output = model.generate(
+                input_ids=torch.tensor([prompt_ids]), input_features=features, return_audio=False, **(generation or {})
+            )
+            row = output.sequences[0].tolist()
+            ends = [i for i, token in enumerate(row) if token in eos_ids]
+            answer = row[: ends[0]] if ends else row
+            if not answer:
+                skipped += 1
+                continue
+            out = {
+                "id": record["id"],
+                "audio": record.get("audio"),
+                "transcript": record.get("transcript", ""),
+                "prompt": record.get("prompt", ""),
+                "response": tokenizer.decode(answer, skip_special_tokens=True),
+                "response_ids": answer,
+            }
+            if segment_wise:
+                states = answer_states(model, prompt_ids, answer, features)
+                texts = [tokenizer.decode([token], skip_special_tokens=True) for token in answer]
+                spans = rule.split(boundary_scores(states, boundary), texts)
+                units = text_to_unit_language(model, [answer[start:end] for start, end in spans])
+                out["segments"] = [
+                    [tokenizer.decode(answer[start:end], skip_special_tokens=True), segment_units]
+                    for (start, end), segment_units in zip(spans, units)
+                ]
+                out["segment_lengths"] = [end - start for start, end in spans]
+            else:
+                out["units"] = text_to_unit_language(model, [answer])[0]
+            handle.write(json.dumps(out) + "\n")
+            handle.flush()
+            made += 1
+    model.train(was_training)
+    return {"made": made, "skipped_empty": skipped, "already_done": len(done)}
+
+
+# --------------------------------------------------------------------------------------------------------- stage
+def _as_list(paths):
+    return [paths] if isinstance(paths, str) else list(paths)
+
+
+def load_echo_decoder(model, directory: str) -> dict:
+    """Copy the echo decoder of a stage-II checkpoint into `model`; reports how far the two text tables differ."""
+    from safetensors import safe_open
+
+    files = [f for f in os.listdir(directory) if f.endswith(".safetensors") and f.startswith("model")]
+    if not files:
+        raise OSError(f"No model*.safetensors in {directory}.")
+    own = model.state_dict()
+    loaded, table_diff = {}, None
+    table_key = next(k for k in own if k.endswith("lm_head.weight") and k.startswith("language_model"))
+    for name in files:
+        with safe_open(os.path.join(directory, name), "pt") as handle:
+            for key in handle.keys():
+                if key.startswith("echo_decoder."):
+                    loaded[key] = handle.get_tensor(key)
+                elif key == table_key:
+                    table_diff = float((handle.get_tensor(key).float() - own[key].float()).abs().max())
+    expected = {k for k in own if k.startswith("echo_decoder.")}
+    if set(loaded) != expected:
+        raise ValueError(f"The stage-II checkpoint's echo decoder does not match: missing {sorted(expected - set(loaded))[:5]}")
+    model.load_state_dict(loaded, strict=False)
+    return {"echo_decoder_from": directory, "text_table_max_abs_diff": table_diff}
+
+
+def main(config: dict) -> dict:
+    model, processor = load_model(config)
+    state = PartialState()
+    info = {}
+    if config.get("echo_decoder_from"):
+        info = load_echo_decoder(model, config["echo_decoder_from"])
+        if info["text_table_max_abs_diff"] not in (None, 0.0):
+            print(f"warning: stage I and stage II text tables differ (max |diff| {info['text_table_max_abs_diff']:.3g}).")
+    cache_path = config.get("targets_cache") or os.path.join(config["output_dir"], "echo_targets.jsonl")
+    with state.main_process_first():
+        if state.is_main_process:
+            report = precompute_echo_targets(
+                model,
+                processor,
+                [r for path in _as_list(config["train_manifest"]) for r in read_manifest(path)],
+                cache_path,
+                segment_wise=config["segment_wise"],
+                segmentation_mode=config.get("segmentation_mode"),
+                generation=config.get("generation"),
+            )
+            log_event(config["output_dir"], {"event": "echo_targets", "cache": cache_path, **report, **info})
+    dataset = load_dialogue_dataset(cache_path)
+    cache = build_feature_cache(model, processor, config, dataset)
+    whole = not config["segment_wise"]
+    collator = EchoXDataCollator(
+        processor,
+        model.config,
+        stage="echo",
+        encoder_cache=cache,
+        segment_wise=config["segment_wise"],
+        with_ctc=whole,
+        max_ctc_length=config["max_ctc_length"],
+        max_response_tokens=config["max_response_tokens"],
+    )
+    model = apply_lora(model, config.get("lora"), config["trainable_modules"])
+    model.train()
+    labels = ["labels", "unit_labels"] + (["ctc_labels"] if whole else [])
+    return run_trainer(model, processor, config, dataset, collator, labels, "stage3_echo")
+
+
+def cli():
+    args = parse_args(__doc__.strip().splitlines()[0])
+    summary = main(load_config(args.config, DEFAULTS, args.set))
+    if PartialState().is_main_process:
+        print(summary)
+
+
+if __name__ == "__main__":
+    cli()
