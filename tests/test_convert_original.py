@@ -23,6 +23,7 @@ from transformers import (
     WhisperConfig,
     WhisperFeatureExtractor,
     WhisperForConditionalGeneration,
+    pipeline,
     WhisperModel,
 )
 
@@ -572,6 +573,15 @@ def test_automodel_save_reload_generate(converted, tmp_path):
     torch.manual_seed(0)
     second = reloaded.generate(**inputs, max_new_tokens=5, tokenizer=processor.tokenizer)
     assert torch.equal(first.sequences, second.sequences) and first.unit_ids == second.unit_ids
+
+    # and through pipeline("speech-to-speech") on the re-saved checkpoint (echo decoder length set in its config)
+    reloaded.config.save_pretrained(tmp_path / "again")
+    speech_to_speech = pipeline("speech-to-speech", model=str(tmp_path / "again"))
+    torch.manual_seed(0)
+    clip = 0.1 * np.random.default_rng(0).standard_normal(SR).astype(np.float32)
+    answer = speech_to_speech(clip, sampling_rate=SR, generate_kwargs={"max_new_tokens": 5})
+    assert set(answer) == {"text", "audio", "sampling_rate"} and answer["sampling_rate"] == 16000
+    assert answer["audio"].dtype == np.float32
 
 
 def test_cli_convert_original_and_dtype(tmp_path, converted, capsys):
