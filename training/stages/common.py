@@ -23,6 +23,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from modeling_echox import EchoXForSpeechToSpeech, EchoXProcessor
@@ -113,6 +114,14 @@ def parse_args(description: str) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------------- model
+def stage_cli(description: str, defaults: dict, main) -> None:
+    """A stage's command line: `--config FILE [--set KEY=VALUE ...]`, then `main(config)`; prints its summary once."""
+    args = parse_args(description)
+    summary = main(load_config(args.config, defaults, args.set))
+    if PartialState().is_main_process:
+        print(summary)
+
+
 def load_trained_echox(path: str, merge_lora: bool = True):
     """
     `(model, processor)` from a stage's `final/` directory (or any EchoX checkpoint). A LoRA kept as an adapter

@@ -15,7 +15,7 @@ import os
 
 from accelerate import PartialState
 
-from .common import apply_lora, load_config, load_model, parse_args, run_trainer
+from .common import apply_lora, load_model, run_trainer, stage_cli
 from .data import EchoXDataCollator, EncoderStateCache, load_dialogue_dataset
 
 DEFAULTS = {
@@ -57,10 +57,7 @@ def main(config: dict) -> dict:
 
 
 def cli():
-    args = parse_args(__doc__.strip().splitlines()[0])
-    summary = main(load_config(args.config, DEFAULTS, args.set))
-    if PartialState().is_main_process:
-        print(summary)
+    stage_cli(__doc__.strip().splitlines()[0], DEFAULTS, main)
 
 
 if __name__ == "__main__":

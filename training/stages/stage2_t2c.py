@@ -8,9 +8,8 @@ states, i.e. in stage III). No audio is read.
     python -m training.stages.stage2_t2c --config training/configs/stage2_tiny.json
 """
 
-from accelerate import PartialState
 
-from .common import freeze_except, load_config, load_model, parse_args, run_trainer
+from .common import freeze_except, load_model, run_trainer, stage_cli
 from .data import EchoXDataCollator, load_dialogue_dataset
 
 DEFAULTS = {
@@ -38,10 +37,7 @@ def main(config: dict) -> dict:
 
 
 def cli():
-    args = parse_args(__doc__.strip().splitlines()[0])
-    summary = main(load_config(args.config, DEFAULTS, args.set))
-    if PartialState().is_main_process:
-        print(summary)
+    stage_cli(__doc__.strip().splitlines()[0], DEFAULTS, main)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from torch import nn
 
 from modeling_echox.segmentation import boundary_scores, segmentation_rule
 
-from .common import apply_lora, load_config, load_model, log_event, parse_args, run_trainer
+from .common import apply_lora, load_model, log_event, run_trainer, stage_cli
 from .data import EchoXDataCollator, extract_features, load_dialogue_dataset, read_manifest
 from .stage1_s2t import build_feature_cache
 
@@ -241,10 +241,7 @@ def main(config: dict) -> dict:
 
 
 def cli():
-    args = parse_args(__doc__.strip().splitlines()[0])
-    summary = main(load_config(args.config, DEFAULTS, args.set))
-    if PartialState().is_main_process:
-        print(summary)
+    stage_cli(__doc__.strip().splitlines()[0], DEFAULTS, main)
 
 
 if __name__ == "__main__":
