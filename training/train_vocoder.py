@@ -1,0 +1,545 @@
+"""
+Train the EchoX unit vocoder (`EchoXCodeHifiGan`: unit embedding + duration predictor + HiFi-GAN) the way fairseq /
+speech-resynthesis train CodeHiFiGAN: HiFi-GAN multi-period + multi-scale discriminators, LSGAN + feature matching +
+45 × log-mel L1, plus MSE on log(d + 1) for the duration predictor.
+
+    python -m training.train_vocoder --config training/configs/vocoder_tiny.json
+    accelerate launch -m training.train_vocoder --config training/configs/vocoder_full.json
+
+Relative paths in the config (manifests, output_dir) are relative to the working directory. The run resumes from
+the newest complete checkpoint in `output_dir/checkpoints/` automatically (e.g. after a kill); raise `max_steps`
+to train further. Outputs in `output_dir`:
+
+    checkpoints/step-XXXXXXXX/generator/       loadable with EchoXCodeHifiGan.from_pretrained (weight norm removed)
+    checkpoints/step-XXXXXXXX/training_state.pt generator (weight-normed), discriminator, optimizers, schedulers, step
+    generator/                                  the final generator (same format)
+    train_log.jsonl                             one JSON line per log / eval / resume event
+    loss.png                                    loss curves, written at the end
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modeling_echox.configuration_echox import EchoXVocoderConfig
+from modeling_echox.vocoder import EchoXCodeHifiGan
+
+from .vocoder.data import VocoderCollator, VocoderSegmentDataset, read_manifest
+from .vocoder.discriminators import DiscriminatorConfig, HifiGanDiscriminator
+from .vocoder.losses import (
+    LogMelSpectrogram,
+    discriminator_loss,
+    duration_loss,
+    feature_matching_loss,
+    generator_adversarial_loss,
+    mel_l1_loss,
+)
+
+DEFAULTS: dict[str, Any] = {
+    "train_manifest": None,  # JSONL of {"audio", "units", "durations"} (required)
+    "eval_manifest": None,  # optional held-out JSONL, evaluated on whole utterances
+    "output_dir": None,  # required
+    "vocoder": {},  # EchoXVocoderConfig fields
+    "discriminator": {},  # DiscriminatorConfig fields
+    # LogMelSpectrogram fields; log_floor "add" = log(mel + 1e-5), which keeps a gradient on near-silent output
+    "mel": {"n_fft": 1024, "hop_length": 256, "win_length": 1024, "n_mels": 80, "fmin": 0.0, "fmax": None,
+            "log_floor": "add"},
+    "learning_rate": 2e-4,
+    "adam_betas": [0.8, 0.99],
+    "weight_decay": 0.0,
+    "lr_decay": 0.999,  # lr × lr_decay every lr_decay_interval steps (HiFi-GAN: × 0.999 per epoch)
+    "lr_decay_interval": 1000,
+    "max_steps": 1000,
+    "segment_frames": 28,  # 20 ms frames per training window (HiFi-GAN: 8960 samples = 28 frames)
+    "batch_size": 16,  # per process
+    "num_workers": 0,
+    "cache_audio": False,  # keep whole waveforms in memory (small corpora / resampled files)
+    "mel_loss_weight": 45.0,
+    "feature_matching_weight": 1.0,  # on top of HiFi-GAN's built-in × 2
+    "adversarial_weight": 1.0,
+    "duration_loss_weight": 1.0,
+    "disc_start_step": 0,  # steps of mel + duration loss only before the GAN losses start (0: GAN from the start)
+    "grad_clip": None,  # max grad norm, None = no clipping
+    "mixed_precision": "no",  # Accelerator mixed_precision: "no", "bf16", "fp16"
+    "num_threads": None,  # torch.set_num_threads on CPU (None: leave as is)
+    "log_interval": 10,
+    "eval_interval": 1000,  # 0 disables evaluation
+    "eval_max_items": 16,
+    "save_interval": 1000,  # a checkpoint is also written at the last step
+    "keep_checkpoints": 3,  # newest checkpoints kept (0: keep all)
+    "seed": 1234,
+}
+# config fields that shape the weights: a resumed run must use the same ones
+_ARCHITECTURE_KEYS = ("vocoder", "discriminator")
+_CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
+STATE_FILE = "training_state.pt"
+
+
+# ----------------------------------------------------------------------------------------------------------- config
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """DEFAULTS ← JSON file ← overrides (dotted keys such as `"vocoder.unit_embed_dim"` reach into sub-dicts)."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            user = json.load(handle)
+        unknown = set(user) - set(DEFAULTS) - {"comment", "_comment"}
+        if unknown:
+            raise ValueError(f"{path}: unknown config fields {sorted(unknown)}.")
+        for key, value in user.items():
+            if key == "mel":
+                config["mel"].update(value)
+            else:
+                config[key] = value
+    for key, value in (overrides or {}).items():
+        target, parts = config, key.split(".")
+        if parts[0] not in DEFAULTS:
+            raise ValueError(f"Unknown config field {parts[0]!r}.")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    for key in ("train_manifest", "output_dir"):
+        if not config[key]:
+            raise ValueError(f"The config needs {key!r}.")
+    return config
+
+
+# ------------------------------------------------------------------------------------------------------------ model
+
+
+class VocoderForTraining(nn.Module):
+    """
+    The generator plus its duration predictor in one `forward` (so that DistributedDataParallel sees every parameter
+    used): the waveform from the given (teacher-forced) durations and the predicted log-durations of the same units.
+    """
+
+    def __init__(self, generator: EchoXCodeHifiGan):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, input_ids, attention_mask, durations, speaker_id=None) -> dict[str, torch.Tensor]:
+        generator = self.generator
+        output = generator(input_ids, attention_mask=attention_mask, durations=durations, speaker_id=speaker_id)
+        ids, valid = generator._check_units(input_ids, attention_mask)
+        log_durations = generator._log_durations(generator.unit_embedding(ids), valid)
+        return {
+            "waveform": output.waveform,
+            "waveform_lengths": output.waveform_lengths,
+            "log_durations": log_durations,
+        }
+
+
+def build_models(config: dict[str, Any]) -> tuple[EchoXCodeHifiGan, HifiGanDiscriminator]:
+    generator = EchoXCodeHifiGan(EchoXVocoderConfig(**config["vocoder"]))
+    generator.apply_weight_norm()
+    discriminator = HifiGanDiscriminator(DiscriminatorConfig.from_dict(config["discriminator"]))
+    return generator, discriminator
+
+
+def export_generator(generator: EchoXCodeHifiGan, directory: str):
+    """Saves a weight-norm-free copy of a weight-normed generator with `save_pretrained` (the original is untouched)."""
+    plain = EchoXCodeHifiGan(copy.deepcopy(generator.config))
+    plain.apply_weight_norm()
+    plain.load_state_dict(generator.state_dict())
+    plain.remove_weight_norm()
+    plain.save_pretrained(directory)
+
+
+def _lr_lambda(decay: float, interval: int):
+    interval = max(int(interval), 1)
+    return lambda step: decay ** (step // interval)
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints (those holding the state file) as `(step, path)`, oldest first."""
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _CHECKPOINT_RE.match(name)
+        path = os.path.join(root, name)
+        if match and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def _seed_step(seed: int, step: int, process_index: int):
+    """Seeds torch (dropout) from `(seed, step, process)`: a resumed run draws the same random numbers as an
+    uninterrupted one, whatever else (data loaders, evaluation) consumed in between."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, step, process_index]).generate_state(1)[0]))
+
+
+# ------------------------------------------------------------------------------------------------------------- logs
+
+
+class JsonlLogger:
+    def __init__(self, path: str, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict[str, Any]):
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_log(path: str) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def plot_losses(log_path: str, png_path: str) -> bool:
+    """Loss curves from the JSONL log (per step, the newest record wins: steps redone after a resume replace the
+    killed run's). Returns False if matplotlib is missing or there is nothing to plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train, evaluation = {}, {}
+    for record in read_log(log_path):
+        if record.get("event") == "train":
+            train[record["step"]] = record
+        elif record.get("event") == "eval":
+            evaluation[record["step"]] = record
+    if not train:
+        return False
+    panels = [
+        ("mel L1", [("loss_mel", train, "train"), ("eval_mel_l1", evaluation, "eval")]),
+        ("duration MSE (log d+1)", [("loss_dur", train, "train"), ("eval_loss_dur", evaluation, "eval")]),
+        ("GAN", [("loss_adv", train, "G adversarial"), ("loss_fm", train, "feature matching"), ("loss_d", train, "D")]),
+        ("generator total", [("loss_g", train, "train")]),
+    ]
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for axis, (title, curves) in zip(axes.flat, panels):
+        for key, records, label in curves:
+            points = sorted((step, r[key]) for step, r in records.items() if r.get(key) is not None)
+            if points:
+                axis.plot(*zip(*points), label=label, marker="." if len(points) < 30 else None)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=90)
+    plt.close(figure)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------------ train
+
+
+@torch.no_grad()
+def evaluate(generator: EchoXCodeHifiGan, dataset: VocoderSegmentDataset, mel_fn, max_items: int, device) -> dict:
+    """Whole held-out utterances: mel L1 with the true durations, duration loss and mean |frame error| of the
+    predicted durations."""
+    was_training = generator.training
+    generator.eval()
+    mel_l1, dur_loss, dur_error, count = 0.0, 0.0, 0.0, 0
+    for index in range(min(len(dataset), max_items)):
+        example = dataset[index]
+        ids = example["input_ids"][None].to(device)
+        durations = example["durations"][None].to(device)
+        speaker = example.get("speaker_id")
+        output = generator(ids, durations=durations, speaker_id=speaker)
+        target = example["waveform"][None].to(device)
+        n = min(target.shape[1], output.waveform.shape[1])
+        mel_l1 += mel_l1_loss(mel_fn, output.waveform[:, :n], target[:, :n]).item()
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        log_durations = generator._log_durations(generator.unit_embedding(ids), mask)
+        dur_loss += duration_loss(log_durations, durations).item()
+        predicted = generator.predict_durations(ids)
+        dur_error += (predicted - durations).abs().float().mean().item()
+        count += 1
+    generator.train(was_training)
+    count = max(count, 1)
+    return {"eval_mel_l1": mel_l1 / count, "eval_loss_dur": dur_loss / count, "eval_dur_abs_error": dur_error / count}
+
+
+def train(config: dict[str, Any]) -> dict[str, Any]:
+    """Runs (or resumes) training; returns a summary `{"step", "resumed_from", "output_dir", ...}`."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's shard bar at every checkpoint
+    accelerator = Accelerator(mixed_precision=config["mixed_precision"])
+    if config["num_threads"] and accelerator.device.type == "cpu":
+        torch.set_num_threads(int(config["num_threads"]))
+    output_dir = config["output_dir"]
+    is_main = accelerator.is_main_process
+    if is_main:
+        os.makedirs(os.path.join(output_dir, "checkpoints"), exist_ok=True)
+    accelerator.wait_for_everyone()
+    logger = JsonlLogger(os.path.join(output_dir, "train_log.jsonl"), is_main)
+
+    set_seed(config["seed"])  # same initial weights on every process
+    generator, discriminator = build_models(config)
+    vocoder_config = generator.config
+    model = VocoderForTraining(generator)
+    betas = tuple(config["adam_betas"])
+    optimizer_g = torch.optim.AdamW(
+        model.parameters(), config["learning_rate"], betas=betas, weight_decay=config["weight_decay"]
+    )
+    optimizer_d = torch.optim.AdamW(
+        discriminator.parameters(), config["learning_rate"], betas=betas, weight_decay=config["weight_decay"]
+    )
+    lr_lambda = _lr_lambda(config["lr_decay"], config["lr_decay_interval"])
+    scheduler_g = torch.optim.lr_scheduler.LambdaLR(optimizer_g, lr_lambda)
+    scheduler_d = torch.optim.lr_scheduler.LambdaLR(optimizer_d, lr_lambda)
+
+    step, resumed_from = 0, None
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is not None:
+        state = torch.load(os.path.join(checkpoint, STATE_FILE), map_location="cpu", weights_only=False)
+        for key in _ARCHITECTURE_KEYS:
+            if state["config"][key] != config[key]:
+                raise ValueError(
+                    f"{checkpoint} was trained with {key}={state['config'][key]}, the config now says {config[key]}: "
+                    "use a new output_dir to change the architecture."
+                )
+        generator.load_state_dict(state["generator"])
+        discriminator.load_state_dict(state["discriminator"])
+        optimizer_g.load_state_dict(state["optimizer_g"])
+        optimizer_d.load_state_dict(state["optimizer_d"])
+        scheduler_g.load_state_dict(state["scheduler_g"])
+        scheduler_d.load_state_dict(state["scheduler_d"])
+        step = resumed_from = int(state["step"])
+    if is_main:
+        with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2)
+
+    items = read_manifest(config["train_manifest"], vocoder_config.num_units)
+    dataset = VocoderSegmentDataset(
+        items,
+        config["segment_frames"],
+        hop_length=vocoder_config.hop_length,
+        sampling_rate=vocoder_config.sampling_rate,
+        seed=config["seed"],
+        cache_audio=config["cache_audio"],
+    )
+    per_step = config["batch_size"] * accelerator.num_processes
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config["batch_size"],
+        shuffle=False,  # the dataset shuffles itself per epoch (deterministic, resumable)
+        collate_fn=VocoderCollator(),
+        num_workers=config["num_workers"],
+        drop_last=len(dataset) >= per_step,
+    )
+    eval_dataset = None
+    if config["eval_manifest"] and config["eval_interval"]:
+        eval_items = read_manifest(config["eval_manifest"], vocoder_config.num_units)
+        eval_dataset = VocoderSegmentDataset(
+            eval_items, None, vocoder_config.hop_length, vocoder_config.sampling_rate, shuffle=False
+        )
+
+    model, discriminator, optimizer_g, optimizer_d, loader = accelerator.prepare(
+        model, discriminator, optimizer_g, optimizer_d, loader
+    )
+    mel_fn = LogMelSpectrogram(sampling_rate=vocoder_config.sampling_rate, **config["mel"]).to(accelerator.device)
+    raw_generator = accelerator.unwrap_model(model).generator
+    raw_discriminator = accelerator.unwrap_model(discriminator)
+
+    if resumed_from is not None:
+        logger.write({"event": "resume", "step": step, "checkpoint": checkpoint, "time": time.time()})
+    else:
+        logger.write({"event": "start", "step": 0, "time": time.time(), "num_processes": accelerator.num_processes})
+
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError("The training manifest yields no batch: lower batch_size.")
+
+    def save(at_step: int):
+        final = os.path.join(output_dir, "checkpoints", f"step-{at_step:08d}")
+        temporary = final + ".tmp"
+        if is_main:
+            shutil.rmtree(temporary, ignore_errors=True)
+            os.makedirs(temporary)
+            export_generator(raw_generator, os.path.join(temporary, "generator"))
+            state = {
+                "step": at_step,
+                "config": config,
+                "generator": raw_generator.state_dict(),
+                "discriminator": raw_discriminator.state_dict(),
+                "optimizer_g": optimizer_g.state_dict(),
+                "optimizer_d": optimizer_d.state_dict(),
+                "scheduler_g": scheduler_g.state_dict(),
+                "scheduler_d": scheduler_d.state_dict(),
+            }
+            torch.save(state, os.path.join(temporary, STATE_FILE))
+        accelerator.wait_for_everyone()
+        if is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temporary, final)  # a kill before this line leaves only an ignored *.tmp folder
+            keep = config["keep_checkpoints"]
+            if keep:
+                for _, old in list_checkpoints(output_dir)[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    max_steps = config["max_steps"]
+    model.train()
+    discriminator.train()
+    sums: dict[str, float] = {}
+    interval_steps, interval_start = 0, time.time()
+    last_saved = resumed_from
+    first_step_seconds = None
+
+    while step < max_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        dataset.set_data_epoch(epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in epoch_loader:
+            step_start = time.time()
+            _seed_step(config["seed"], step, accelerator.process_index)
+            use_gan = step >= config["disc_start_step"]
+            with accelerator.autocast():
+                output = model(
+                    batch["input_ids"], batch["attention_mask"], batch["durations"], batch.get("speaker_id")
+                )
+            fake = output["waveform"].float()
+            length = min(fake.shape[1], batch["waveform"].shape[1])
+            fake, real = fake[:, :length], batch["waveform"][:, :length]
+            losses = {}
+
+            if use_gan:
+                with accelerator.autocast():
+                    real_logits, fake_logits, _, _ = discriminator(real, fake.detach())
+                loss_d = discriminator_loss(real_logits, fake_logits)
+                optimizer_d.zero_grad()
+                accelerator.backward(loss_d)
+                if config["grad_clip"]:
+                    accelerator.clip_grad_norm_(discriminator.parameters(), config["grad_clip"])
+                optimizer_d.step()
+                losses["loss_d"] = loss_d.detach()
+
+            loss_mel = mel_l1_loss(mel_fn, fake, real)
+            loss_dur = duration_loss(output["log_durations"], batch["target_durations"], batch["attention_mask"])
+            loss_g = config["mel_loss_weight"] * loss_mel + config["duration_loss_weight"] * loss_dur
+            if use_gan:
+                with accelerator.autocast():
+                    _, fake_logits, real_maps, fake_maps = discriminator(real, fake)
+                loss_adv = generator_adversarial_loss(fake_logits)
+                loss_fm = feature_matching_loss(real_maps, fake_maps)
+                loss_g = loss_g + config["adversarial_weight"] * loss_adv + config["feature_matching_weight"] * loss_fm
+                losses.update(loss_adv=loss_adv.detach(), loss_fm=loss_fm.detach())
+            optimizer_g.zero_grad()
+            accelerator.backward(loss_g)
+            if config["grad_clip"]:
+                accelerator.clip_grad_norm_(model.parameters(), config["grad_clip"])
+            optimizer_g.step()
+            scheduler_g.step()
+            scheduler_d.step()
+            losses.update(loss_g=loss_g.detach(), loss_mel=loss_mel.detach(), loss_dur=loss_dur.detach())
+
+            step += 1
+            if first_step_seconds is None:
+                first_step_seconds = time.time() - step_start
+            for key, value in losses.items():
+                value = accelerator.reduce(value, reduction="mean").item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"step {step}: {key} = {value}")
+                sums[key] = sums.get(key, 0.0) + value
+            interval_steps += 1
+
+            if step % config["log_interval"] == 0 or step == max_steps:
+                elapsed = time.time() - interval_start
+                record = {"event": "train", "step": step, "epoch": epoch, "lr": scheduler_g.get_last_lr()[0]}
+                record.update({key: value / interval_steps for key, value in sums.items()})
+                record.update(sec_per_step=elapsed / interval_steps, time=time.time())
+                logger.write(record)
+                sums, interval_steps, interval_start = {}, 0, time.time()
+            if eval_dataset is not None and step % config["eval_interval"] == 0:
+                if is_main:
+                    metrics = evaluate(
+                        raw_generator, eval_dataset, mel_fn, config["eval_max_items"], accelerator.device
+                    )
+                    logger.write({"event": "eval", "step": step, **metrics, "time": time.time()})
+                accelerator.wait_for_everyone()
+                interval_start = time.time()
+            if (config["save_interval"] and step % config["save_interval"] == 0) or step == max_steps:
+                save(step)
+                last_saved = step
+                interval_start = time.time()
+            if step >= max_steps:
+                break
+
+    if last_saved != step:  # e.g. max_steps lowered below the newest checkpoint: nothing to train
+        save(step)
+    if is_main:
+        final_dir = os.path.join(output_dir, "generator")
+        shutil.rmtree(final_dir, ignore_errors=True)
+        export_generator(raw_generator, final_dir)
+        plot_losses(os.path.join(output_dir, "train_log.jsonl"), os.path.join(output_dir, "loss.png"))
+        logger.write({"event": "end", "step": step, "time": time.time()})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {
+        "step": step,
+        "resumed_from": resumed_from,
+        "output_dir": output_dir,
+        "checkpoint": latest_checkpoint(output_dir),
+        "first_step_seconds": first_step_seconds,
+    }
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="JSON config (see DEFAULTS in this file)")
+    parser.add_argument("--output-dir", help="overrides output_dir")
+    parser.add_argument("--max-steps", type=int, help="overrides max_steps")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override any field; VALUE is JSON if it parses (e.g. --set vocoder.unit_embed_dim=64)",
+    )
+    args = parser.parse_args(argv)
+    overrides = _parse_overrides(args.set)
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    if args.max_steps is not None:
+        overrides["max_steps"] = args.max_steps
+    summary = train(load_config(args.config, overrides))
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Training recipe of the EchoX unit vocoder (`modeling_echox.vocoder.EchoXCodeHifiGan`): HiFi-GAN discriminators,
+losses, a unit/duration/waveform-segment dataset, and the entry point `python -m training.train_vocoder`."""
+
+from .data import VocoderCollator, VocoderSegmentDataset, read_manifest
+from .discriminators import (
+    DiscriminatorConfig,
+    HifiGanDiscriminator,
+    MultiPeriodDiscriminator,
+    MultiScaleDiscriminator,
+)
+from .losses import (
+    LogMelSpectrogram,
+    discriminator_loss,
+    duration_loss,
+    feature_matching_loss,
+    generator_adversarial_loss,
+    mel_l1_loss,
+)
+
+__all__ = [
+    "DiscriminatorConfig",
+    "HifiGanDiscriminator",
+    "LogMelSpectrogram",
+    "MultiPeriodDiscriminator",
+    "MultiScaleDiscriminator",
+    "VocoderCollator",
+    "VocoderSegmentDataset",
+    "discriminator_loss",
+    "duration_loss",
+    "feature_matching_loss",
+    "generator_adversarial_loss",
+    "mel_l1_loss",
+    "read_manifest",
+]
