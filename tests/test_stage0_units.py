@@ -1,0 +1,69 @@
+"""Stage 0: spoken answers → k-means units → unit language → manifests that stage II trains on."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from modeling_echox.unit_language import EchoXUnitLanguage
+from training.stages import stage0_units
+from training.stages.common import load_config
+
+ANSWERS = ["the capital of kenya is nairobi", "monday comes after sunday", "two plus two is four", "the sky is blue"]
+
+
+def _speak(text: str, path: str, seed: int) -> None:
+    if shutil.which("flite"):
+        subprocess.run(["flite", "-voice", "slt", "-t", text, "-o", path], check=True)
+    else:  # distinct tone patterns
+        t = np.arange(16000) / 16000
+        soundfile.write(path, (0.1 * np.sin(2 * np.pi * (200 + 60 * seed) * t * (1 + t))).astype(np.float32), 16000)
+
+
+@pytest.fixture(scope="module")
+def answers(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("answers")
+    records = []
+    for index, text in enumerate(ANSWERS):
+        _speak(text, str(directory / f"a{index}.wav"), index)
+        records.append({"id": f"q{index}", "audio": f"a{index}.wav", "transcript": text, "response": text,
+                        "answer_audio": f"a{index}.wav"})
+    manifest = directory / "answers.jsonl"
+    manifest.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return str(manifest)
+
+
+def test_stage0_writes_units_language_and_manifests_and_resumes(answers, tmp_path):
+    out = str(tmp_path / "stage0")
+    config = load_config(None, stage0_units.DEFAULTS, [f"manifests={json.dumps([answers])}", f"output_dir={json.dumps(out)}",
+                                                         "num_units=16", 'unit_language={"vocab_size": 30, "model_type": "bpe"}'])
+    summary = stage0_units.main(config)
+    assert summary["answers"] == 4 and summary["num_units"] == 16
+    assert 0 < summary["tokens_per_unit"] < 1  # BPE merges units into longer pieces
+    items = [json.loads(line) for line in open(os.path.join(out, "vocoder_units.jsonl"))]
+    language = EchoXUnitLanguage.from_pretrained(os.path.join(out, "unit_language"))
+    dialogues = {d["id"]: d for d in map(json.loads, open(os.path.join(out, "dialogues.jsonl")))}
+    for item in items:
+        assert len(item["units"]) == len(item["durations"]) and min(item["durations"]) >= 1
+        assert all(a != b for a, b in zip(item["units"], item["units"][1:]))  # deduplicated
+        assert item["text"] in ANSWERS
+    for record in dialogues.values():
+        item = next(i for i in items if i["audio"].endswith(os.path.basename(record["answer_audio"])))
+        assert language.decode(record["units"]) == item["units"]  # lossless unit language
+    # a second run reuses every step's output
+    stamps = {name: os.path.getmtime(os.path.join(out, name)) for name in ("unit_kmeans.safetensors", "vocoder_units.jsonl")}
+    assert stage0_units.main(config)["tokens_per_unit"] == summary["tokens_per_unit"]
+    assert stamps == {name: os.path.getmtime(os.path.join(out, name)) for name in stamps}
+
+
+def test_stage0_refuses_records_without_spoken_answers(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "x", "response": "hi"}) + "\n")
+    config = load_config(None, stage0_units.DEFAULTS, [f"manifests={json.dumps([str(manifest)])}"])
+    with pytest.raises(ValueError, match="answer_audio"):
+        stage0_units.main(config)
