@@ -8,7 +8,6 @@ import subprocess
 import numpy as np
 import pytest
 import soundfile
-import torch
 
 from modeling_echox.unit_language import EchoXUnitLanguage
 from training.stages import stage0_units

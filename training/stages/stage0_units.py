@@ -18,7 +18,7 @@ import torch
 
 from modeling_echox.audio_io import load_audio
 from modeling_echox.unit_language import EchoXUnitLanguage, train_unit_language
-from modeling_echox.units import EchoXUnitExtractor, EchoXUnitKMeans
+from modeling_echox.units import EchoXUnitExtractor
 
 from .common import load_model, stage_cli
 from .data import write_manifest
