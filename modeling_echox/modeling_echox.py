@@ -485,13 +485,18 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
 
         generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         model_kwargs = generation_config.update(**kwargs)
-        generation_config.output_hidden_states = return_audio and not streams_audio
         generation_config.return_dict_in_generate = True
+        if return_audio and (generation_config.num_beams or 1) > 1:
+            raise ValueError("Speech output needs greedy or sampling decoding (num_beams=1); use return_audio=False.")
         eos_ids = generation_config.eos_token_id
         eos_ids = set([eos_ids] if isinstance(eos_ids, int) else (eos_ids or []))
+        # The final-layer state that produced each token, collected step by step (no other layer is kept).
+        producing_states = []
         if streams_audio:
             streamer.eos_token_ids = eos_ids
             model_kwargs["hidden_states_callback"] = streamer.put_hidden_state
+        elif return_audio:
+            model_kwargs["hidden_states_callback"] = producing_states.append
         generated = super().generate(
             inputs_embeds=prompt.inputs_embeds,
             attention_mask=prompt.attention_mask,
@@ -513,8 +518,7 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         if not return_audio or streams_audio:
             return output
 
-        # hidden_states: per step, per layer; the last layer is the post-norm state that produced the step's token.
-        states = torch.cat([step[-1][:, -1:] for step in generated.hidden_states], dim=1)
+        states = torch.stack(producing_states, dim=1)
         boundary = self.text_table[self.config.segment_boundary_token_id]
         segments, flat_states = [], []
         for row, answer in enumerate(answers):

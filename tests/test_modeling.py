@@ -431,3 +431,9 @@ def test_generate_in_bfloat16(tester):
     model = copy.deepcopy(tester.model).to(torch.bfloat16)
     out = model.generate(**tester.speech_inputs())
     assert out.waveforms[0].dtype == torch.float32 and out.waveforms[0].numel() > 0
+
+
+def test_speech_output_refuses_beam_search(tester):
+    with pytest.raises(ValueError, match="num_beams"):
+        tester.model.generate(**tester.speech_inputs(), num_beams=2)
+    assert tester.model.generate(**tester.speech_inputs(), num_beams=2, return_audio=False).sequences.shape[0] == 2
