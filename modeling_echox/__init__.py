@@ -12,6 +12,7 @@ from .unit_language import EchoXUnitLanguage, train_unit_language
 from .unit_vocabulary import EchoXUnitVocabulary
 from .units import EchoXUnitExtractor, EchoXUnitKMeans, fit_kmeans
 from .vocoder import EchoXCodeHifiGan
+from .vocoder_istft import EchoXIstftGenerator
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "EchoXConfig",
     "EchoXForSpeechToSpeech",
     "EchoXGenerationOutput",
+    "EchoXIstftGenerator",
     "EchoXOutput",
     "EchoXPreTrainedModel",
     "EchoXProcessor",

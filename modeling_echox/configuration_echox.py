@@ -15,6 +15,23 @@ class EchoXVocoderConfig(PreTrainedConfig):
     unit vocoder shipped with the released EchoX.
 
     Field names follow `SeamlessM4TConfig` so that transformers' HiFi-GAN building blocks read them directly.
+
+    Generator:
+        generator_type: `"hifigan"` (default; the released CodeHiFiGAN, fields `upsample_*`, `resblock_*`,
+            `leaky_relu_slope`) or `"istft"`, a light Vocos-style generator (`EchoXIstftGenerator`: ConvNeXt blocks →
+            magnitude + phase → inverse STFT) that trains to intelligible speech on a CPU without a GAN. The unit
+            embedding, duration predictor and speaker embedding are the same for both.
+        istft_dim: channels of the ConvNeXt blocks.
+        istft_intermediate_dim: hidden width of each block's pointwise MLP.
+        istft_layers: number of ConvNeXt blocks.
+        istft_upsample: each unit frame is repeated this many times before the blocks. The default 2 runs the
+            generator at 100 Hz (hop 160 samples at 16 kHz) rather than at the 50 Hz unit rate: a 10 ms hop with a
+            40 ms window is the usual, well-conditioned STFT for speech (and what the CPU feasibility run used), while
+            a 20 ms hop would need an 80 ms window whose single magnitude + phase per bin smears fast transitions.
+        istft_n_fft: FFT size = Hann window length of the inverse STFT (`istft_n_fft // 2 + 1` bins); even and
+            ≥ 2 × `istft_hop_length`.
+        istft_hop_length: samples per generator frame. Samples per unit frame (`hop_length`) =
+            `istft_upsample × istft_hop_length` (320 at 16 kHz, 50 Hz units, with the defaults).
     """
 
     model_type = "echox_vocoder"
@@ -33,9 +50,26 @@ class EchoXVocoderConfig(PreTrainedConfig):
     var_pred_dropout: float = 0.5
     sampling_rate: int = 16000
     initializer_range: float = 0.01
+    generator_type: Literal["hifigan", "istft"] = "hifigan"
+    istft_dim: int = 256
+    istft_intermediate_dim: int = 768
+    istft_layers: int = 6
+    istft_upsample: int = 2
+    istft_n_fft: int = 640
+    istft_hop_length: int = 160
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.generator_type not in ("hifigan", "istft"):
+            raise ValueError(
+                f"EchoXVocoderConfig: generator_type must be 'hifigan' or 'istft', got {self.generator_type!r}."
+            )
+        if min(self.istft_dim, self.istft_intermediate_dim, self.istft_layers, self.istft_upsample) < 1:
+            raise ValueError(
+                "EchoXVocoderConfig: istft_dim, istft_intermediate_dim, istft_layers and istft_upsample must be ≥ 1."
+            )
+        if self.istft_hop_length < 1 or self.istft_n_fft % 2 or self.istft_n_fft < 2 * self.istft_hop_length:
+            raise ValueError("EchoXVocoderConfig: istft_n_fft must be even and ≥ 2 × istft_hop_length ≥ 2.")
         if self.num_speakers == 0 and self.spkr_embed_dim != 0:
             raise ValueError("EchoXVocoderConfig: spkr_embed_dim must be 0 when num_speakers is 0.")
         if len(self.upsample_rates) != len(self.upsample_kernel_sizes):
@@ -49,6 +83,8 @@ class EchoXVocoderConfig(PreTrainedConfig):
     @property
     def hop_length(self) -> int:
         """Waveform samples produced per (duration-expanded) unit frame."""
+        if self.generator_type == "istft":
+            return self.istft_upsample * self.istft_hop_length
         hop = 1
         for rate in self.upsample_rates:
             hop *= rate

@@ -1,5 +1,6 @@
 """The unit vocoder: fairseq's CodeHiFiGAN (unit embedding → duration predictor → HiFi-GAN), built from transformers'
-SeamlessM4T HiFi-GAN blocks."""
+SeamlessM4T HiFi-GAN blocks; optionally (`generator_type="istft"`) with a light Vocos-style iSTFT generator in place
+of the HiFi-GAN."""
 
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from transformers.models.seamless_m4t.modeling_seamless_m4t import SeamlessM4THi
 from transformers.utils import ModelOutput
 
 from .configuration_echox import EchoXVocoderConfig
+from .vocoder_istft import EchoXConvNeXtBlock, EchoXIstftGenerator
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -41,6 +43,9 @@ class EchoXCodeHifiGan(PreTrainedModel):
     duration (predicted by `dur_predictor`, or given), an optional speaker embedding is appended on the channel axis,
     and the HiFi-GAN generator turns the frames into a waveform at `config.sampling_rate`.
 
+    With `config.generator_type == "istft"` the HiFi-GAN (`hifi_gan`) is replaced by an [`EchoXIstftGenerator`]
+    (`istft_generator`); everything else is shared.
+
     Batches may mix lengths: the padding is zeroed after every convolution, so each sequence gets the waveform it would
     get alone.
     """
@@ -56,7 +61,10 @@ class EchoXCodeHifiGan(PreTrainedModel):
             nn.Embedding(config.num_speakers, config.spkr_embed_dim) if config.num_speakers > 0 else None
         )
         self.dur_predictor = SeamlessM4TVariancePredictor(config)
-        self.hifi_gan = SeamlessM4THifiGan(config)
+        if config.generator_type == "istft":
+            self.istft_generator = EchoXIstftGenerator(config)
+        else:
+            self.hifi_gan = SeamlessM4THifiGan(config)
 
         self.post_init()
 
@@ -65,6 +73,8 @@ class EchoXCodeHifiGan(PreTrainedModel):
         """Embeddings ~ N(0, 1) as in fairseq; convolutions ~ N(0, initializer_range) as in HiFi-GAN; zero biases."""
         if isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=1.0)
+        elif isinstance(module, EchoXConvNeXtBlock):
+            init.constant_(module.gamma, module.layer_scale_init)
         else:
             super()._init_weights(module)
 
@@ -171,7 +181,10 @@ class EchoXCodeHifiGan(PreTrainedModel):
         """
         `SeamlessM4THifiGan.forward` on `[B, C, T]` frames, zeroing the padding after every convolution so that each
         sequence sees the zero padding it would see alone. Returns the `[B, S]` waveforms and their lengths.
+        (The iSTFT generator handles its padding itself.)
         """
+        if self.config.generator_type == "istft":
+            return self.istft_generator(frames, lengths)
         hifi_gan = self.hifi_gan
         slope = hifi_gan.leaky_relu_slope
         hidden_states = _zero_padding(hifi_gan.conv_pre(_zero_padding(frames, lengths)), lengths)
@@ -256,12 +269,18 @@ class EchoXCodeHifiGan(PreTrainedModel):
         yield hifi_gan.conv_post
 
     def apply_weight_norm(self):
-        """Re-parametrizes every HiFi-GAN convolution with weight norm (`dim=0`, as fairseq trains it)."""
+        """Re-parametrizes every HiFi-GAN convolution with weight norm (`dim=0`, as fairseq trains it). A no-op for
+        the iSTFT generator (it has no weight norm: LayerNorms instead)."""
+        if self.config.generator_type == "istft":
+            return
         for layer in self._weight_norm_layers():
             nn.utils.parametrizations.weight_norm(layer)
 
     def remove_weight_norm(self):
-        """Folds the weight norm back into plain weights (do this before `save_pretrained`)."""
+        """Folds the weight norm back into plain weights (do this before `save_pretrained`). A no-op for the iSTFT
+        generator."""
+        if self.config.generator_type == "istft":
+            return
         for layer in self._weight_norm_layers():
             nn.utils.parametrize.remove_parametrizations(layer, "weight")
 

@@ -448,3 +448,128 @@ def test_conversion_checks_keys(tmp_path, edit, message):
     edit(state_dict)
     with pytest.raises(ValueError, match=message):
         convert_fairseq_vocoder(*write_fairseq_vocoder(tmp_path, FAIRSEQ_CONFIG, state_dict))
+
+
+# ------------------------------------------------------------------------------------------- iSTFT generator option
+
+ISTFT = {
+    "generator_type": "istft",
+    "num_units": 20,
+    "unit_embed_dim": 16,
+    "istft_dim": 32,
+    "istft_intermediate_dim": 48,
+    "istft_layers": 2,
+    "istft_upsample": 2,
+    "istft_n_fft": 16,
+    "istft_hop_length": 4,
+}
+ISTFT_HOP = 8
+
+
+def make_istft_vocoder(seed: int = 0, **overrides) -> EchoXCodeHifiGan:
+    """Tiny iSTFT vocoder with weights scaled so that waveforms are O(0.1) and predicted durations vary."""
+    torch.manual_seed(seed)
+    model = EchoXCodeHifiGan(EchoXVocoderConfig(**{**ISTFT, **overrides})).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() > 1 and "embedding" not in name:
+                param.normal_(0.0, 1.0 / math.sqrt(param[0].numel()))
+        model.istft_generator.head.bias[: ISTFT["istft_n_fft"] // 2 + 1].fill_(-3.0)  # log-magnitude ~ -3
+        model.dur_predictor.proj.weight.normal_(0.0, 0.2)
+        model.dur_predictor.proj.bias.fill_(0.8)
+    return model
+
+
+def test_istft_config_fields_and_validation():
+    default = EchoXVocoderConfig()
+    assert default.generator_type == "hifigan" and default.hop_length == 320
+    istft = EchoXVocoderConfig(generator_type="istft")
+    assert istft.hop_length == istft.istft_upsample * istft.istft_hop_length == 320
+    at_50hz = EchoXVocoderConfig(generator_type="istft", istft_upsample=1, istft_hop_length=320, istft_n_fft=1280)
+    assert at_50hz.hop_length == 320
+    model = EchoXCodeHifiGan(EchoXVocoderConfig(generator_type="istft"))
+    assert not hasattr(model, "hifi_gan") and 2e6 < sum(p.numel() for p in model.parameters()) < 4e6
+    with pytest.raises(Exception, match="generator_type"):  # the strict dataclass' validation error
+        EchoXVocoderConfig(generator_type="vocos")
+    with pytest.raises(ValueError, match="istft_n_fft"):
+        EchoXVocoderConfig(generator_type="istft", istft_n_fft=200, istft_hop_length=160)
+
+
+def test_istft_forward_shapes():
+    model = make_istft_vocoder()
+    durations = torch.tensor([[1, 2, 3, 1, 1, 2, 1], [2, 2, 1, 1, 0, 0, 0], [4, 9, 9, 9, 9, 9, 9]])
+    output = model(UNITS, attention_mask=MASK, durations=durations)
+    assert isinstance(output, EchoXVocoderOutput)
+    assert model.config.hop_length == ISTFT_HOP
+    assert output.waveform_lengths.tolist() == [11 * ISTFT_HOP, 6 * ISTFT_HOP, 4 * ISTFT_HOP]
+    assert output.waveform.shape == (3, 11 * ISTFT_HOP) and output.waveform.dtype == torch.float32
+    assert output.waveform.abs().max() <= 1.0 and output.waveform.std() > 1e-3
+    assert torch.all(output.waveform[1, 6 * ISTFT_HOP :] == 0) and torch.all(output.waveform[2, 4 * ISTFT_HOP :] == 0)
+    single = model(UNITS[1, :4])
+    assert single.waveform.shape == (1, single.waveform_lengths.item())
+    waveform = model.synthesize([3, 7, 1, 19])
+    reference = model(torch.tensor([3, 7, 1, 19]))
+    assert waveform.dim() == 1 and torch.equal(waveform, reference.waveform[0, : reference.waveform_lengths[0]])
+
+
+def test_istft_generator_is_a_plain_istft():
+    """Alone (no padding) the generator is exactly the documented pipeline ending in `torch.istft`."""
+    model = make_istft_vocoder()
+    generator = model.istft_generator
+    frames = torch.randn(1, 16, 5)
+    with torch.no_grad():
+        waveform, lengths = generator(frames, torch.tensor([5]))
+        hidden = generator.conv_pre(torch.repeat_interleave(frames, 2, dim=2))
+        hidden = generator.norm_pre(hidden.transpose(1, 2)).transpose(1, 2)
+        for block in generator.blocks:
+            residual = block.dwconv(hidden).transpose(1, 2)
+            residual = block.pwconv2(F.gelu(block.pwconv1(block.norm(residual))))
+            hidden = hidden + (block.gamma * residual).transpose(1, 2)
+        log_mag, phase = generator.head(generator.norm_post(hidden.transpose(1, 2))).transpose(1, 2).chunk(2, dim=1)
+        spec = torch.polar(torch.exp(log_mag.clamp(max=math.log(100))), phase)
+        expected = torch.istft(spec, 16, 4, 16, torch.hann_window(16), center=True, length=40).clamp(-1, 1)
+    assert lengths.tolist() == [40]
+    torch.testing.assert_close(waveform, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [{}, MULTI_SPEAKER, {"istft_upsample": 1}], ids=["tiny", "multi-speaker", "50hz"])
+def test_istft_batched_equals_unbatched(overrides):
+    model = make_istft_vocoder(**overrides)
+    speaker_ids = torch.tensor([2, 0, 1]) if overrides.get("num_speakers") else None
+    with torch.no_grad():
+        batched = model(UNITS, attention_mask=MASK, speaker_id=speaker_ids)
+        durations = model.predict_durations(UNITS, attention_mask=MASK)
+    assert durations.max() > 1, "the test should exercise durations > 1"
+    for row in range(len(UNITS)):
+        length = int(MASK[row].sum())
+        speaker = None if speaker_ids is None else int(speaker_ids[row])
+        with torch.no_grad():
+            alone = model(UNITS[row, :length], speaker_id=speaker)
+        samples = int(alone.waveform_lengths[0])
+        assert batched.waveform_lengths[row] == samples == int(durations[row].sum()) * model.config.hop_length
+        torch.testing.assert_close(batched.waveform[row, :samples], alone.waveform[0], atol=1e-5, rtol=0)
+        assert torch.all(batched.waveform[row, samples:] == 0)
+
+
+def test_istft_save_pretrained_round_trip_and_weight_norm(tmp_path):
+    model = make_istft_vocoder(**MULTI_SPEAKER)
+    with torch.no_grad():
+        reference = model(UNITS, MASK, speaker_id=1).waveform
+    model.apply_weight_norm()  # no-ops for the iSTFT generator
+    assert not any("parametrizations" in name for name, _ in model.named_parameters())
+    model.remove_weight_norm()
+    model.save_pretrained(tmp_path)
+    loaded = EchoXCodeHifiGan.from_pretrained(tmp_path).eval()
+    assert loaded.config.generator_type == "istft" and loaded.config.to_dict().keys() == model.config.to_dict().keys()
+    original_state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert original_state.keys() == loaded_state.keys()
+    assert all(torch.equal(original_state[key], loaded_state[key]) for key in original_state)
+    with torch.no_grad():
+        assert torch.equal(reference, loaded(UNITS, MASK, speaker_id=1).waveform)
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_istft_bad_input_raises(case):
+    call, message = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=message):
+        call(make_istft_vocoder())

@@ -31,6 +31,7 @@ from training.vocoder.data import VocoderCollator, VocoderSegmentDataset, read_m
 from training.vocoder.discriminators import DiscriminatorConfig, HifiGanDiscriminator
 from training.vocoder.losses import (
     LogMelSpectrogram,
+    MultiResolutionSTFTLoss,
     discriminator_loss,
     duration_loss,
     feature_matching_loss,
@@ -428,6 +429,85 @@ def test_resume_refuses_another_architecture(data_dir, resumed_run):
     config["vocoder"] = {**config["vocoder"], "unit_embed_dim": 8}
     with pytest.raises(ValueError, match="architecture"):
         train(config)
+
+
+# ------------------------------------------------------------------------------------------ iSTFT generator recipe
+
+TINY_ISTFT_VOCODER = {
+    "generator_type": "istft",
+    "num_units": 50,
+    "unit_embed_dim": 16,
+    "istft_dim": 32,
+    "istft_intermediate_dim": 64,
+    "istft_layers": 2,
+    "istft_upsample": 2,
+    "istft_n_fft": 640,
+    "istft_hop_length": 160,
+}
+
+
+def test_multi_resolution_stft_loss():
+    torch.manual_seed(0)
+    loss_fn = MultiResolutionSTFTLoss()
+    target = torch.randn(2, 4000) * 0.1
+    sc, mag = loss_fn(target, target)
+    assert sc.item() == 0 and mag.item() == 0
+    generated = (target + 0.05 * torch.randn(2, 4000)).requires_grad_()
+    sc, mag = loss_fn(generated, target)
+    assert 0 < sc.item() < 2 and mag.item() > 0
+    (sc + mag).backward()
+    assert torch.isfinite(generated.grad).all() and generated.grad.abs().sum() > 0
+    short_sc, short_mag = loss_fn(torch.zeros(1, 100), torch.randn(1, 100))  # shorter than n_fft / 2: no reflect
+    assert torch.isfinite(short_sc) and torch.isfinite(short_mag)
+    with pytest.raises(ValueError, match="resolutions"):
+        MultiResolutionSTFTLoss([(256, 64, 512)])
+    with pytest.raises(ValueError, match="must match"):
+        loss_fn(torch.zeros(1, 100), torch.zeros(1, 90))
+
+
+def test_istft_config_file_builds_without_discriminator():
+    config = load_config(os.path.join(REPO, "training/configs/vocoder_istft_cpu.json"))
+    vocoder_config = EchoXVocoderConfig(**config["vocoder"])
+    assert vocoder_config.generator_type == "istft" and vocoder_config.hop_length == 320
+    assert config["adversarial"] is False and config["stft_loss_weight"] > 0
+    generator, discriminator = build_models(config)
+    assert discriminator is None
+    assert 2.5e6 < sum(p.numel() for p in generator.parameters()) < 3.5e6
+    assert not any("parametrizations" in name for name, _ in generator.named_parameters())
+
+
+def test_istft_training_run(data_dir, tmp_path):
+    """A few GAN-free steps of the iSTFT generator: finite mel / STFT / duration losses, checkpoints without a
+    discriminator, a loadable generator, and a resume."""
+    settings = {
+        "vocoder": TINY_ISTFT_VOCODER, "adversarial": False, "stft_loss_weight": 1.0, "learning_rate": 5e-4,
+        "max_steps": 3,
+    }
+    first = train(_config(data_dir, tmp_path / "istft", **settings))
+    assert first["step"] == 3 and first["resumed_from"] is None
+    second = train(_config(data_dir, tmp_path / "istft", **{**settings, "max_steps": 4}))
+    assert second["resumed_from"] == 3 and second["step"] == 4
+
+    state = torch.load(os.path.join(second["checkpoint"], STATE_FILE), weights_only=False)
+    assert state["step"] == 4 and state["discriminator"] is None and state["optimizer_d"] is None
+    log = read_log(os.path.join(tmp_path / "istft", "train_log.jsonl"))
+    records = [r for r in log if r["event"] == "train"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for record in records:
+        for key in ("loss_g", "loss_mel", "loss_dur", "loss_stft_sc", "loss_stft_mag"):
+            assert math.isfinite(record[key]) and record[key] > 0, (key, record)
+        assert "loss_d" not in record and "loss_adv" not in record
+    assert [r["step"] for r in log if r["event"] == "eval"] == [2, 4]
+
+    for directory in (os.path.join(tmp_path / "istft", "generator"), os.path.join(second["checkpoint"], "generator")):
+        vocoder = EchoXCodeHifiGan.from_pretrained(directory).eval()
+        assert vocoder.config.generator_type == "istft" and vocoder.config.hop_length == HOP
+        waveform = vocoder.synthesize([3, 7, 7, 1, 12])
+        assert waveform.dim() == 1 and len(waveform) % HOP == 0 and len(waveform) >= 5 * HOP
+        assert torch.isfinite(waveform).all() and waveform.abs().max() <= 1
+    loaded = EchoXCodeHifiGan.from_pretrained(os.path.join(second["checkpoint"], "generator"))
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, state["generator"][name]), name
 
 
 # ------------------------------------------------------------------------------------------------ resynthesis check

@@ -3,6 +3,11 @@ Train the EchoX unit vocoder (`EchoXCodeHifiGan`: unit embedding + duration pred
 speech-resynthesis train CodeHiFiGAN: HiFi-GAN multi-period + multi-scale discriminators, LSGAN + feature matching +
 45 × log-mel L1, plus MSE on log(d + 1) for the duration predictor.
 
+With `"vocoder": {"generator_type": "istft", ...}` (the light Vocos-style generator) the recipe is usually run with
+`"adversarial": false`: no discriminator is built, and the generator learns from log-mel L1 + the multi-resolution
+STFT loss (`stft_loss_weight` × (spectral convergence + log-magnitude L1)) + the duration loss, see
+`training/configs/vocoder_istft_cpu.json`.
+
     python -m training.train_vocoder --config training/configs/vocoder_tiny.json
     accelerate launch -m training.train_vocoder --config training/configs/vocoder_full.json
 
@@ -12,6 +17,7 @@ to train further. Outputs in `output_dir`:
 
     checkpoints/step-XXXXXXXX/generator/       loadable with EchoXCodeHifiGan.from_pretrained (weight norm removed)
     checkpoints/step-XXXXXXXX/training_state.pt generator (weight-normed), discriminator, optimizers, schedulers, step
+                                                (discriminator / its optimizer and scheduler are None without GAN)
     generator/                                  the final generator (same format)
     train_log.jsonl                             one JSON line per log / eval / resume event
     loss.png                                    loss curves, written at the end
@@ -38,6 +44,7 @@ from .vocoder.data import VocoderCollator, VocoderSegmentDataset, read_manifest
 from .vocoder.discriminators import DiscriminatorConfig, HifiGanDiscriminator
 from .vocoder.losses import (
     LogMelSpectrogram,
+    MultiResolutionSTFTLoss,
     discriminator_loss,
     duration_loss,
     feature_matching_loss,
@@ -69,6 +76,9 @@ DEFAULTS: dict[str, Any] = {
     "adversarial_weight": 1.0,
     "duration_loss_weight": 1.0,
     "disc_start_step": 0,  # steps of mel + duration loss only before the GAN losses start (0: GAN from the start)
+    "adversarial": True,  # False: no discriminator, no GAN losses (the iSTFT generator's recipe)
+    "stft_loss_weight": 0.0,  # multi-resolution STFT loss (spectral convergence + log-magnitude); 0 = off
+    "stft_resolutions": [[512, 128, 512], [1024, 256, 1024], [256, 64, 256]],  # (n_fft, hop, win)
     "grad_clip": None,  # max grad norm, None = no clipping
     "mixed_precision": "no",  # Accelerator mixed_precision: "no", "bf16", "fp16"
     "num_threads": None,  # torch.set_num_threads on CPU (None: leave as is)
@@ -140,9 +150,12 @@ class VocoderForTraining(nn.Module):
         }
 
 
-def build_models(config: dict[str, Any]) -> tuple[EchoXCodeHifiGan, HifiGanDiscriminator]:
+def build_models(config: dict[str, Any]) -> tuple[EchoXCodeHifiGan, HifiGanDiscriminator | None]:
+    """The generator (weight-normed if it is a HiFi-GAN) and the discriminator (`None` if `adversarial` is false)."""
     generator = EchoXCodeHifiGan(EchoXVocoderConfig(**config["vocoder"]))
-    generator.apply_weight_norm()
+    generator.apply_weight_norm()  # a no-op for the iSTFT generator
+    if not config.get("adversarial", True):
+        return generator, None
     discriminator = HifiGanDiscriminator(DiscriminatorConfig.from_dict(config["discriminator"]))
     return generator, discriminator
 
@@ -231,7 +244,9 @@ def plot_losses(log_path: str, png_path: str) -> bool:
     panels = [
         ("mel L1", [("loss_mel", train, "train"), ("eval_mel_l1", evaluation, "eval")]),
         ("duration MSE (log d+1)", [("loss_dur", train, "train"), ("eval_loss_dur", evaluation, "eval")]),
-        ("GAN", [("loss_adv", train, "G adversarial"), ("loss_fm", train, "feature matching"), ("loss_d", train, "D")]),
+        ("GAN / STFT", [("loss_adv", train, "G adversarial"), ("loss_fm", train, "feature matching"),
+                        ("loss_d", train, "D"), ("loss_stft_sc", train, "STFT spectral convergence"),
+                        ("loss_stft_mag", train, "STFT log-magnitude")]),
         ("generator total", [("loss_g", train, "train")]),
     ]
     figure, axes = plt.subplots(2, 2, figsize=(11, 7))
@@ -305,12 +320,14 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
     optimizer_g = torch.optim.AdamW(
         model.parameters(), config["learning_rate"], betas=betas, weight_decay=config["weight_decay"]
     )
-    optimizer_d = torch.optim.AdamW(
-        discriminator.parameters(), config["learning_rate"], betas=betas, weight_decay=config["weight_decay"]
-    )
     lr_lambda = _lr_lambda(config["lr_decay"], config["lr_decay_interval"])
     scheduler_g = torch.optim.lr_scheduler.LambdaLR(optimizer_g, lr_lambda)
-    scheduler_d = torch.optim.lr_scheduler.LambdaLR(optimizer_d, lr_lambda)
+    optimizer_d = scheduler_d = None
+    if discriminator is not None:
+        optimizer_d = torch.optim.AdamW(
+            discriminator.parameters(), config["learning_rate"], betas=betas, weight_decay=config["weight_decay"]
+        )
+        scheduler_d = torch.optim.lr_scheduler.LambdaLR(optimizer_d, lr_lambda)
 
     step, resumed_from = 0, None
     checkpoint = latest_checkpoint(output_dir)
@@ -323,11 +340,13 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
                     "use a new output_dir to change the architecture."
                 )
         generator.load_state_dict(state["generator"])
-        discriminator.load_state_dict(state["discriminator"])
         optimizer_g.load_state_dict(state["optimizer_g"])
-        optimizer_d.load_state_dict(state["optimizer_d"])
         scheduler_g.load_state_dict(state["scheduler_g"])
-        scheduler_d.load_state_dict(state["scheduler_d"])
+        # a GAN switched on after a GAN-free run starts from a fresh discriminator
+        if discriminator is not None and state.get("discriminator") is not None:
+            discriminator.load_state_dict(state["discriminator"])
+            optimizer_d.load_state_dict(state["optimizer_d"])
+            scheduler_d.load_state_dict(state["scheduler_d"])
         step = resumed_from = int(state["step"])
     if is_main:
         with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as handle:
@@ -358,12 +377,17 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
             eval_items, None, vocoder_config.hop_length, vocoder_config.sampling_rate, shuffle=False
         )
 
-    model, discriminator, optimizer_g, optimizer_d, loader = accelerator.prepare(
-        model, discriminator, optimizer_g, optimizer_d, loader
-    )
+    if discriminator is not None:
+        model, discriminator, optimizer_g, optimizer_d, loader = accelerator.prepare(
+            model, discriminator, optimizer_g, optimizer_d, loader
+        )
+        raw_discriminator = accelerator.unwrap_model(discriminator)
+    else:
+        model, optimizer_g, loader = accelerator.prepare(model, optimizer_g, loader)
+        raw_discriminator = None
     mel_fn = LogMelSpectrogram(sampling_rate=vocoder_config.sampling_rate, **config["mel"]).to(accelerator.device)
+    stft_loss_fn = MultiResolutionSTFTLoss(config["stft_resolutions"]) if config["stft_loss_weight"] else None
     raw_generator = accelerator.unwrap_model(model).generator
-    raw_discriminator = accelerator.unwrap_model(discriminator)
 
     if resumed_from is not None:
         logger.write({"event": "resume", "step": step, "checkpoint": checkpoint, "time": time.time()})
@@ -385,11 +409,11 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
                 "step": at_step,
                 "config": config,
                 "generator": raw_generator.state_dict(),
-                "discriminator": raw_discriminator.state_dict(),
+                "discriminator": None if raw_discriminator is None else raw_discriminator.state_dict(),
                 "optimizer_g": optimizer_g.state_dict(),
-                "optimizer_d": optimizer_d.state_dict(),
+                "optimizer_d": None if optimizer_d is None else optimizer_d.state_dict(),
                 "scheduler_g": scheduler_g.state_dict(),
-                "scheduler_d": scheduler_d.state_dict(),
+                "scheduler_d": None if scheduler_d is None else scheduler_d.state_dict(),
             }
             torch.save(state, os.path.join(temporary, STATE_FILE))
         accelerator.wait_for_everyone()
@@ -404,7 +428,8 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
 
     max_steps = config["max_steps"]
     model.train()
-    discriminator.train()
+    if discriminator is not None:
+        discriminator.train()
     sums: dict[str, float] = {}
     interval_steps, interval_start = 0, time.time()
     last_saved = resumed_from
@@ -417,7 +442,7 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
         for batch in epoch_loader:
             step_start = time.time()
             _seed_step(config["seed"], step, accelerator.process_index)
-            use_gan = step >= config["disc_start_step"]
+            use_gan = discriminator is not None and step >= config["disc_start_step"]
             with accelerator.autocast():
                 output = model(
                     batch["input_ids"], batch["attention_mask"], batch["durations"], batch.get("speaker_id")
@@ -441,6 +466,10 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
             loss_mel = mel_l1_loss(mel_fn, fake, real)
             loss_dur = duration_loss(output["log_durations"], batch["target_durations"], batch["attention_mask"])
             loss_g = config["mel_loss_weight"] * loss_mel + config["duration_loss_weight"] * loss_dur
+            if stft_loss_fn is not None:
+                loss_sc, loss_mag = stft_loss_fn(fake, real)
+                loss_g = loss_g + config["stft_loss_weight"] * (loss_sc + loss_mag)
+                losses.update(loss_stft_sc=loss_sc.detach(), loss_stft_mag=loss_mag.detach())
             if use_gan:
                 with accelerator.autocast():
                     _, fake_logits, real_maps, fake_maps = discriminator(real, fake)
@@ -454,7 +483,8 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
                 accelerator.clip_grad_norm_(model.parameters(), config["grad_clip"])
             optimizer_g.step()
             scheduler_g.step()
-            scheduler_d.step()
+            if scheduler_d is not None:
+                scheduler_d.step()
             losses.update(loss_g=loss_g.detach(), loss_mel=loss_mel.detach(), loss_dur=loss_dur.detach())
 
             step += 1

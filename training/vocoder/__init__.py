@@ -10,6 +10,7 @@ from .discriminators import (
 )
 from .losses import (
     LogMelSpectrogram,
+    MultiResolutionSTFTLoss,
     discriminator_loss,
     duration_loss,
     feature_matching_loss,
@@ -22,6 +23,7 @@ __all__ = [
     "HifiGanDiscriminator",
     "LogMelSpectrogram",
     "MultiPeriodDiscriminator",
+    "MultiResolutionSTFTLoss",
     "MultiScaleDiscriminator",
     "VocoderCollator",
     "VocoderSegmentDataset",

@@ -1,5 +1,6 @@
 """HiFi-GAN / CodeHiFiGAN training losses: log-mel L1 (own mel front end, HiFi-GAN's recipe), feature matching, LSGAN
-generator and discriminator losses, and fairseq's duration loss (MSE on log(d + 1))."""
+generator and discriminator losses, fairseq's duration loss (MSE on log(d + 1)), and the multi-resolution STFT loss
+(Parallel WaveGAN) used to train the iSTFT generator without a GAN."""
 
 import numpy as np
 import torch
@@ -84,6 +85,49 @@ def mel_l1_loss(mel_fn: LogMelSpectrogram, generated: torch.Tensor, target: torc
     return nn.functional.l1_loss(mel_fn(generated), mel_fn(target))
 
 
+class MultiResolutionSTFTLoss(nn.Module):
+    """
+    Parallel WaveGAN's multi-resolution STFT loss: for each `(n_fft, hop_length, win_length)` resolution, spectral
+    convergence `‖|S| - |Ŝ|‖_F / ‖|S|‖_F` plus the mean absolute log-magnitude difference `|log|S| - log|Ŝ||`
+    (magnitudes `sqrt(re² + im² + 1e-7)`, Hann window, centred STFT); returns the mean over resolutions of
+    `(spectral convergence, log-magnitude)` so the caller can weight them.
+    """
+
+    def __init__(self, resolutions=((512, 128, 512), (1024, 256, 1024), (256, 64, 256))):
+        super().__init__()
+        resolutions = [tuple(int(v) for v in resolution) for resolution in resolutions]
+        if not resolutions or any(len(r) != 3 or r[2] > r[0] or min(r) < 1 for r in resolutions):
+            raise ValueError(
+                f"resolutions must be (n_fft, hop_length, win_length ≤ n_fft) triples, got {resolutions}."
+            )
+        self.resolutions = resolutions
+
+    @staticmethod
+    def _magnitude(waveform: torch.Tensor, n_fft: int, hop: int, win: int) -> torch.Tensor:
+        window = torch.hann_window(win, device=waveform.device, dtype=waveform.dtype)
+        mode = "reflect" if waveform.shape[-1] > n_fft // 2 else "constant"
+        spec = torch.stft(
+            waveform, n_fft, hop_length=hop, win_length=win, window=window, center=True, pad_mode=mode,
+            return_complex=True,
+        )
+        return torch.sqrt(spec.real.pow(2) + spec.imag.pow(2) + 1e-7)
+
+    def forward(self, generated: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if generated.shape != target.shape:
+            raise ValueError(f"generated {tuple(generated.shape)} and target {tuple(target.shape)} must match.")
+        if generated.dim() == 1:
+            generated, target = generated[None], target[None]
+        generated, target = generated.float(), target.float()
+        convergence, log_magnitude = 0.0, 0.0
+        for n_fft, hop, win in self.resolutions:
+            fake = self._magnitude(generated, n_fft, hop, win)
+            real = self._magnitude(target, n_fft, hop, win)
+            convergence = convergence + torch.linalg.norm(real - fake) / torch.linalg.norm(real)
+            log_magnitude = log_magnitude + nn.functional.l1_loss(torch.log(fake), torch.log(real))
+        count = len(self.resolutions)
+        return convergence / count, log_magnitude / count
+
+
 def feature_matching_loss(real_maps: list[list[torch.Tensor]], fake_maps: list[list[torch.Tensor]]) -> torch.Tensor:
     """HiFi-GAN's feature loss: 2 × Σ over sub-discriminators and layers of mean |real - fake| (real detached)."""
     loss = 0.0
@@ -125,6 +169,7 @@ def duration_loss(
 
 __all__ = [
     "LogMelSpectrogram",
+    "MultiResolutionSTFTLoss",
     "discriminator_loss",
     "duration_loss",
     "feature_matching_loss",
