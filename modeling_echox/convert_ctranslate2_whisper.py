@@ -209,25 +209,32 @@ def whisper_encoder_state_dict(variables: dict[str, np.ndarray], num_layers: int
 
 
 def convert_ctranslate2_whisper_encoder(
-    model_dir: str, dtype: torch.dtype = torch.float32
+    model_dir: str, dtype: torch.dtype = torch.float32, window_seconds: int = 30
 ) -> tuple[WhisperEncoder, WhisperFeatureExtractor]:
     """
     Convert the encoder of a CTranslate2 Whisper model directory into a transformers `WhisperEncoder` (eval mode,
     weights in `dtype`; the fp16 values are widened exactly) and the matching `WhisperFeatureExtractor`.
 
     The encoder's `config` is a full `WhisperConfig` (decoder sizes taken from the file), so it can be used as
-    `EchoXConfig.audio_config`.
+    `EchoXConfig.audio_config`. `window_seconds` < 30 gives an encoder over a shorter input window: it keeps the
+    first `50 * window_seconds` positional embeddings (whisper.cpp's `audio_ctx` trick), and its feature extractor
+    pads to that window. Whisper never saw such windows in training, so the states differ from the 30 s ones; a model
+    trained on top of them (EchoX-mini uses 10 s) is fine, a released checkpoint is not.
     """
+    if not isinstance(window_seconds, int) or not 1 <= window_seconds <= 30:
+        raise ValueError(f"window_seconds must be an integer from 1 to 30, got {window_seconds!r}.")
     variables, _ = _load_whisper_variables(model_dir)
     config = whisper_encoder_config_from_variables(variables)
+    config.max_source_positions = 50 * window_seconds
     encoder = WhisperEncoder(config)
     state = whisper_encoder_state_dict(variables, config.encoder_layers, dtype=torch.float32)
+    state["embed_positions.weight"] = state["embed_positions.weight"][: config.max_source_positions]
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"Encoder conversion mismatch: missing {missing}, unexpected {unexpected}.")
     encoder = encoder.to(dtype).eval()
     feature_extractor = WhisperFeatureExtractor(
-        feature_size=config.num_mel_bins, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400
+        feature_size=config.num_mel_bins, sampling_rate=16000, hop_length=160, chunk_length=window_seconds, n_fft=400
     )
     return encoder, feature_extractor
 

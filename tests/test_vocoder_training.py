@@ -16,7 +16,7 @@ import torch
 
 from modeling_echox.configuration_echox import EchoXVocoderConfig
 from modeling_echox.vocoder import EchoXCodeHifiGan
-from training.resynthesis_check import normalize_text, word_error_rate, word_errors
+from modeling_echox.text_metrics import normalize_text, word_error_rate, word_errors
 from training.train_vocoder import (
     STATE_FILE,
     build_models,

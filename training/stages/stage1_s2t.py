@@ -15,7 +15,7 @@ import os
 
 from accelerate import PartialState
 
-from .common import apply_lora, load_model, run_trainer, stage_cli
+from .common import apply_lora, last_complete_checkpoint, load_model, log_event, run_trainer, stage_cli
 from .data import EchoXDataCollator, EncoderStateCache, load_dialogue_dataset
 
 DEFAULTS = {
@@ -23,6 +23,9 @@ DEFAULTS = {
     "lora": {"r": 64, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj"]},
     "trainable_modules": ["speech_adapter"],
     "s_align": {"enabled": False},  # fields: training/stages/s_align.py S_ALIGN_DEFAULTS
+    # Optional CTC-only warm-up of the adapter before the Trainer run (adapter alone, no LLM pass): until its CTC head
+    # learns to collapse frames, every encoder frame reaches the LLM, which makes the first full steps very slow.
+    "ctc_warmup": {"steps": 0, "learning_rate": 1e-3, "batch_size": 16},
 }
 
 
@@ -35,6 +38,51 @@ def build_feature_cache(model, processor, config, dataset):
     with PartialState().main_process_first():
         cache.warm([path for path in dataset["audio"] if path])
     return cache
+
+
+def ctc_warmup(model, collator, dataset, settings: dict, output_dir: str, seed: int = 0) -> dict | None:
+    """
+    Train the adapter's trainable weights on the CTC loss alone for `settings["steps"]` steps (AdamW); saved to
+    `output_dir/ctc_warmup.safetensors` and reloaded from there on a re-run. Returns a summary (None when disabled).
+    """
+    import random
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    steps = int(settings.get("steps") or 0)
+    if steps <= 0:
+        return None
+    path = os.path.join(output_dir, "ctc_warmup.safetensors")
+    adapter = model.speech_adapter
+    trainable = {name: p for name, p in adapter.named_parameters() if p.requires_grad}
+    if os.path.isfile(path):
+        adapter.load_state_dict(load_file(path), strict=False)
+        return {"ctc_warmup": "loaded", "path": path}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=settings.get("learning_rate", 1e-3), weight_decay=0.0)
+    rng = random.Random(seed)
+    rows = [i for i in range(len(dataset)) if dataset[i]["audio"]]
+    adapter.train()
+    losses, kept = [], []
+    for step in range(steps):
+        batch = collator([dataset[i] for i in rng.sample(rows, min(settings.get("batch_size", 16), len(rows)))])
+        states = batch.get("encoder_states")
+        if states is None:
+            states = model.encode_audio(batch["input_features"])
+        speech = adapter(states.to(adapter.projector.weight.dtype))
+        loss = model._ctc_loss(speech.ctc_logits, batch["ctc_labels"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+        kept.append(float(sum(len(e) for e in speech.speech_embeddings)) / len(speech.speech_embeddings))
+        if PartialState().is_main_process and (step + 1) % 10 == 0:
+            print(f"ctc warm-up step {step + 1}/{steps}: loss {sum(losses[-10:]) / 10:.3f}, "
+                  f"speech tokens per clip {sum(kept[-10:]) / 10:.1f}", flush=True)
+    os.makedirs(output_dir, exist_ok=True)
+    save_file({name: p.detach().contiguous() for name, p in trainable.items()}, path)
+    return {"ctc_warmup": steps, "first_loss": losses[0], "last_loss": losses[-1],
+            "speech_tokens_per_clip": kept[-1], "path": path}
 
 
 def main(config: dict) -> dict:
@@ -50,6 +98,11 @@ def main(config: dict) -> dict:
         max_response_tokens=config["max_response_tokens"],
     )
     model = apply_lora(model, config.get("lora"), config["trainable_modules"])
+    if config["ctc_warmup"].get("steps") and last_complete_checkpoint(config["output_dir"]) is None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        summary = ctc_warmup(base, collator, dataset, config["ctc_warmup"], config["output_dir"],
+                             config["training_args"].get("seed", 0))
+        log_event(config["output_dir"], {"event": "ctc_warmup", **summary}, PartialState().is_main_process)
     model.train()
     return run_trainer(
         model, processor, config, dataset, collator, ["labels", "ctc_labels"], "stage1_s2t", s_align=config.get("s_align")

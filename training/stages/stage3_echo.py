@@ -21,6 +21,7 @@ Only the precompute path is implemented (on-the-fly target generation is not).
 
 import json
 import os
+import random
 
 import torch
 from accelerate import PartialState
@@ -38,6 +39,7 @@ DEFAULTS = {
     "segment_wise": True,  # the released segment-wise mode (matches streaming inference)
     "segmentation_mode": None,  # "faithful" | "fast" | None (the config's default)
     "generation": {},  # kwargs of model.generate for the pseudo-label answers (default: greedy, the model's config)
+    "max_examples": None,  # pseudo-label only this many training records (a seeded random subset), e.g. on a CPU
     "lora": {"r": 64, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj"]},
     "trainable_modules": ["speech_adapter", "echo_decoder"],
     "training_args": {"learning_rate": 3e-5},  # the original run names suggest lr 3e-5
@@ -211,10 +213,15 @@ def main(config: dict) -> dict:
     cache_path = config.get("targets_cache") or os.path.join(config["output_dir"], "echo_targets.jsonl")
     with state.main_process_first():
         if state.is_main_process:
+            records = [r for path in _as_list(config["train_manifest"]) for r in read_manifest(path)]
+            if config.get("max_examples"):
+                records = random.Random(config["training_args"].get("seed", 0)).sample(
+                    records, min(config["max_examples"], len(records))
+                )
             report = precompute_echo_targets(
                 model,
                 processor,
-                [r for path in _as_list(config["train_manifest"]) for r in read_manifest(path)],
+                records,
                 cache_path,
                 segment_wise=config["segment_wise"],
                 segmentation_mode=config.get("segmentation_mode"),

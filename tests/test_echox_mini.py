@@ -1,0 +1,101 @@
+"""EchoX-mini assembly: the trained parts round-trip through export → rebuild over the installed base weights."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from modeling_echox.echox_mini import (
+    BUILD_MARKER,
+    DERIVED,
+    PARTS_FILE,
+    build_mini,
+    build_mini_base,
+    export_mini_parts,
+    load_mini_parts,
+)
+from modeling_echox.loading import load_echox
+from modeling_echox.unit_vocabulary import EchoXUnitVocabulary
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 'trained' EchoX-mini: random EchoX parts plus a rank-4 change of two LLM projections, exported."""
+    vocabulary = EchoXUnitVocabulary(["0", "1", "2", "▁3_4", "5"] + [str(u) for u in range(6, 20)] + ["3", "4"])
+    model, processor = build_mini_base(vocabulary, 20, seed=3)
+    generator = torch.Generator().manual_seed(0)
+    changed = ["language_model.model.layers.0.self_attn.q_proj.weight", "language_model.model.layers.5.self_attn.v_proj.weight"]
+    with torch.no_grad():
+        for name in changed:
+            weight = model.get_parameter(name)
+            left = torch.randn(weight.shape[0], 4, generator=generator) * 0.05
+            right = torch.randn(4, weight.shape[1], generator=generator) * 0.05
+            weight.add_(left @ right)
+    parts = tmp_path_factory.mktemp("parts")
+    sizes = export_mini_parts(model, processor, str(parts), metadata={"note": "test"})
+    return model, processor, str(parts), sizes, changed
+
+
+def test_base_is_whisper_tiny_and_smollm2(trained):
+    model, processor, *_ = trained
+    config = model.config
+    assert config.audio_config.max_source_positions == 500 and config.max_audio_seconds == 10.0
+    assert config.unit_token_offset == config.text_config.vocab_size == 49153
+    assert processor.tokenizer.convert_ids_to_tokens(config.audio_token_id) == "<audio>"
+    for target, source in DERIVED.items():
+        assert torch.equal(model.state_dict()[target], model.state_dict()[source])
+    assert model.unit_table[3].tolist()[:2] == [3, 4]
+
+
+def test_parts_are_small_and_rebuild_the_model(trained):
+    model, _, parts, sizes, changed = trained
+    assert sizes["low_rank_changes"] == 2
+    with open(os.path.join(parts, "parts.json")) as handle:
+        assert sorted(json.load(handle)["low_rank_changes"]) == sorted(changed)
+    rebuilt, processor = load_mini_parts(parts)
+    original, restored = model.state_dict(), rebuilt.state_dict()
+    assert original.keys() == restored.keys()
+    for name, tensor in original.items():
+        assert torch.allclose(tensor.float(), restored[name].float(), atol=2e-3, rtol=1e-3), name
+    assert processor.system_prompt == trained[1].system_prompt
+    assert len(processor.unit_vocabulary) == len(trained[1].unit_vocabulary)
+
+
+def test_build_writes_a_loadable_checkpoint(trained, tmp_path):
+    parts = trained[2]
+    out = build_mini(str(tmp_path / "mini"), parts_dir=parts)
+    assert os.path.isfile(os.path.join(out, BUILD_MARKER))
+    model, processor = load_echox(out)
+    assert model.config.num_units == 20 and processor.prompt_format == "chat_template"
+
+
+def test_export_refuses_untracked_base_changes(trained, tmp_path):
+    model, processor, *_ = trained
+    with torch.no_grad():
+        model.speech_adapter.ctc_head.weight[0, 0] += 1.0
+    try:
+        with pytest.raises(ValueError, match="ctc_head"):
+            export_mini_parts(model, processor, str(tmp_path / "a"))
+    finally:
+        with torch.no_grad():
+            model.speech_adapter.ctc_head.weight[0, 0] -= 1.0
+    norm = model.language_model.model.norm.weight
+    with torch.no_grad():
+        norm[0] += 1.0
+    try:
+        with pytest.raises(ValueError, match="low-rank"):
+            export_mini_parts(model, processor, str(tmp_path / "b"))
+    finally:
+        with torch.no_grad():
+            norm[0] -= 1.0
+
+
+def test_missing_parts_are_named(trained, tmp_path):
+    parts = tmp_path / "broken"
+    parts.mkdir()
+    for name in os.listdir(trained[2]):
+        if name != PARTS_FILE:
+            (parts / name).write_bytes((open(os.path.join(trained[2], name), "rb")).read())
+    with pytest.raises(FileNotFoundError, match=PARTS_FILE):
+        load_mini_parts(str(parts))
