@@ -32,8 +32,21 @@ SIZES = {
 }
 
 
-def build_random_echox(size: str = "tiny", seed: int = 0) -> tuple[EchoXForSpeechToSpeech, EchoXProcessor]:
-    """A randomly initialised EchoX and its processor (tiny Llama-3-style tokenizer, raw-unit vocabulary)."""
+def build_random_echox(
+    size: str = "tiny",
+    seed: int = 0,
+    unit_vocabulary: EchoXUnitVocabulary | None = None,
+    num_units: int | None = None,
+) -> tuple[EchoXForSpeechToSpeech, EchoXProcessor]:
+    """
+    A randomly initialised EchoX and its processor (tiny Llama-3-style tokenizer).
+
+    Without `unit_vocabulary` the unit vocabulary is one token per unit (`EchoXUnitVocabulary.from_num_units` of the
+    size's `num_units`). With one (e.g. `EchoXUnitLanguage.to_vocabulary()` of a stage-0 run), the echo decoder's unit
+    tokens, the model's `unit_table`, the vocoder and the processor all follow it: `unit_vocab_size = len(vocabulary)`,
+    `num_units` = the given `num_units` or 1 + the largest unit id the vocabulary spells, `unit_max_piece_length` =
+    the width of its unit table.
+    """
     if size not in SIZES:
         raise ValueError(f"Unknown size {size!r}; choose one of {sorted(SIZES)}.")
     spec = SIZES[size]
@@ -44,8 +57,15 @@ def build_random_echox(size: str = "tiny", seed: int = 0) -> tuple[EchoXForSpeec
         return tokenizer(text).input_ids
 
     speaker_header = [vocab[START_HEADER_TOKEN], *piece("speaker"), vocab[END_HEADER_TOKEN], *piece("\n")]
-    num_units = spec["num_units"]
-    unit_vocabulary = EchoXUnitVocabulary.from_num_units(num_units)
+    if unit_vocabulary is None:
+        num_units = spec["num_units"] if num_units is None else num_units
+        unit_vocabulary = EchoXUnitVocabulary.from_num_units(num_units)
+    elif num_units is None:
+        spelled = [u for i in range(len(unit_vocabulary)) for u in unit_vocabulary.units_of(i)]
+        if not spelled:
+            raise ValueError("build_random_echox: the unit vocabulary spells no unit ids; pass num_units.")
+        num_units = max(spelled) + 1
+    unit_table = unit_vocabulary.to_unit_table(num_units)
     text_vocab_size = len(tokenizer)
     config = EchoXConfig(
         audio_config={"model_type": "whisper", "num_mel_bins": 80, "max_source_positions": 1500, **spec["audio"]},
@@ -74,7 +94,7 @@ def build_random_echox(size: str = "tiny", seed: int = 0) -> tuple[EchoXForSpeec
         num_units=num_units,
         unit_vocab_size=len(unit_vocabulary),
         unit_token_offset=text_vocab_size,
-        unit_max_piece_length=1,
+        unit_max_piece_length=unit_table.shape[1],
         echo_prefix_ids=speaker_header,
         echo_suffix_ids=[vocab[EOT_TOKEN], *speaker_header],
         echo_prefix_quirk_id=None,
@@ -84,7 +104,7 @@ def build_random_echox(size: str = "tiny", seed: int = 0) -> tuple[EchoXForSpeec
     )
     torch.manual_seed(seed)
     model = EchoXForSpeechToSpeech(config).eval()
-    model.unit_table.copy_(unit_vocabulary.to_unit_table(num_units))
+    model.unit_table.copy_(unit_table)
     model.generation_config = GenerationConfig(
         do_sample=False,
         max_new_tokens=spec["max_new_tokens"],

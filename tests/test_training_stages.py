@@ -1,6 +1,7 @@
 """
-Training stages I → II → III (training/stages): a tiny end-to-end chain whose losses go down, resuming, the data
-collator's label layout, the frozen-encoder feature cache, and (slow) a SIGKILL mid-run and 2-process DDP on CPU.
+Training stages 0 → I → II → III (training/stages): a tiny end-to-end chain (stage 0's unit language is the unit
+vocabulary the later stages train on) whose losses go down, resuming, the data collator's label layout, the
+frozen-encoder feature cache, and (slow) a SIGKILL mid-run and 2-process DDP on CPU.
 """
 
 import copy
@@ -15,10 +16,11 @@ import pytest
 import torch
 
 from modeling_echox.random_checkpoint import build_random_echox
-from training.stages import stage1_s2t, stage2_t2c, stage3_echo
-from training.stages.common import last_complete_checkpoint, load_config, load_trained_echox, read_log
-from training.stages.data import IGNORE_INDEX, EchoXDataCollator, EncoderStateCache, load_dialogue_dataset
-from training.stages.tiny_data import make_tiny_dataset
+from modeling_echox.unit_language import EchoXUnitLanguage
+from training.stages import stage0_units, stage1_s2t, stage2_t2c, stage3_echo
+from training.stages.common import last_complete_checkpoint, load_config, load_model, load_trained_echox, read_log
+from training.stages.data import IGNORE_INDEX, EchoXDataCollator, EncoderStateCache, load_dialogue_dataset, write_manifest
+from training.stages.tiny_data import make_tiny_dataset, synthesize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "training", "configs")
@@ -39,27 +41,70 @@ def data(tmp_path_factory):
     return make_tiny_dataset(str(tmp_path_factory.mktemp("tiny_data")), num_units=64, count=8)
 
 
+def chain_manifest(data: str, tmp) -> tuple[str, str]:
+    """
+    Stage 0's input: each distinct response of the tiny data spoken (flite, else tones) as `answer_audio`. Returns
+    (that manifest, the path the combined training manifest is written to after stage 0).
+    """
+    records = [json.loads(line) for line in open(data)]
+    answers_dir = tmp / "answers"
+    answers_dir.mkdir()
+    answers = []
+    for index, response in enumerate(sorted({record["response"] for record in records})):
+        wav = synthesize(response, str(answers_dir / f"a{index:03d}.wav"), 100 + index)
+        answers.append({"id": f"a{index:03d}", "response": response, "answer_audio": os.path.basename(wav)})
+    return write_manifest(str(answers_dir / "answers.jsonl"), answers), str(tmp / "train.jsonl")
+
+
+def combine_with_stage0(data: str, stage0_dir: str, out: str) -> str:
+    """Tiny data's spoken questions + stage 0's unit-language targets of the same responses (the tiny data's made-up
+    64-unit targets and segments dropped): the one manifest stages I, II and III train on."""
+    base = os.path.dirname(os.path.abspath(data))
+    units = {record["response"]: record["units"] for record in map(json.loads, open(os.path.join(stage0_dir, "dialogues.jsonl")))}
+    records = []
+    for record in map(json.loads, open(data)):
+        record = {k: v for k, v in record.items() if k not in ("units", "segments")}
+        record["audio"] = os.path.join(base, record["audio"])
+        record["units"] = units[record["response"]]
+        records.append(record)
+    return write_manifest(out, records)
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, data):
-    """Stage I → II → III on the tiny random model (in process; short runs with a high learning rate)."""
+    """Stage 0 → I → II → III on the tiny random model (in process; short runs with a high learning rate)."""
     tmp = tmp_path_factory.mktemp("chain")
     fast = {"max_steps": 8, "logging_steps": 2, "save_steps": 4}
     started = time.time()
-    s1 = stage1_s2t.main(stage_config(stage1_s2t, "stage1", tmp, data, training_args=fast))
-    s2 = stage2_t2c.main(stage_config(stage2_t2c, "stage2", tmp, data, training_args={**fast, "max_steps": 20}))
+    answers, train = chain_manifest(data, tmp)
+    s0 = stage0_units.main(
+        load_config(
+            os.path.join(CONFIGS, "stage0_tiny.json"),
+            stage0_units.DEFAULTS,
+            extra={"manifests": [answers], "output_dir": str(tmp / "stage0"), "num_units": 16,
+                   "unit_language": {"vocab_size": 32, "model_type": "bpe"}},
+        )
+    )
+    stage0_dir = str(tmp / "stage0")
+    train = combine_with_stage0(data, stage0_dir, train)
+    units = {"units_from": stage0_dir}
+    s1 = stage1_s2t.main(stage_config(stage1_s2t, "stage1", tmp, train, training_args=fast, **units))
+    s2 = stage2_t2c.main(stage_config(stage2_t2c, "stage2", tmp, train, training_args={**fast, "max_steps": 20}, **units))
     s3 = stage3_echo.main(
         stage_config(
             stage3_echo,
             "stage3",
             tmp,
-            data,
+            train,
             model=s1["final"],
             echo_decoder_from=s2["final"],
             generation={"max_new_tokens": 10},
             training_args=fast,
+            **units,
         )
     )
-    return {"tmp": tmp, "s1": s1, "s2": s2, "s3": s3, "seconds": time.time() - started}
+    return {"tmp": tmp, "train": train, "stage0": stage0_dir, "s0": s0, "s1": s1, "s2": s2, "s3": s3,
+            "seconds": time.time() - started}
 
 
 # ----------------------------------------------------------------------------------------------------- collator
@@ -168,7 +213,54 @@ def test_chain_losses_go_down(chain):
         curve = losses(str(chain["tmp"] / stage), key)
         assert len(curve) >= 3, (stage, key, curve)
         assert curve[-1] < 0.8 * curve[0], (stage, key, curve)
-    print(f"chain I→II→III: {chain['seconds']:.0f} s")
+    print(f"chain 0→I→II→III: {chain['seconds']:.0f} s")
+
+
+def test_chain_stage0_units_feed_the_model(chain):
+    """Stage 0's outputs exist, and the stage-III model speaks stage 0's unit language (size and unit table)."""
+    stage0 = chain["stage0"]
+    for name in ("unit_kmeans.safetensors", "vocoder_units.jsonl", "dialogues.jsonl", "unit_language"):
+        assert os.path.exists(os.path.join(stage0, name)), name
+    assert chain["s0"]["answers"] == 8 and chain["s0"]["num_units"] == 16
+    language = EchoXUnitLanguage.from_pretrained(os.path.join(stage0, "unit_language"))
+    assert language.max_piece_length > 1  # real multi-unit pieces, not the one-token-per-unit fallback
+    model, processor = load_trained_echox(str(chain["tmp"] / "stage3" / "final"))
+    config = model.config
+    assert config.unit_vocab_size == language.vocab_size == len(language.to_vocabulary())
+    assert config.num_units == language.num_units and config.unit_max_piece_length == language.max_piece_length
+    assert model.vocoder.config.num_units == language.num_units
+    assert processor.unit_vocabulary.pieces == language.to_vocabulary().pieces
+    records = [json.loads(line) for line in open(os.path.join(stage0, "dialogues.jsonl"))]
+    vocoder_units = {item["audio"]: item["units"] for item in map(json.loads, open(os.path.join(stage0, "vocoder_units.jsonl")))}
+    for record in records:
+        expected = language.decode(record["units"])
+        assert expected == vocoder_units[record["answer_audio"]]  # the stage-0 unit ids of this answer
+        rows = model.unit_table[torch.tensor(record["units"])].flatten()
+        assert rows[rows >= 0].tolist() == expected
+        echo_ids = [config.unit_token_offset + u for u in record["units"]]
+        assert model.units_from_echo_ids(echo_ids) == expected
+    # the training manifest's targets are stage 0's, not the tiny data's
+    train = {r["response"]: r["units"] for r in map(json.loads, open(chain["train"]))}
+    assert all(train[r["response"]] == r["units"] for r in records)
+
+
+def test_units_from_builds_random_models_and_refuses_other_checkpoints(chain, tmp_path):
+    from modeling_echox.random_checkpoint import write_random_checkpoint
+
+    stage0 = chain["stage0"]
+    language = EchoXUnitLanguage.from_pretrained(os.path.join(stage0, "unit_language"))
+    model, processor = load_model({"model": "random:tiny", "units_from": stage0})
+    assert model.config.unit_vocab_size == language.vocab_size and model.config.num_units == language.num_units
+    assert model.unit_table.shape == (language.vocab_size, language.max_piece_length)
+    assert processor.unit_vocabulary.pieces == language.to_vocabulary().pieces
+    default, _ = build_random_echox("tiny")  # the default is unchanged: 64 units, one token each
+    assert default.config.unit_vocab_size == default.config.num_units == 64 and default.config.unit_max_piece_length == 1
+    load_model({"model": str(chain["tmp"] / "stage1" / "final"), "units_from": stage0})  # same unit language: fine
+    other = write_random_checkpoint(str(tmp_path / "random"))
+    with pytest.raises(ValueError, match="unit language"):
+        load_model({"model": other, "units_from": stage0})
+    with pytest.raises(ValueError, match="stage-0"):
+        load_model({"model": "random:tiny", "units_from": str(tmp_path)})
 
 
 def test_chain_outputs_are_loadable_checkpoints(chain):
@@ -190,7 +282,9 @@ def test_chain_outputs_are_loadable_checkpoints(chain):
     s1, _ = load_trained_echox(str(tmp / "stage1" / "final"))
     s2, _ = load_trained_echox(str(tmp / "stage2" / "final"))
     assert torch.equal(s1.text_table, s2.text_table)
-    assert not torch.equal(s2.echo_decoder.lm_head.weight, build_random_echox("tiny")[0].echo_decoder.lm_head.weight)
+    start, _ = load_model({"model": "random:tiny", "units_from": chain["stage0"]})  # stage II's starting point
+    assert s2.echo_decoder.lm_head.weight.shape == start.echo_decoder.lm_head.weight.shape
+    assert not torch.equal(s2.echo_decoder.lm_head.weight, start.echo_decoder.lm_head.weight)
 
 
 def test_stage_resumes_from_its_last_checkpoint(tmp_path, data):

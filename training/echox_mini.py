@@ -69,6 +69,18 @@ def stage_manifests(speech_dir: str, out_dir: str) -> dict[str, str]:
     return paths
 
 
+def t2c_manifest(units_dir: str, out_path: str) -> str:
+    """Stage II's manifest: each distinct spoken answer once, `{"id", "response", "units"}` (from stage 0)."""
+    from .data.spoken_qa import read_jsonl
+    from .stages.data import write_manifest
+
+    unique = {}
+    for record in read_jsonl(os.path.join(units_dir, "dialogues.jsonl")):
+        unique.setdefault(record["answer_audio"], {
+            "id": f"t2c-{len(unique)}", "response": record.get("response") or record["answer_text"], "units": record["units"]})
+    return write_manifest(out_path, list(unique.values()))
+
+
 def eval_manifest(speech_dir: str, split: str = "test", seed: int = 0) -> str:
     """
     `<speech_dir>/eval_<split>.jsonl` for `echox eval`: every held-out voice, one seeded phrasing per capital,
@@ -199,9 +211,11 @@ def run(work: str = "build", until: str = "stage3", export: bool = False) -> Non
     step("stage1", os.path.join(stage1, "final", "model.safetensors"), stage_step(
         "stage1", stage1_s2t, model=base, train_manifest=manifests.get("train"), output_dir=stage1,
         feature_cache_dir=cache))
+    t2c = os.path.join(data, "stages", "t2c_train.jsonl")
+    if _done(os.path.join(units, "dialogues.jsonl")):
+        t2c_manifest(units, t2c)
     step("stage2", os.path.join(stage2, "final", "model.safetensors"), stage_step(
-        "stage2", stage2_t2c, model=os.path.join(stage1, "final"), output_dir=stage2,
-        train_manifest=os.path.join(units, "dialogues.jsonl")))
+        "stage2", stage2_t2c, model=os.path.join(stage1, "final"), output_dir=stage2, train_manifest=t2c))
     step("stage3", os.path.join(stage3, "final", "model.safetensors"), stage_step(
         "stage3", stage3_echo, model=os.path.join(stage1, "final"), echo_decoder_from=os.path.join(stage2, "final"),
         output_dir=stage3, train_manifest=manifests.get("train"), feature_cache_dir=cache))

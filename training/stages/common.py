@@ -34,6 +34,10 @@ ADAPTER_DIR = "lora_adapter"
 COMMON_DEFAULTS: dict[str, Any] = {
     "model": "random:tiny",  # a checkpoint directory, or "random:<size>" (build_random_echox)
     "model_seed": 0,  # seed of a random model
+    # a stage-0 output directory (training/stages/stage0_units.py): its unit language (`unit_language/`) is the unit
+    # vocabulary the model speaks. A "random:<size>" model is built with it (unit_vocab_size, num_units, unit table);
+    # a checkpoint must already have it (a mismatch is an error, never a silent resize). None: the model's own.
+    "units_from": None,
     "train_manifest": None,  # JSONL manifest(s) (training/stages/data.py)
     "output_dir": None,
     "feature_cache": True,  # cache the frozen speech encoder's outputs on disk (ignored when it trains)
@@ -139,15 +143,63 @@ def load_trained_echox(path: str, merge_lora: bool = True):
     return model, processor
 
 
+def load_units_language(units_from: str):
+    """The `EchoXUnitLanguage` of a stage-0 output directory (`<units_from>/unit_language/`)."""
+    from modeling_echox.unit_language import EchoXUnitLanguage
+
+    directory = os.path.join(units_from, "unit_language")
+    if not os.path.isdir(directory):
+        raise ValueError(f"units_from={units_from!r} is not a stage-0 output directory (no unit_language/ in it).")
+    return EchoXUnitLanguage.from_pretrained(directory)
+
+
+def check_unit_vocabulary(model, processor, language, source: str, units_from: str) -> None:
+    """Raise a ValueError unless the model (config, unit table, processor) speaks the stage-0 unit language."""
+    vocabulary = language.to_vocabulary()
+    config = model.config
+    problems = []
+    if config.unit_vocab_size != len(vocabulary):
+        problems.append(f"unit_vocab_size {config.unit_vocab_size} ≠ {len(vocabulary)}")
+    if config.num_units != language.num_units:
+        problems.append(f"num_units {config.num_units} ≠ {language.num_units}")
+    if not problems:
+        expected = vocabulary.to_unit_table(config.num_units)
+        table = model.unit_table.detach().cpu()
+        width = max(expected.shape[1], table.shape[1])
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)  # noqa: E731
+        if not torch.equal(pad(table), pad(expected)):
+            problems.append("its unit_table spells other units")
+    own = getattr(processor, "unit_vocabulary", None)
+    if not problems and own is not None and list(own.pieces) != list(vocabulary.pieces):
+        problems.append("its processor's unit vocabulary has other pieces")
+    if problems:
+        raise ValueError(
+            f"The checkpoint {source!r} does not use the unit language of units_from={units_from!r} "
+            f"({'; '.join(problems)}). Train from a checkpoint built with that unit language (or a random:<size> "
+            "model), or drop units_from; the unit vocabulary is never resized silently."
+        )
+
+
 def load_model(config: dict):
-    """The starting model and processor of a stage (a LoRA adapter of an earlier stage is merged first)."""
+    """
+    The starting model and processor of a stage (a LoRA adapter of an earlier stage is merged first). With
+    `units_from` (a stage-0 directory) a random model is built with its unit language; a checkpoint is checked to
+    already use it.
+    """
     name = config["model"]
+    units_from = config.get("units_from")
+    language = load_units_language(units_from) if units_from else None
     if isinstance(name, str) and name.startswith("random:"):
         from modeling_echox.random_checkpoint import build_random_echox
 
-        model, processor = build_random_echox(name.split(":", 1)[1], seed=config.get("model_seed", 0))
+        kwargs = {}
+        if language is not None:
+            kwargs = {"unit_vocabulary": language.to_vocabulary(), "num_units": language.num_units}
+        model, processor = build_random_echox(name.split(":", 1)[1], seed=config.get("model_seed", 0), **kwargs)
     else:
         model, processor = load_trained_echox(name, merge_lora=True)
+        if language is not None:
+            check_unit_vocabulary(model, processor, language, name, units_from)
     if config.get("disable_dropout"):
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
