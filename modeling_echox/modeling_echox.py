@@ -21,6 +21,13 @@ from .vocoder import EchoXCodeHifiGan
 from .vocoder_streaming import EchoXVocoderStream
 
 IGNORE_INDEX = -100
+AUDIO_CROP_MARGIN = 4  # encoder frames kept after the longest real clip when `crop_audio_padding` is on
+
+
+def cropped_frame_count(frame_lengths, frame_stack: int, max_frames: int) -> int:
+    """Encoder frames `crop_audio_padding` keeps for a batch of clips with `frame_lengths` real frames."""
+    longest = max(int(length) for length in frame_lengths) + AUDIO_CROP_MARGIN
+    return min(-(-longest // frame_stack) * frame_stack, max_frames)
 
 
 @dataclass
@@ -71,6 +78,7 @@ class _PromptInputs:
     position_ids: torch.LongTensor
     labels: torch.LongTensor | None
     ctc_logits: torch.Tensor | None
+    ctc_lengths: torch.LongTensor | None = None
 
 
 class EchoXPreTrainedModel(PreTrainedModel):
@@ -131,12 +139,17 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
 
     # ----------------------------------------------------------------------------------------------------- speech in
     def get_speech_embeddings(
-        self, input_features: torch.FloatTensor | None = None, encoder_states: torch.FloatTensor | None = None
+        self,
+        input_features: torch.FloatTensor | None = None,
+        encoder_states: torch.FloatTensor | None = None,
+        audio_frame_lengths: torch.LongTensor | None = None,
     ):
         """
         Log-mel features `[N, n_mels, frames]` → `SpeechAdapterOutput` (speech embeddings per clip, CTC logits).
         `encoder_states` `[N, frames / 2, d_model]`: the frozen `audio_tower`'s outputs computed beforehand (e.g. a
         training feature cache, see `encode_audio`); they replace `input_features` and skip the speech encoder.
+        With `crop_audio_padding`, each clip's adapter sees only its real encoder frames (+ a margin):
+        `audio_frame_lengths` `[N]` says how many (default: read off `input_features`, or all frames).
         """
         if encoder_states is not None:
             expected = (self.audio_tower.config.max_source_positions, self.config.audio_config.d_model)
@@ -145,9 +158,33 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
                     f"encoder_states must have shape [clips, {expected[0]}, {expected[1]}] (the speech encoder's "
                     f"output frames and width), got {list(encoder_states.shape)}."
                 )
-            return self.speech_adapter(encoder_states.to(self.speech_adapter.projector.weight.dtype))
-        states = self.encode_audio(input_features)
-        return self.speech_adapter(states.to(self.speech_adapter.projector.weight.dtype))
+            states = encoder_states
+        else:
+            states = self.encode_audio(input_features)
+        frame_counts = None
+        if self.config.crop_audio_padding:
+            if audio_frame_lengths is None and input_features is not None:
+                audio_frame_lengths = self.real_frame_lengths(input_features)
+            if audio_frame_lengths is not None:
+                frame_counts = [self.cropped_frames([length]) for length in audio_frame_lengths.tolist()]
+        return self.speech_adapter(states.to(self.speech_adapter.projector.weight.dtype), frame_counts)
+
+    @staticmethod
+    def real_frame_lengths(input_features: torch.FloatTensor) -> torch.LongTensor:
+        """
+        Encoder frames holding real audio, per clip, read off Whisper log-mel features: the feature extractor pads
+        with zeros, whose log-mel sits exactly on the clip's floor value, so the last frame with any bin above the
+        floor ends the audio (each encoder frame covers 2 mel frames).
+        """
+        floor = input_features.amin(dim=(1, 2), keepdim=True)
+        active = (input_features > floor + 1e-4).any(dim=1)
+        index = torch.arange(active.shape[1], device=active.device)
+        last = torch.where(active, index, -1).amax(dim=1)
+        return (last + 2) // 2
+
+    def cropped_frames(self, frame_lengths) -> int:
+        """How many encoder frames `crop_audio_padding` keeps for a batch whose real clips have `frame_lengths`."""
+        return cropped_frame_count(frame_lengths, self.config.adapter_frame_stack, self.audio_tower.config.max_source_positions)
 
     def encode_audio(self, input_features: torch.FloatTensor) -> torch.FloatTensor:
         """The speech encoder alone: log-mel features `[N, n_mels, frames]` → states `[N, frames / 2, d_model]`."""
@@ -164,7 +201,14 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
             return self.audio_tower(input_features.to(self.audio_tower.dtype)).last_hidden_state
 
     def _prepare_prompt(
-        self, input_ids, attention_mask, input_features=None, labels=None, padding_side="right", encoder_states=None
+        self,
+        input_ids,
+        attention_mask,
+        input_features=None,
+        labels=None,
+        padding_side="right",
+        encoder_states=None,
+        audio_frame_lengths=None,
     ):
         """
         Embed `input_ids`, replace each `<audio>` placeholder by its clip's speech embeddings (clips in row-major
@@ -183,7 +227,7 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
                 f"The prompt holds {int(placeholders.sum())} audio placeholder token(s) (id {self.config.audio_token_id}) "
                 f"but {num_clips} audio clip(s) were given; each clip needs exactly one placeholder."
             )
-        speech = self.get_speech_embeddings(input_features, encoder_states) if num_clips else None
+        speech = self.get_speech_embeddings(input_features, encoder_states, audio_frame_lengths) if num_clips else None
         clips = iter(speech.speech_embeddings) if speech is not None else iter(())
         embed = self.get_input_embeddings()
         pad_id = self.config.text_pad_token_id if self.config.text_pad_token_id is not None else 0
@@ -230,16 +274,21 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             labels=new_labels,
             ctc_logits=speech.ctc_logits if speech is not None else None,
+            ctc_lengths=speech.ctc_lengths if speech is not None else None,
         )
 
     # ------------------------------------------------------------------------------------------------------- losses
-    def _ctc_loss(self, ctc_logits, ctc_labels):
+    def _ctc_loss(self, ctc_logits, ctc_labels, ctc_lengths=None):
         """CTC of the adapter's head against transcript ids (`-100` padded); blank = `<audio>`, as released."""
         if ctc_labels.shape[0] != ctc_logits.shape[0]:
             raise ValueError(f"ctc_labels has {ctc_labels.shape[0]} rows but the batch has {ctc_logits.shape[0]} audio clips.")
         valid = ctc_labels != IGNORE_INDEX
         log_probs = nn.functional.log_softmax(ctc_logits.float(), dim=-1).transpose(0, 1)
-        input_lengths = torch.full((ctc_logits.shape[0],), ctc_logits.shape[1], dtype=torch.long)
+        input_lengths = (
+            ctc_lengths.to(torch.long).cpu()
+            if ctc_lengths is not None
+            else torch.full((ctc_logits.shape[0],), ctc_logits.shape[1], dtype=torch.long)
+        )
         return nn.functional.ctc_loss(
             log_probs,
             ctc_labels.masked_fill(~valid, 0),
@@ -334,6 +383,7 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         echo_text_ids: torch.LongTensor | None = None,
         echo_segment_lengths: torch.LongTensor | None = None,
         encoder_states: torch.FloatTensor | None = None,
+        audio_frame_lengths: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
@@ -352,6 +402,8 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
             response is one segment and the loss follows the paper's combination with the S2T loss.
         encoder_states: the frozen speech encoder's outputs `[clips, frames, d_model]` (from `encode_audio`, e.g. a
             feature cache), instead of `input_features`.
+        audio_frame_lengths: real encoder frames per clip `[clips]` for `crop_audio_padding` (read off
+            `input_features` when not given).
         hidden_states_callback: called with the final-layer state `[B, H]` at the last position (the state that
             produces the next token); streaming uses it.
         """
@@ -366,7 +418,10 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         if input_features is not None or encoder_states is not None or (inputs_embeds is None and position_ids is None):
             if input_ids is None:
                 raise ValueError("EchoX needs input_ids (or inputs_embeds with position_ids).")
-            prompt = self._prepare_prompt(input_ids, attention_mask, input_features, labels, encoder_states=encoder_states)
+            prompt = self._prepare_prompt(
+                input_ids, attention_mask, input_features, labels, encoder_states=encoder_states,
+                audio_frame_lengths=audio_frame_lengths,
+            )
             inputs_embeds, attention_mask, position_ids, labels = (
                 prompt.inputs_embeds,
                 prompt.attention_mask,
@@ -401,7 +456,7 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         if ctc_labels is not None:
             if ctc_logits is None:
                 raise ValueError("ctc_labels were given without input_features.")
-            ctc_loss = self._ctc_loss(ctc_logits, ctc_labels)
+            ctc_loss = self._ctc_loss(ctc_logits, ctc_labels, prompt.ctc_lengths)
             loss = ctc_loss * self.config.ctc_loss_weight if loss is None else loss + self.config.ctc_loss_weight * ctc_loss
         if unit_labels is not None:
             if labels is None:

@@ -12,10 +12,13 @@ class SpeechAdapterOutput:
     """
     speech_embeddings: one `[v_i, H]` tensor per clip, the vectors that replace its `<audio>` placeholder.
     ctc_logits: `[num_clips, frames, V]` logits of the CTC head over the LLM vocabulary (blank = `<audio>`).
+    ctc_lengths: adapter frames of each clip when clips were cropped to their own length (rows of `ctc_logits` are
+        zero-padded after it), else None (every clip has all `frames`).
     """
 
     speech_embeddings: list[torch.Tensor]
     ctc_logits: torch.Tensor
+    ctc_lengths: torch.LongTensor | None = None
 
 
 class EchoXSpeechAdapter(nn.Module):
@@ -72,7 +75,16 @@ class EchoXSpeechAdapter(nn.Module):
         keep[:, 1:] = tokens[:, 1:] != tokens[:, :-1]
         return keep
 
-    def forward(self, encoder_states: torch.Tensor) -> SpeechAdapterOutput:
+    def forward(self, encoder_states: torch.Tensor, frame_counts: list[int] | None = None) -> SpeechAdapterOutput:
+        """`frame_counts`: encoder frames to use per clip (multiples of the frame stack); default: all of them."""
+        if frame_counts is not None:
+            clips = [self(encoder_states[i : i + 1, :count]) for i, count in enumerate(frame_counts)]
+            logits = [clip.ctc_logits[0] for clip in clips]
+            return SpeechAdapterOutput(
+                speech_embeddings=[clip.speech_embeddings[0] for clip in clips],
+                ctc_logits=pad_sequence(logits, batch_first=True),
+                ctc_lengths=torch.tensor([len(clip) for clip in logits], device=encoder_states.device),
+            )
         frames = self.encode_frames(encoder_states)
         ctc_logits = self.ctc_head(frames)
         keep = self.run_starts(ctc_logits)

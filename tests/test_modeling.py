@@ -1,6 +1,7 @@
 """EchoXForSpeechToSpeech: save/load, Auto classes, remote code, losses and gradients, generation, bad input."""
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -437,3 +438,47 @@ def test_speech_output_refuses_beam_search(tester):
     with pytest.raises(ValueError, match="num_beams"):
         tester.model.generate(**tester.speech_inputs(), num_beams=2)
     assert tester.model.generate(**tester.speech_inputs(), num_beams=2, return_audio=False).sequences.shape[0] == 2
+
+
+# ------------------------------------------------------------------------------------------------ crop_audio_padding
+@pytest.fixture(scope="module")
+def cropping():
+    tester = EchoXModelTester()
+    tester.model.config.crop_audio_padding = True
+    return tester
+
+
+def test_real_frame_lengths_match_the_clip_durations(cropping):
+    clips = [chirp(2.5, 3), tone(0.8, 440), chirp(1.1, 4), chirp(6.0, 2)]
+    features = cropping.speech_inputs(clips=clips, texts=[""] * len(clips))["input_features"]
+    lengths = cropping.model.real_frame_lengths(features).tolist()
+    for clip, length in zip(clips, lengths):
+        assert abs(length - math.ceil(len(clip) / 320)) <= 1, (len(clip), length)
+
+
+def test_cropped_clips_see_only_their_own_frames(cropping):
+    clips = [chirp(2.5, 3), tone(0.8, 440), chirp(1.1, 4)]
+    batch = cropping.speech_inputs(clips=clips, texts=["", "hello there", ""])
+    speech = cropping.model.get_speech_embeddings(batch["input_features"])
+    stack = cropping.model.config.adapter_frame_stack
+    expected = [math.ceil((math.ceil(len(c) / 320) + 4) / stack) for c in clips]
+    assert [abs(n - e) <= 1 for n, e in zip(speech.ctc_lengths.tolist(), expected)] == [True] * 3
+    assert speech.ctc_logits.shape[1] == max(speech.ctc_lengths.tolist())
+    # batch-invariant: every clip is answered as if it were alone
+    together = cropping.model.generate(**batch)
+    for row, clip in enumerate(clips):
+        alone = cropping.model.generate(**cropping.speech_inputs(clips=[clip], texts=[["", "hello there", ""][row]]))
+        n = alone.sequences.shape[1]
+        assert together.sequences[row, :n].tolist() == alone.sequences[0].tolist()
+        assert together.unit_ids[row] == alone.unit_ids[0]
+
+
+def test_cropped_ctc_loss_uses_each_clips_length(cropping):
+    batch = cropping.speech_inputs(clips=[chirp(2.5, 3), tone(0.8, 440)], texts=["", ""])
+    speech = cropping.model.get_speech_embeddings(batch["input_features"])
+    labels = torch.tensor([[5, 6, 7], [8, 9, -100]])
+    loss = cropping.model._ctc_loss(speech.ctc_logits, labels, speech.ctc_lengths)
+    short = cropping.model._ctc_loss(speech.ctc_logits[1:, : speech.ctc_lengths[1]], labels[1:, :2])
+    long = cropping.model._ctc_loss(speech.ctc_logits[:1], labels[:1])
+    # "mean" reduction divides each clip's loss by its target length before averaging
+    assert torch.allclose(loss, (long + short) / 2, atol=1e-5)

@@ -28,11 +28,13 @@ and the response ids + the final eot as targets; right padding with the text pad
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import soundfile
 import torch
 
 from modeling_echox.audio_io import load_audio
@@ -229,6 +231,14 @@ def extract_features(feature_extractor, paths: Sequence[str], max_seconds: float
 
 
 # -------------------------------------------------------------------------------------------------------- collator
+ENCODER_HOP_SAMPLES = 320  # 16 kHz samples per Whisper encoder frame (mel hop 160 × conv stride 2)
+
+
+def _samples_at_16k(path: str) -> int:
+    info = soundfile.info(path)
+    return int(round(info.frames * 16000 / info.samplerate))
+
+
 def _pad(rows: Sequence[Sequence[int]], value: int, width: int | None = None) -> torch.LongTensor:
     width = max([len(r) for r in rows] + [0]) if width is None else width
     out = torch.full((len(rows), max(width, 1) if rows else 0), value, dtype=torch.long)
@@ -329,7 +339,11 @@ class EchoXDataCollator:
         if not paths:
             return {}
         if self.encoder_cache is not None:
-            return {"encoder_states": self.encoder_cache.get(paths, self.processor.max_audio_seconds)}
+            batch = {"encoder_states": self.encoder_cache.get(paths, self.processor.max_audio_seconds)}
+            if self.config.crop_audio_padding:  # the model reads these off features itself, not off cached states
+                frames = [math.ceil(_samples_at_16k(path) / ENCODER_HOP_SAMPLES) for path in paths]
+                batch["audio_frame_lengths"] = torch.tensor(frames, dtype=torch.long)
+            return batch
         return {"input_features": extract_features(self.processor.feature_extractor, paths, self.processor.max_audio_seconds)}
 
     # ---- batches

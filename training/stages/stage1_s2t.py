@@ -66,15 +66,14 @@ def ctc_warmup(model, collator, dataset, settings: dict, output_dir: str, seed: 
     losses, kept = [], []
     for step in range(steps):
         batch = collator([dataset[i] for i in rng.sample(rows, min(settings.get("batch_size", 16), len(rows)))])
-        states = batch.get("encoder_states")
-        if states is None:
-            states = model.encode_audio(batch["input_features"])
-        speech = adapter(states.to(adapter.projector.weight.dtype))
-        loss = model._ctc_loss(speech.ctc_logits, batch["ctc_labels"])
+        speech = model.get_speech_embeddings(
+            batch.get("input_features"), batch.get("encoder_states"), batch.get("audio_frame_lengths")
+        )
+        loss = model._ctc_loss(speech.ctc_logits, batch["ctc_labels"], speech.ctc_lengths)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         kept.append(float(sum(len(e) for e in speech.speech_embeddings)) / len(speech.speech_embeddings))
         if PartialState().is_main_process and (step + 1) % 10 == 0:
             print(f"ctc warm-up step {step + 1}/{steps}: loss {sum(losses[-10:]) / 10:.3f}, "
