@@ -137,7 +137,7 @@ def _demo(args) -> None:
     except ImportError:
         raise OSError("The demo needs gradio: pip install 'echox[demo]' (gradio==6.31.0).") from None
     app = _load_space_app()
-    argv = ["--model", args.model, "--host", args.host]
+    argv = ["--model", _default_model(args.model), "--host", args.host]
     if args.port is not None:
         argv += ["--port", str(args.port)]
     app.main(argv)
@@ -197,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the Gradio speech-to-speech demo (spaces_demo/app.py)")
     demo.add_argument(
         "--model",
-        default=os.environ.get("ECHOX_MODEL", "build/echox-mini"),
-        help="EchoX checkpoint directory (default: $ECHOX_MODEL, else build/echox-mini)",
+        default=os.environ.get("ECHOX_MODEL"),
+        help="EchoX checkpoint directory (default: $ECHOX_MODEL, else EchoX-mini, built if needed)",
     )
     demo.add_argument("--port", type=int, default=None, help="server port (default: 7860)")
     demo.add_argument("--host", default="127.0.0.1", help="server address (default: 127.0.0.1; 0.0.0.0 to share)")

@@ -120,6 +120,13 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         # The speech encoder is frozen, as in the paper; `audio_tower.requires_grad_(True)` makes it trainable.
         self.audio_tower.requires_grad_(False)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with the speech encoder frozen again (loading re-creates parameters)."""
+        model = super().from_pretrained(*args, **kwargs)
+        model.audio_tower.requires_grad_(False)
+        return model
+
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
 

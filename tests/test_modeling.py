@@ -223,8 +223,11 @@ def test_stage3_full_response_combines_losses_by_the_paper_rule(tester):
     assert torch.allclose(output.loss, expected)
 
 
-def test_audio_tower_is_frozen_by_default(tester):
+def test_audio_tower_is_frozen_by_default(tester, saved_dir):
     assert not any(p.requires_grad for p in tester.model.audio_tower.parameters())
+    for loaded in (EchoXForSpeechToSpeech.from_pretrained(saved_dir), AutoModel.from_pretrained(saved_dir)):
+        assert not any(p.requires_grad for p in loaded.audio_tower.parameters())
+        assert all(p.requires_grad for p in loaded.speech_adapter.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------- generate
