@@ -228,6 +228,10 @@ def run(work: str = "build", until: str = "stage3", export: bool = False) -> Non
         if final is None or not _done(final):
             raise SystemExit(f"--export needs a finished training stage; {until!r} has no final/ checkpoint.")
         model, processor = load_echox(final)
+        # The vocoder trains on its own (step "vocoder"); take its latest generator, not the copy made at "base".
+        from modeling_echox.vocoder import EchoXCodeHifiGan
+
+        model.vocoder.load_state_dict(EchoXCodeHifiGan.from_pretrained(os.path.join(vocoder, "generator")).state_dict())
         sizes = export_mini_parts(model, processor, MINI_PARTS_DIR, unit_kmeans_dir=units,
                                   metadata={"trained_until": until, "recipe": "python -m training.echox_mini"})
         print(f"[echox-mini] exported {sizes} to {MINI_PARTS_DIR}")
