@@ -11,6 +11,7 @@ and the peak RSS of the process.
 import argparse
 import json
 import os
+import random
 import resource
 import subprocess
 import sys
@@ -116,14 +117,18 @@ def main() -> None:
     model, processor = load_echox(args.model)
     with tempfile.TemporaryDirectory() as directory:
         if args.manifest:
+            base = os.path.dirname(os.path.abspath(args.manifest))
             with open(args.manifest, encoding="utf-8") as handle:
-                clips = [json.loads(line)["audio"] for line in handle if line.strip()][: args.questions]
+                clips = [os.path.join(base, json.loads(line)["audio"]) for line in handle if line.strip()]
+            # a seeded spread over the whole manifest (kinds and voices), not its first lines
+            clips = [clips[i] for i in sorted(random.Random(0).sample(range(len(clips)), min(args.questions, len(clips))))]
         else:
             clips = spoken_questions(args.questions, directory)
         measure(model, processor, clips[:1], "faithful", args.max_new_tokens)  # warm-up
         result = {"model": os.path.abspath(args.model), "torch_threads": torch.get_num_threads()}
         for mode in ("faithful", "fast"):
             result[mode] = measure(model, processor, clips, mode, args.max_new_tokens)
+        result["fast_over_faithful_first_audio"] = result["fast"]["first_audio_ms_p50"] / result["faithful"]["first_audio_ms_p50"]
     text = json.dumps(result, indent=2)
     print(text)
     with open(args.out, "w", encoding="utf-8") as handle:

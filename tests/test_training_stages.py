@@ -394,3 +394,25 @@ def test_stage1_with_s_align_trains_saves_and_resumes(tmp_path, data):
     config["training_args"]["max_steps"] = 6
     second = stage1_s2t.main(config)
     assert second["resumed_from"].endswith("checkpoint-4") and second["global_step"] == 6
+
+
+def test_stage3_pseudo_labels_cut_by_several_rules(data, tmp_path):
+    """A list of segmentation modes: the answer is generated once and cut by each rule, one example per mode."""
+    from training.stages.data import read_manifest
+
+    model, processor = build_random_echox("tiny")
+    model.config.segment_min_tokens = 30  # faithful: one segment for these short answers; fast: cut after 3 tokens
+    model.config.fast_first_segment_tokens = 1
+    records = read_manifest(data)[:2]
+    cache = str(tmp_path / "targets.jsonl")
+    report = stage3_echo.precompute_echo_targets(
+        model, processor, records, cache, segmentation_mode=["fast", "faithful"], generation={"max_new_tokens": 12, "min_new_tokens": 12}
+    )
+    assert report["made"] == 4
+    lines = {json.loads(line)["id"]: json.loads(line) for line in open(cache)}
+    for record in records:
+        fast, faithful = lines[record["id"] + "#fast"], lines[record["id"] + "#faithful"]
+        assert fast["response_ids"] == faithful["response_ids"]  # one generation, two cuts
+        assert len(faithful["segment_lengths"]) == 1 and sum(fast["segment_lengths"]) == len(fast["response_ids"])
+    again = stage3_echo.precompute_echo_targets(model, processor, records, cache, segmentation_mode=["fast", "faithful"])
+    assert again["made"] == 0

@@ -37,7 +37,9 @@ DEFAULTS = {
     "echo_decoder_from": None,  # stage-II final/ directory: its echo decoder initialises (and labels for) stage III
     "targets_cache": None,  # default <output_dir>/echo_targets.jsonl
     "segment_wise": True,  # the released segment-wise mode (matches streaming inference)
-    "segmentation_mode": None,  # "faithful" | "fast" | None (the config's default)
+    # "faithful" | "fast" | None (the config's default), or a list of them: each answer is then cut by every rule and
+    # each cut is its own training example (id suffixed "#mode"), so the echo decoder learns both modes' segments
+    "segmentation_mode": None,
     "generation": {},  # kwargs of model.generate for the pseudo-label answers (default: greedy, the model's config)
     "max_examples": None,  # pseudo-label only this many training records (a seeded random subset), e.g. on a CPU
     "lora": {"r": 64, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj"]},
@@ -117,13 +119,16 @@ def precompute_echo_targets(
 ) -> dict:
     """
     Append a pseudo-labelled record to `cache_path` for every record whose id is not there yet (resumable): the
-    model's greedy answer ids, its segments (segment-wise) and the stage-II unit-language targets.
+    model's greedy answer ids, its segments (segment-wise) and the stage-II unit-language targets. With a list of
+    segmentation modes, the answer is generated once and cut by each rule (one record per mode, ids `"<id>#<mode>"`).
     """
     was_training = model.training
     model.eval()
     _drop_partial_lines(cache_path)
     done = _done_ids(cache_path)
-    rule = segmentation_rule(model.config, segmentation_mode)
+    modes = list(segmentation_mode) if isinstance(segmentation_mode, (list, tuple)) else [segmentation_mode]
+    rules = {mode: segmentation_rule(model.config, mode) for mode in modes}
+    suffix = (lambda mode: f"#{mode}") if len(modes) > 1 else (lambda mode: "")
     eos = model.generation_config.eos_token_id
     eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
     boundary = model.text_table[model.config.segment_boundary_token_id]
@@ -132,11 +137,16 @@ def precompute_echo_targets(
     os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
     with open(cache_path, "a", encoding="utf-8") as handle:
         for record in records:
-            if record["id"] in done:
+            todo = [mode for mode in modes if record["id"] + suffix(mode) not in done]
+            if not todo:
                 continue
             has_audio = bool(record.get("audio"))
             prompt_ids = processor.build_prompt_ids(record.get("prompt") or "", has_audio=has_audio)
-            features = extract_features(processor.feature_extractor, [record["audio"]]) if has_audio else None
+            features = (
+                extract_features(processor.feature_extractor, [record["audio"]], processor.max_audio_seconds)
+                if has_audio
+                else None
+            )
             output = model.generate(
                 input_ids=torch.tensor([prompt_ids]), input_features=features, return_audio=False, **(generation or {})
             )
@@ -146,29 +156,37 @@ def precompute_echo_targets(
             if not answer:
                 skipped += 1
                 continue
-            out = {
-                "id": record["id"],
+            base = {
                 "audio": record.get("audio"),
                 "transcript": record.get("transcript", ""),
                 "prompt": record.get("prompt", ""),
                 "response": tokenizer.decode(answer, skip_special_tokens=True),
                 "response_ids": answer,
             }
-            if segment_wise:
-                states = answer_states(model, prompt_ids, answer, features)
-                texts = [tokenizer.decode([token], skip_special_tokens=True) for token in answer]
-                spans = rule.split(boundary_scores(states, boundary), texts)
+            if not segment_wise:
+                out = {"id": record["id"], **base, "units": text_to_unit_language(model, [answer])[0]}
+                handle.write(json.dumps(out) + "\n")
+                handle.flush()
+                made += 1
+                continue
+            states = answer_states(model, prompt_ids, answer, features)
+            texts = [tokenizer.decode([token], skip_special_tokens=True) for token in answer]
+            scores = boundary_scores(states, boundary)
+            for mode in todo:
+                spans = rules[mode].split(scores, texts)
                 units = text_to_unit_language(model, [answer[start:end] for start, end in spans])
-                out["segments"] = [
-                    [tokenizer.decode(answer[start:end], skip_special_tokens=True), segment_units]
-                    for (start, end), segment_units in zip(spans, units)
-                ]
-                out["segment_lengths"] = [end - start for start, end in spans]
-            else:
-                out["units"] = text_to_unit_language(model, [answer])[0]
-            handle.write(json.dumps(out) + "\n")
-            handle.flush()
-            made += 1
+                out = {
+                    "id": record["id"] + suffix(mode),
+                    **base,
+                    "segments": [
+                        [tokenizer.decode(answer[start:end], skip_special_tokens=True), segment_units]
+                        for (start, end), segment_units in zip(spans, units)
+                    ],
+                    "segment_lengths": [end - start for start, end in spans],
+                }
+                handle.write(json.dumps(out) + "\n")
+                handle.flush()
+                made += 1
     model.train(was_training)
     return {"made": made, "skipped_empty": skipped, "already_done": len(done)}
 
