@@ -403,13 +403,13 @@ def test_kill_and_resume(data_dir, tmp_path):
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.time() + 40
+        deadline = time.time() + 180  # generous: a loaded 2-core machine needs far longer than an idle one
         while time.time() < deadline and process.poll() is None:
             if len(list_checkpoints(config["output_dir"])) >= 1:
                 break
             time.sleep(0.2)
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        assert list_checkpoints(config["output_dir"]), "no checkpoint within 40 s"
+        assert list_checkpoints(config["output_dir"]), "no checkpoint within 180 s"
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
