@@ -138,6 +138,9 @@ class EchoXConfig(PreTrainedConfig):
             header; eot + speaker header).
         echo_prefix_quirk_id: original quirk. At inference the released model appends id 12800 (a typo of 128000
             in its training code) to the prefix of every segment; `None` disables it.
+        echo_units_only_head: `False` (released): the echo decoder's output layer spans the whole joint vocabulary
+            (LLM text ids + unit tokens), although it only ever emits unit tokens and the eos. `True`: it spans just
+            those (`unit_vocab_size + 1` rows), ~50× cheaper for a small LLM vocabulary (needs training with it).
         echo_eos_token_id: id that ends an echo-decoder run (released: 128009).
         echo_max_new_tokens: longest echo-decoder output per segment.
         unit_max_piece_length: most acoustic units in one unit-language piece (width of the model's unit table).
@@ -204,6 +207,7 @@ class EchoXConfig(PreTrainedConfig):
     echo_prefix_ids: list[int] | None = None
     echo_suffix_ids: list[int] | None = None
     echo_prefix_quirk_id: int | None = 12800
+    echo_units_only_head: bool = False
     echo_eos_token_id: int = _LLAMA3_EOT
     echo_max_new_tokens: int = 2048
     unit_max_piece_length: int = 1

@@ -32,7 +32,27 @@ class EchoXEchoDecoder(nn.Module):
         self.decoder = LlamaModel(config.echo_config)
         # Inputs always arrive as embeddings; the Llama's own token table would be dead weight.
         self.decoder.embed_tokens = None
-        self.lm_head = nn.Linear(width, config.echo_vocab_size, bias=False)
+        # Released: logits over the joint vocabulary. `echo_units_only_head`: over the unit tokens + the eos only.
+        outputs = config.unit_vocab_size + 1 if config.echo_units_only_head else config.echo_vocab_size
+        self.lm_head = nn.Linear(width, outputs, bias=False)
+
+    def ids_from_logit_index(self, index: torch.LongTensor) -> torch.LongTensor:
+        """Output-row indices of `lm_head` → joint-vocabulary ids (identity for the released joint head)."""
+        if not self.config.echo_units_only_head:
+            return index
+        units = self.config.unit_vocab_size
+        return torch.where(index < units, index + self.config.unit_token_offset, self.config.echo_eos_token_id)
+
+    def logit_index_from_ids(self, ids: torch.LongTensor, ignore_index: int = -100) -> torch.LongTensor:
+        """Joint-vocabulary target ids → output-row indices of `lm_head` (`ignore_index` is kept)."""
+        if not self.config.echo_units_only_head:
+            return ids
+        offset, units = self.config.unit_token_offset, self.config.unit_vocab_size
+        index = torch.where(ids == self.config.echo_eos_token_id, torch.full_like(ids, units), ids - offset)
+        valid = (ids == self.config.echo_eos_token_id) | ((ids >= offset) & (ids < offset + units))
+        if bool(((ids != ignore_index) & ~valid).any()):
+            raise ValueError("Echo targets must be unit-language tokens or the echo eos with echo_units_only_head.")
+        return torch.where(ids == ignore_index, ids, index)
 
     def embed_ids(self, ids: torch.LongTensor, text_table: torch.Tensor) -> torch.Tensor:
         """Embed joint-vocabulary ids into the LLM hidden space (before `projection`)."""
@@ -57,7 +77,7 @@ class EchoXEchoDecoder(nn.Module):
         return torch.cat([prefix, segment.to(prefix.dtype), suffix])
 
     def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
-        """Run the decoder on LLM-space embeddings `[B, L, H]`; returns `(logits [B, L, V+U], past_key_values)`."""
+        """Run the decoder on LLM-space embeddings `[B, L, H]`; returns `(logits [B, L, V+U or U+1], past_key_values)`."""
         outputs = self.decoder(
             inputs_embeds=self.projection(inputs_embeds),
             attention_mask=attention_mask,
@@ -109,7 +129,7 @@ class EchoXEchoDecoder(nn.Module):
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             logits, cache = self(inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-            next_ids = logits[:, -1].argmax(dim=-1).masked_fill(finished, eos)
+            next_ids = self.ids_from_logit_index(logits[:, -1].argmax(dim=-1)).masked_fill(finished, eos)
             generated = torch.cat([generated, next_ids[:, None]], dim=1)
             finished |= next_ids == eos
             if finished.all():

@@ -79,6 +79,7 @@ def mini_config(llm_config, audio_config, tokenizer, num_units: int, unit_vocab_
         echo_prefix_ids=speaker_header,
         echo_suffix_ids=[eot, *speaker_header],
         echo_prefix_quirk_id=None,
+        echo_units_only_head=True,
         echo_eos_token_id=eot,
         echo_max_new_tokens=400,
         segment_boundary_token_id=tokenizer(".", add_special_tokens=False).input_ids[-1],

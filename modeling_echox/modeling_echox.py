@@ -321,6 +321,7 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         labels = pad_sequence(targets, batch_first=True, padding_value=IGNORE_INDEX)
         mask = pad_sequence([torch.ones(row.shape[0], dtype=torch.long, device=inputs.device) for row in rows], batch_first=True)
         logits, _ = self.echo_decoder(inputs, attention_mask=mask)
+        labels = self.echo_decoder.logit_index_from_ids(labels, IGNORE_INDEX)
         return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
     @staticmethod

@@ -485,3 +485,23 @@ def test_cropped_ctc_loss_uses_each_clips_length(cropping):
     long = cropping.model._ctc_loss(speech.ctc_logits[:1], labels[:1])
     # "mean" reduction divides each clip's loss by its target length before averaging
     assert torch.allclose(loss, (long + short) / 2, atol=1e-5)
+
+
+def test_units_only_echo_head_trains_and_decodes():
+    model, processor = build_random_echox("tiny", seed=1)
+    config = copy.deepcopy(model.config)
+    config.echo_units_only_head = True
+    compact = EchoXForSpeechToSpeech(config).eval()
+    units, offset, eos = config.unit_vocab_size, config.unit_token_offset, config.echo_eos_token_id
+    assert compact.echo_decoder.lm_head.out_features == units + 1
+    index = torch.tensor([0, units - 1, units])
+    assert compact.echo_decoder.ids_from_logit_index(index).tolist() == [offset, offset + units - 1, eos]
+    targets = torch.tensor([offset + 3, eos, -100])
+    assert compact.echo_decoder.logit_index_from_ids(targets).tolist() == [3, units, -100]
+    with pytest.raises(ValueError, match="unit-language tokens"):
+        compact.echo_decoder.logit_index_from_ids(torch.tensor([5]))
+    segment = torch.randn(4, config.text_config.hidden_size)
+    loss = compact._echo_loss([segment], [torch.tensor([offset + 1, offset + 2, eos])], [False])
+    assert torch.isfinite(loss)
+    (ids,) = compact.echo_decoder.generate([segment], compact.text_table, max_new_tokens=6)
+    assert all(offset <= i < offset + units for i in ids)
