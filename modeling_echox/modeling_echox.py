@@ -123,9 +123,10 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, with the speech encoder frozen again (loading re-creates parameters)."""
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
         model.audio_tower.requires_grad_(False)
-        return model
+        return loaded
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
