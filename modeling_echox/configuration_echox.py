@@ -118,9 +118,9 @@ class EchoXConfig(PreTrainedConfig):
             that; `False` lets frames attend to each other (needs retraining).
         ctc_loss_weight: weight of the CTC loss on the adapter's CTC head (blank = `audio_token_id`).
         crop_audio_padding: `False` (released): the adapter sees every encoder frame of the window, padding included.
-            `True`: the encoder still runs on the whole window, but only the frames up to the longest real clip of the
-            batch (+ 4 frames, `AUDIO_CROP_MARGIN`) reach the adapter, which makes the adapter and its CTC head several
-            times cheaper on short questions (needs training with it: EchoX-mini does).
+            `True`: the encoder still runs on the whole window, but each clip's adapter sees only that clip's real
+            frames (+ 4, `AUDIO_CROP_MARGIN`), so answers do not depend on the batch and the adapter and its CTC head
+            are several times cheaper on short questions (needs training with it: EchoX-mini does).
 
     Prompt:
         mask_eot_in_prompt: original quirk. The released model uses `<|eot_id|>` as padding and masks every eot of

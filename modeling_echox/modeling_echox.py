@@ -21,13 +21,7 @@ from .vocoder import EchoXCodeHifiGan
 from .vocoder_streaming import EchoXVocoderStream
 
 IGNORE_INDEX = -100
-AUDIO_CROP_MARGIN = 4  # encoder frames kept after the longest real clip when `crop_audio_padding` is on
-
-
-def cropped_frame_count(frame_lengths, frame_stack: int, max_frames: int) -> int:
-    """Encoder frames `crop_audio_padding` keeps for a batch of clips with `frame_lengths` real frames."""
-    longest = max(int(length) for length in frame_lengths) + AUDIO_CROP_MARGIN
-    return min(-(-longest // frame_stack) * frame_stack, max_frames)
+AUDIO_CROP_MARGIN = 4  # encoder frames kept after a clip's real audio when `crop_audio_padding` is on
 
 
 @dataclass
@@ -174,7 +168,7 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
             if audio_frame_lengths is None and input_features is not None:
                 audio_frame_lengths = self.real_frame_lengths(input_features)
             if audio_frame_lengths is not None:
-                frame_counts = [self.cropped_frames([length]) for length in audio_frame_lengths.tolist()]
+                frame_counts = [self.cropped_frames(length) for length in audio_frame_lengths.tolist()]
         return self.speech_adapter(states.to(self.speech_adapter.projector.weight.dtype), frame_counts)
 
     @staticmethod
@@ -190,9 +184,11 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         last = torch.where(active, index, -1).amax(dim=1)
         return (last + 2) // 2
 
-    def cropped_frames(self, frame_lengths) -> int:
-        """How many encoder frames `crop_audio_padding` keeps for a batch whose real clips have `frame_lengths`."""
-        return cropped_frame_count(frame_lengths, self.config.adapter_frame_stack, self.audio_tower.config.max_source_positions)
+    def cropped_frames(self, frame_length: int) -> int:
+        """Encoder frames `crop_audio_padding` keeps of a clip with `frame_length` real frames (margin, frame stack)."""
+        stack = self.config.adapter_frame_stack
+        kept = -(-(int(frame_length) + AUDIO_CROP_MARGIN) // stack) * stack
+        return min(kept, self.audio_tower.config.max_source_positions)
 
     def encode_audio(self, input_features: torch.FloatTensor) -> torch.FloatTensor:
         """The speech encoder alone: log-mel features `[N, n_mels, frames]` → states `[N, frames / 2, d_model]`."""
