@@ -11,6 +11,7 @@ import subprocess
 import time
 import wave
 
+import numpy as np
 import pytest
 import soundfile
 
