@@ -1,6 +1,6 @@
 """Streaming latency of an EchoX checkpoint on spoken questions, per segmentation mode; prints and writes JSON.
 
-    python benchmarks/latency.py --model DIR --out latency.json [--questions N] [--manifest FILE.jsonl]
+    python benchmarks/latency.py --model DIR --out latency.json [--questions N] [--manifest FILE.jsonl] [--int8]
 
 Questions come from `--manifest` (`{"audio": path}` lines, as `echox eval` uses) or are spoken by flite. For each
 mode: first text token and first audio latency (from handing over the whole clip to the processor until the first
@@ -110,11 +110,12 @@ def main() -> None:
     parser.add_argument("--manifest", default=None)
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--int8", action="store_true", help="quantize the LLM layers to int8 (modeling_echox.quantization)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, processor = load_echox(args.model)
+    model, processor = load_echox(args.model, int8=args.int8)
     with tempfile.TemporaryDirectory() as directory:
         if args.manifest:
             base = os.path.dirname(os.path.abspath(args.manifest))
@@ -125,7 +126,7 @@ def main() -> None:
         else:
             clips = spoken_questions(args.questions, directory)
         measure(model, processor, clips[:1], "faithful", args.max_new_tokens)  # warm-up
-        result = {"model": os.path.abspath(args.model), "torch_threads": torch.get_num_threads()}
+        result = {"model": os.path.abspath(args.model), "int8": args.int8, "torch_threads": torch.get_num_threads()}
         for mode in ("faithful", "fast"):
             result[mode] = measure(model, processor, clips, mode, args.max_new_tokens)
         result["fast_over_faithful_first_audio"] = result["fast"]["first_audio_ms_p50"] / result["faithful"]["first_audio_ms_p50"]

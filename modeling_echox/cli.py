@@ -8,6 +8,8 @@ import time
 
 import soundfile
 
+INT8_HELP = "quantize the LLM layers to int8 for CPU inference (faster; MODEL_CARD.md gives its accuracy)"
+
 
 def _init_random(args) -> None:
     from .random_checkpoint import write_random_checkpoint
@@ -42,7 +44,7 @@ def _eval(args) -> None:
     result = run_eval(
         _default_model(args.model), args.manifest, args.out, asr_model=args.asr_model, text_only=args.text_only,
         text_llm=None if args.text_llm == "none" else args.text_llm, segmentation_mode=args.mode,
-        batch_size=args.batch_size, limit=args.limit, seed=args.seed,
+        batch_size=args.batch_size, limit=args.limit, seed=args.seed, int8=args.int8,
         progress=lambda message: print(message, file=sys.stderr, flush=True),
     )
     keys = ("n", "s2t_accuracy", "s2s_accuracy", "text_llm_accuracy", "s2t_accuracy_all_words",
@@ -56,7 +58,7 @@ def _speak(args) -> None:
 
     from .loading import load_echox
 
-    model, processor = load_echox(_default_model(args.model))
+    model, processor = load_echox(_default_model(args.model), int8=args.int8)
     started = time.perf_counter()
     inputs = processor(audio=args.input, text=args.prompt)
     generate_kwargs = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     speak.add_argument("--max-new-tokens", type=int, default=None)
     speak.add_argument("--stream", action="store_true", help="write the answer as it is spoken, segment by segment")
     speak.add_argument("--mode", choices=["faithful", "fast"], default=None, help="segmentation rule (default: config)")
+    speak.add_argument("--int8", action="store_true", help=INT8_HELP)
     speak.set_defaults(run=_speak)
 
     convert = commands.add_parser(
@@ -186,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="result JSON (summary + per-item records)")
     evaluate.add_argument("--asr-model", default=None, help="CTranslate2 Whisper dir for the spoken answers (default: tiny.en)")
     evaluate.add_argument("--mode", choices=["faithful", "fast"], default=None, help="segmentation rule (default: config)")
+    evaluate.add_argument("--int8", action="store_true", help=INT8_HELP)
     evaluate.add_argument("--text-llm", choices=["auto", "smollm2", "model", "none"], default="auto",
                           help="text-LLM baseline on the `question` field (default auto: SmolLM2 for EchoX-mini)")
     evaluate.add_argument("--text-only", action="store_true", help="no speech output (s2t only)")

@@ -121,6 +121,10 @@ class EchoXConfig(PreTrainedConfig):
             `True`: the encoder still runs on the whole window, but each clip's adapter sees only that clip's real
             frames (+ 4, `AUDIO_CROP_MARGIN`), so answers do not depend on the batch and the adapter and its CTC head
             are several times cheaper on short questions (needs training with it: EchoX-mini does).
+        encoder_window: `"full"` (released): the speech encoder runs on the whole `max_audio_seconds` window, padding
+            included. `"clip"` (needs `crop_audio_padding`): it runs on each clip's cropped frames only (several times
+            faster on short questions; the frames then never attend to padding, so the adapter must be trained with
+            it: EchoX-mini is). Encoder states stay window-sized, zero after the frames that were encoded.
 
     Prompt:
         mask_eot_in_prompt: original quirk. The released model uses `<|eot_id|>` as padding and masks every eot of
@@ -194,6 +198,7 @@ class EchoXConfig(PreTrainedConfig):
     adapter_per_frame_block: bool = True
     ctc_loss_weight: float = 0.3
     crop_audio_padding: bool = False
+    encoder_window: Literal["full", "clip"] = "full"
 
     mask_eot_in_prompt: bool = True
     text_pad_token_id: int | None = _LLAMA3_EOT
@@ -237,6 +242,10 @@ class EchoXConfig(PreTrainedConfig):
                 f"EchoXConfig: unit_token_offset ({self.unit_token_offset}) must equal the LLM vocabulary size "
                 f"(text_config.vocab_size = {self.text_config.vocab_size}): unit tokens follow the text ids."
             )
+        if self.encoder_window not in ("full", "clip"):
+            raise ValueError(f"EchoXConfig: encoder_window must be 'full' or 'clip', got {self.encoder_window!r}.")
+        if self.encoder_window == "clip" and not self.crop_audio_padding:
+            raise ValueError("EchoXConfig: encoder_window='clip' needs crop_audio_padding=True (the adapter must crop too).")
         if not 0 <= self.audio_token_id < self.text_config.vocab_size:
             raise ValueError(
                 f"EchoXConfig: audio_token_id {self.audio_token_id} is outside the LLM vocabulary "

@@ -69,6 +69,7 @@ def mini_config(llm_config, audio_config, tokenizer, num_units: int, unit_vocab_
         audio_token_id=vocab["<audio>"],
         adapter_per_frame_block=False,
         crop_audio_padding=True,
+        encoder_window="clip",
         mask_eot_in_prompt=False,
         text_pad_token_id=eot,
         max_audio_seconds=float(WINDOW_SECONDS),
@@ -83,7 +84,7 @@ def mini_config(llm_config, audio_config, tokenizer, num_units: int, unit_vocab_
         echo_eos_token_id=eot,
         echo_max_new_tokens=400,
         segment_boundary_token_id=tokenizer(".", add_special_tokens=False).input_ids[-1],
-        fast_first_segment_tokens=2,
+        fast_first_segment_tokens=1,
     )
 
 

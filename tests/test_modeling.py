@@ -443,6 +443,27 @@ def test_speech_output_refuses_beam_search(tester):
     assert tester.model.generate(**tester.speech_inputs(), num_beams=2, return_audio=False).sequences.shape[0] == 2
 
 
+# ------------------------------------------------------------------------------------------- prompt prefix cache
+def test_prompt_prefix_cache_gives_the_same_answer_and_follows_the_weights():
+    model, processor = build_random_echox("tiny", seed=3)
+    inputs = processor(audio=[chirp(1.5, 9)], text=["answer briefly"], sampling_rate=SR)
+    plain = model.generate(**inputs, reuse_prompt_prefix=False)
+    assert model.prompt_prefix_cache._key is None
+    cached = model.generate(**inputs)
+    assert model.prompt_prefix_cache._key is not None
+    again = model.generate(**inputs)  # served from the kept cache
+    for output in (cached, again):
+        assert output.sequences.tolist() == plain.sequences.tolist()
+        assert output.unit_ids == plain.unit_ids
+    key = model.prompt_prefix_cache._key
+    with torch.no_grad():  # a training step changes the weights in place: the kept cache must not be reused
+        for parameter in model.language_model.parameters():
+            parameter.mul_(1.5)
+    changed = model.generate(**inputs)
+    assert model.prompt_prefix_cache._key != key
+    assert changed.sequences.tolist() == model.generate(**inputs, reuse_prompt_prefix=False).sequences.tolist()
+
+
 # ------------------------------------------------------------------------------------------------ crop_audio_padding
 @pytest.fixture(scope="module")
 def cropping():
@@ -487,6 +508,46 @@ def test_cropped_ctc_loss_uses_each_clips_length(cropping):
     assert torch.allclose(loss, (long + short) / 2, atol=1e-5)
 
 
+# ---------------------------------------------------------------------------------------------- encoder_window="clip"
+def test_clip_window_needs_cropping():
+    config = copy.deepcopy(EchoXModelTester().model.config).to_dict()
+    config.update(encoder_window="clip", crop_audio_padding=False)
+    with pytest.raises(ValueError, match="crop_audio_padding"):
+        EchoXConfig(**config)
+
+
+def test_window_prefix_encoding_equals_the_whisper_encoder(cropping):
+    """Our prefix pass reuses WhisperEncoder's layers; on the whole window it must be WhisperEncoder's forward."""
+    features = cropping.speech_inputs(clips=[chirp(1.5, 7)], texts=[""])["input_features"]
+    with torch.no_grad():
+        expected = cropping.model.audio_tower(features).last_hidden_state
+        ours = cropping.model._encode_window_prefix(features)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_window_encodes_each_clip_alone(cropping):
+    model = cropping.model
+    clips = [chirp(2.5, 3), tone(0.8, 440)]
+    features = cropping.speech_inputs(clips=clips, texts=["", ""])["input_features"]
+    model.config.encoder_window = "clip"
+    try:
+        with torch.no_grad():
+            states = model.encode_audio(features)
+            alone = model.encode_audio(features[1:])
+            full = model.audio_tower(features).last_hidden_state
+            answer = model.generate(**cropping.speech_inputs(clips=clips[1:], texts=[""]), return_audio=False)
+    finally:
+        model.config.encoder_window = "full"
+    frames = [model.cropped_frames(n) for n in model.real_frame_lengths(features).tolist()]
+    for clip, count in enumerate(frames):
+        assert states[clip, count:].abs().max() == 0  # nothing past the encoded frames
+        assert not torch.allclose(states[clip, :count], full[clip, :count], atol=1e-3)  # padding is no longer seen
+    torch.testing.assert_close(states[1], alone[0])  # batch-invariant
+    # a short clip's encoding is the window prefix pass over its own frames only
+    torch.testing.assert_close(states[1, : frames[1]], model._encode_window_prefix(features[1:, :, : 2 * frames[1]])[0])
+    assert answer.sequences.shape[1] > 0
+
+
 def test_units_only_echo_head_trains_and_decodes():
     model, processor = build_random_echox("tiny", seed=1)
     config = copy.deepcopy(model.config)
@@ -505,3 +566,22 @@ def test_units_only_echo_head_trains_and_decodes():
     assert torch.isfinite(loss)
     (ids,) = compact.echo_decoder.generate([segment], compact.text_table, max_new_tokens=6)
     assert all(offset <= i < offset + units for i in ids)
+
+
+def test_int8_quantization_answers_and_refuses_saving(tmp_path):
+    from modeling_echox.quantization import quantize_int8
+
+    model, processor = build_random_echox("tiny", seed=2)
+    inputs = processor(audio=[chirp(1.5, 4)], text=[""], sampling_rate=SR)
+    table = model.text_table.clone()
+    quantize_int8(model.eval())
+    layer = model.language_model.get_decoder().layers[0]
+    quantized = torch.ao.nn.quantized.dynamic.Linear
+    assert isinstance(layer.self_attn.q_proj, quantized) and isinstance(layer.mlp.down_proj, quantized)
+    assert isinstance(model.speech_adapter.ctc_head, quantized)
+    assert not isinstance(model.language_model.get_output_embeddings(), quantized)
+    assert torch.equal(model.text_table, table)  # the echo decoder's table stays in full precision
+    output = model.generate(**inputs, tokenizer=processor.tokenizer, max_new_tokens=8)
+    assert output.sequences.shape[1] > 0 and output.waveforms[0].numel() > 0
+    with pytest.raises(ValueError, match="int8"):
+        model.save_pretrained(tmp_path / "quantized")

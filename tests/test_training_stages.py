@@ -164,6 +164,9 @@ def test_encoder_state_cache_matches_features_and_is_keyed(data, tmp_path):
     with torch.no_grad():
         next(other.audio_tower.parameters()).add_(1.0)
     assert EncoderStateCache(str(tmp_path / "cache"), other, processor.feature_extractor).file(rows[0]["audio"]) != cache.file(rows[0]["audio"])
+    clipped = copy.deepcopy(model)  # the same encoder over clip-length windows → another key
+    clipped.config.crop_audio_padding, clipped.config.encoder_window = True, "clip"
+    assert EncoderStateCache(str(tmp_path / "cache"), clipped, processor.feature_extractor).file(rows[0]["audio"]) != cache.file(rows[0]["audio"])
     before = cache.file(rows[0]["audio"])
     os.utime(rows[0]["audio"], ns=(time.time_ns(), time.time_ns() + 10**9))
     assert cache.file(rows[0]["audio"]) != before

@@ -144,8 +144,8 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 class EncoderStateCache:
     """
     On-disk cache of the frozen speech encoder's outputs `[frames, d_model]` per audio file, keyed by the file's
-    absolute path + size + mtime, the feature extractor's settings and a hash of the encoder weights (so a different
-    or fine-tuned encoder never reuses stale states). Files are written atomically (safe with several processes).
+    absolute path + size + mtime, the feature extractor's settings, the model's `encoder_window` and a hash of the
+    encoder weights (so a different or fine-tuned encoder never reuses stale states). Files are written atomically (safe with several processes).
 
     Only valid while the encoder is frozen: the collator refuses to use it when `audio_tower` has trainable weights.
     """
@@ -158,7 +158,7 @@ class EncoderStateCache:
         os.makedirs(directory, exist_ok=True)
         extractor = json.dumps(feature_extractor.to_dict(), sort_keys=True, default=str)
         self.model_key = hashlib.sha256(
-            (module_fingerprint(model.audio_tower) + extractor + str(dtype)).encode()
+            (module_fingerprint(model.audio_tower) + extractor + str(dtype) + model.config.encoder_window).encode()
         ).hexdigest()[:16]
         self.hits = self.misses = 0
 
