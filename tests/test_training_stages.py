@@ -210,6 +210,22 @@ def test_stage3_whole_response_targets_and_batch(data, tmp_path):
     assert torch.isfinite(output.loss) and torch.isfinite(output.ctc_loss) and torch.isfinite(output.echo_loss)
 
 
+def test_stage3_pseudo_labels_batched_equal_one_by_one(data, tmp_path):
+    from training.stages.data import read_manifest
+
+    model, processor = build_random_echox("tiny")
+    records = read_manifest(data)[:3]
+    made = {}
+    for size in (1, 3):
+        cache = str(tmp_path / f"targets{size}.jsonl")
+        stage3_echo.precompute_echo_targets(
+            model, processor, records, cache, segmentation_mode=["fast", "faithful"], batch_size=size,
+            generation={"max_new_tokens": 10},
+        )
+        made[size] = {json.loads(line)["id"]: json.loads(line) for line in open(cache)}
+    assert len(made[1]) == 6 and made[3] == made[1]
+
+
 # --------------------------------------------------------------------------------------------------- end to end
 def test_chain_losses_go_down(chain):
     for stage, key in (("stage1", "loss"), ("stage1", "ctc_loss"), ("stage2", "echo_loss"), ("stage3", "echo_loss")):

@@ -42,6 +42,7 @@ DEFAULTS = {
     "segmentation_mode": None,
     "generation": {},  # kwargs of model.generate for the pseudo-label answers (default: greedy, the model's config)
     "max_examples": None,  # pseudo-label only this many training records (a seeded random subset), e.g. on a CPU
+    "label_batch_size": 8,  # questions answered together while pseudo-labelling
     "lora": {"r": 64, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj"]},
     "trainable_modules": ["speech_adapter", "echo_decoder"],
     "training_args": {"learning_rate": 3e-5},  # the original run names suggest lr 3e-5
@@ -114,13 +115,38 @@ def _drop_partial_lines(path: str) -> None:
 
 
 @torch.no_grad()
+def greedy_answers(model, processor, records, generation=None) -> list[list[int]]:
+    """The model's answer ids (up to the first eos) for a batch of records, generated together (left-padded)."""
+    prompts = [processor.build_prompt_ids(r.get("prompt") or "", has_audio=bool(r.get("audio"))) for r in records]
+    width = max(len(ids) for ids in prompts)
+    pad = model.config.text_pad_token_id if model.config.text_pad_token_id is not None else 0
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], dtype=torch.long)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], dtype=torch.long)
+    paths = [r["audio"] for r in records if r.get("audio")]
+    features = extract_features(processor.feature_extractor, paths, processor.max_audio_seconds) if paths else None
+    output = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, input_features=features, return_audio=False,
+        **(generation or {}),
+    )
+    eos = model.generation_config.eos_token_id
+    eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+    answers = []
+    for row in output.sequences.tolist():  # generated ids only (the prompt went in as embeddings)
+        ends = [i for i, token in enumerate(row) if token in eos_ids]
+        answers.append(row[: ends[0]] if ends else row)
+    return answers
+
+
+@torch.no_grad()
 def precompute_echo_targets(
-    model, processor, records, cache_path: str, segment_wise: bool = True, segmentation_mode=None, generation=None
+    model, processor, records, cache_path: str, segment_wise: bool = True, segmentation_mode=None, generation=None,
+    batch_size: int = 8,
 ) -> dict:
     """
     Append a pseudo-labelled record to `cache_path` for every record whose id is not there yet (resumable): the
-    model's greedy answer ids, its segments (segment-wise) and the stage-II unit-language targets. With a list of
-    segmentation modes, the answer is generated once and cut by each rule (one record per mode, ids `"<id>#<mode>"`).
+    model's greedy answer ids (`batch_size` questions generated together), its segments (segment-wise) and the
+    stage-II unit-language targets. With a list of segmentation modes, the answer is generated once and cut by each
+    rule (one record per mode, ids `"<id>#<mode>"`).
     """
     was_training = model.training
     model.eval()
@@ -129,64 +155,62 @@ def precompute_echo_targets(
     modes = list(segmentation_mode) if isinstance(segmentation_mode, (list, tuple)) else [segmentation_mode]
     rules = {mode: segmentation_rule(model.config, mode) for mode in modes}
     suffix = (lambda mode: f"#{mode}") if len(modes) > 1 else (lambda mode: "")
-    eos = model.generation_config.eos_token_id
-    eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
     boundary = model.text_table[model.config.segment_boundary_token_id]
     tokenizer = processor.tokenizer
+    pending = [r for r in records if any(r["id"] + suffix(mode) not in done for mode in modes)]
     made = skipped = 0
     os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
     with open(cache_path, "a", encoding="utf-8") as handle:
-        for record in records:
-            todo = [mode for mode in modes if record["id"] + suffix(mode) not in done]
-            if not todo:
-                continue
-            has_audio = bool(record.get("audio"))
-            prompt_ids = processor.build_prompt_ids(record.get("prompt") or "", has_audio=has_audio)
-            features = (
-                extract_features(processor.feature_extractor, [record["audio"]], processor.max_audio_seconds)
-                if has_audio
-                else None
-            )
-            output = model.generate(
-                input_ids=torch.tensor([prompt_ids]), input_features=features, return_audio=False, **(generation or {})
-            )
-            row = output.sequences[0].tolist()
-            ends = [i for i, token in enumerate(row) if token in eos_ids]
-            answer = row[: ends[0]] if ends else row
-            if not answer:
-                skipped += 1
-                continue
-            base = {
-                "audio": record.get("audio"),
-                "transcript": record.get("transcript", ""),
-                "prompt": record.get("prompt", ""),
-                "response": tokenizer.decode(answer, skip_special_tokens=True),
-                "response_ids": answer,
-            }
-            if not segment_wise:
-                out = {"id": record["id"], **base, "units": text_to_unit_language(model, [answer])[0]}
-                handle.write(json.dumps(out) + "\n")
-                handle.flush()
-                made += 1
-                continue
-            states = answer_states(model, prompt_ids, answer, features)
-            texts = [tokenizer.decode([token], skip_special_tokens=True) for token in answer]
-            scores = boundary_scores(states, boundary)
-            for mode in todo:
-                spans = rules[mode].split(scores, texts)
-                units = text_to_unit_language(model, [answer[start:end] for start, end in spans])
-                out = {
-                    "id": record["id"] + suffix(mode),
-                    **base,
-                    "segments": [
-                        [tokenizer.decode(answer[start:end], skip_special_tokens=True), segment_units]
-                        for (start, end), segment_units in zip(spans, units)
-                    ],
-                    "segment_lengths": [end - start for start, end in spans],
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            for record, answer in zip(batch, greedy_answers(model, processor, batch, generation)):
+                if not answer:
+                    skipped += 1
+                    continue
+                todo = [mode for mode in modes if record["id"] + suffix(mode) not in done]
+                base = {
+                    "audio": record.get("audio"),
+                    "transcript": record.get("transcript", ""),
+                    "prompt": record.get("prompt", ""),
+                    "response": tokenizer.decode(answer, skip_special_tokens=True),
+                    "response_ids": answer,
                 }
-                handle.write(json.dumps(out) + "\n")
-                handle.flush()
-                made += 1
+                if not segment_wise:
+                    out = {"id": record["id"], **base, "units": text_to_unit_language(model, [answer])[0]}
+                    handle.write(json.dumps(out) + "\n")
+                    made += 1
+                    continue
+                prompt_ids = processor.build_prompt_ids(record.get("prompt") or "", has_audio=bool(record.get("audio")))
+                features = (
+                    extract_features(processor.feature_extractor, [record["audio"]], processor.max_audio_seconds)
+                    if record.get("audio")
+                    else None
+                )
+                states = answer_states(model, prompt_ids, answer, features)
+                texts = [tokenizer.decode([token], skip_special_tokens=True) for token in answer]
+                scores = boundary_scores(states, boundary)
+                spans = {mode: rules[mode].split(scores, texts) for mode in todo}
+                # every rule's segments of this answer labelled in one echo-decoder batch
+                flat = [(start_, end) for mode in todo for start_, end in spans[mode]]
+                units = text_to_unit_language(
+                    model, [answer[a:b] for a, b in flat], first_segment=[a == 0 for a, _ in flat]
+                )
+                cursor = 0
+                for mode in todo:
+                    mode_units = units[cursor : cursor + len(spans[mode])]
+                    cursor += len(spans[mode])
+                    out = {
+                        "id": record["id"] + suffix(mode),
+                        **base,
+                        "segments": [
+                            [tokenizer.decode(answer[a:b], skip_special_tokens=True), segment_units]
+                            for (a, b), segment_units in zip(spans[mode], mode_units)
+                        ],
+                        "segment_lengths": [b - a for a, b in spans[mode]],
+                    }
+                    handle.write(json.dumps(out) + "\n")
+                    made += 1
+            handle.flush()
     model.train(was_training)
     return {"made": made, "skipped_empty": skipped, "already_done": len(done)}
 
@@ -244,6 +268,7 @@ def main(config: dict) -> dict:
                 segment_wise=config["segment_wise"],
                 segmentation_mode=config.get("segmentation_mode"),
                 generation=config.get("generation"),
+                batch_size=config["label_batch_size"],
             )
             log_event(config["output_dir"], {"event": "echo_targets", "cache": cache_path, **report, **info})
     dataset = load_dialogue_dataset(cache_path)
