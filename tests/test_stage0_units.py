@@ -60,6 +60,27 @@ def test_stage0_writes_units_language_and_manifests_and_resumes(answers, tmp_pat
     assert stamps == {name: os.path.getmtime(os.path.join(out, name)) for name in stamps}
 
 
+def test_stage0_adds_units_of_answers_added_later(answers, tmp_path):
+    """A manifest added to a finished stage 0 (e.g. answer fragments): its answers get units; nothing else is redone."""
+    first = [json.loads(line) for line in open(answers)]
+    head = tmp_path / "head.jsonl"
+    head.write_text("".join(json.dumps({**r, "answer_audio": os.path.join(os.path.dirname(answers), r["answer_audio"])}) + "\n"
+                            for r in first[:3]))
+    tail = tmp_path / "tail.jsonl"
+    tail.write_text(json.dumps({**first[3], "answer_audio": os.path.join(os.path.dirname(answers), first[3]["answer_audio"])}) + "\n")
+    out = str(tmp_path / "stage0")
+    settings = [f"output_dir={json.dumps(out)}", "num_units=16", 'unit_language={"vocab_size": 30, "model_type": "bpe"}']
+    stage0_units.main(load_config(None, stage0_units.DEFAULTS, [f"manifests={json.dumps([str(head)])}", *settings]))
+    kmeans = os.path.getmtime(os.path.join(out, "unit_kmeans.safetensors"))
+    before = {i["audio"]: i for i in map(json.loads, open(os.path.join(out, "vocoder_units.jsonl")))}
+    summary = stage0_units.main(load_config(None, stage0_units.DEFAULTS,
+                                            [f"manifests={json.dumps([str(head), str(tail)])}", *settings]))
+    after = {i["audio"]: i for i in map(json.loads, open(os.path.join(out, "vocoder_units.jsonl")))}
+    assert summary["answers"] == 4 and len(after) == 4 and all(after[a] == item for a, item in before.items())
+    assert os.path.getmtime(os.path.join(out, "unit_kmeans.safetensors")) == kmeans
+    assert len(list(open(os.path.join(out, "dialogues.jsonl")))) == 4
+
+
 def test_stage0_refuses_records_without_spoken_answers(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "x", "response": "hi"}) + "\n")

@@ -9,6 +9,7 @@ Steps (outputs under `--work`):
     speech      data/speech/{train,dev,test}.jsonl questions in 6 training voices (augmented) / 2 held-out voices,
                                                    answers in the answer voice (training.data.synthesize)
     reading     data/speech/reading.jsonl          extra read speech in the answer voice (training.data.reading)
+    fragments   data/speech/fragments.jsonl        answer pieces in the answer voice, for stage II (training.data.fragments)
     units       runs/mini_units/                   stage 0: Whisper tiny.en (10 s window) k-means, unit language
     vocoder     runs/mini_vocoder/generator/       the iSTFT unit vocoder (training/configs/mini_vocoder.json)
     base        runs/mini_base/                    EchoX-mini before training (echox_mini.build_mini_base)
@@ -26,7 +27,7 @@ import os
 import random
 import time
 
-STEPS = ("qa", "speech", "reading", "units", "vocoder", "base", "stage1", "stage2", "stage3")
+STEPS = ("qa", "speech", "reading", "fragments", "units", "vocoder", "base", "stage1", "stage2", "stage3")
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -126,7 +127,7 @@ def held_out_units(units_dir: str, speech_dir: str, out_path: str, limit: int = 
 
 def run(work: str = "build", until: str = "stage3", export: bool = False) -> None:
     """Run the recipe's steps up to `until` (inclusive) in `work`."""
-    from .data import reading, spoken_qa, synthesize
+    from .data import fragments, reading, spoken_qa, synthesize
 
     last = STEPS.index(until)
     data, runs = os.path.join(work, "data"), os.path.join(work, "runs")
@@ -144,6 +145,7 @@ def run(work: str = "build", until: str = "stage3", export: bool = False) -> Non
     step("qa", qa, lambda: spoken_qa.main(["--out", qa]))
     step("speech", os.path.join(speech, "test.jsonl"), lambda: synthesize.main(["--qa", qa, "--out", speech]))
     step("reading", os.path.join(speech, "reading.jsonl"), lambda: reading.main(["--qa", qa, "--out", speech]))
+    step("fragments", os.path.join(speech, "fragments.jsonl"), lambda: fragments.main(["--qa", qa, "--out", speech]))
     manifests = {}
     if _done(os.path.join(speech, "test.jsonl")):
         manifests = stage_manifests(speech, os.path.join(data, "stages"))
@@ -155,7 +157,7 @@ def run(work: str = "build", until: str = "stage3", export: bool = False) -> Non
         from .stages import stage0_units
 
         config = _config("stage0", work, output_dir=units,
-                         manifests=[os.path.join(speech, "train.jsonl"), os.path.join(speech, "reading.jsonl")])
+                         manifests=[os.path.join(speech, name) for name in ("train.jsonl", "reading.jsonl", "fragments.jsonl")])
         return stage0_units.main({**stage0_units.DEFAULTS, **config})
 
     step("units", os.path.join(units, "dialogues.jsonl"), units_step)

@@ -74,16 +74,21 @@ def reading_sentences(records: list[dict], limit: int | None = None, seed: int =
     return sentences[:limit] if limit else sentences
 
 
-def synthesize_reading(sentences: list[str], out_dir: str, voice: str = ANSWER_VOICE, workers: int = 2) -> str:
-    """Speak `sentences` in `voice` under `out_dir` (existing files are kept) and write `<out_dir>/reading.jsonl`."""
+def synthesize_reading(
+    sentences: list[str], out_dir: str, voice: str = ANSWER_VOICE, workers: int = 2, name: str = "reading"
+) -> str:
+    """
+    Speak `sentences` in `voice` under `out_dir` (existing files are kept) and write `<out_dir>/<name>.jsonl`
+    (ids `<name>-<i>`, kind `name`).
+    """
     items = [(answer_audio_name(text, voice), text, None) for text in sentences]
     tasks = [(out_dir, voice, items[start : start + 48]) for start in range(0, len(items), 48)]
     run_synthesis(tasks, workers)
-    path = os.path.join(out_dir, "reading.jsonl")
+    path = os.path.join(out_dir, f"{name}.jsonl")
     with open(path, "w", encoding="utf-8") as handle:
         for index, (audio, text, _) in enumerate(items):
-            line = {"id": f"reading-{index}", "answer_audio": audio, "answer_text": text, "response": text,
-                    "split": "train", "kind": "reading"}
+            line = {"id": f"{name}-{index}", "answer_audio": audio, "answer_text": text, "response": text,
+                    "split": "train", "kind": name}
             handle.write(json.dumps(line) + "\n")
     return path
 

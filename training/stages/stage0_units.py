@@ -85,13 +85,14 @@ def main(config: dict) -> dict:
         extractor.save_pretrained(out)
 
     units_path = os.path.join(out, "vocoder_units.jsonl")
+    unit_items = {}
     if os.path.isfile(units_path):
         with open(units_path, encoding="utf-8") as handle:
             unit_items = {item["audio"]: item for item in map(json.loads, handle)}
-    else:
+    missing = [audio for audio in answers if audio not in unit_items]  # all at first; answers added since then later
+    if missing:
         texts = {record[config["audio_field"]]: record.get("response") or record.get("answer_text", "") for record in records}
-        unit_items = {}
-        for audio in answers:
+        for audio in missing:
             units, durations = extractor(load_audio(audio))
             unit_items[audio] = {"audio": audio, "text": texts[audio], "units": units.tolist(), "durations": durations.tolist()}
         write_manifest(units_path, list(unit_items.values()))
