@@ -8,7 +8,7 @@ import time
 
 import soundfile
 
-INT8_HELP = "quantize the LLM layers to int8 for CPU inference (faster; MODEL_CARD.md gives its accuracy)"
+INT8_HELP = "quantize the LLM layers to int8 for CPU inference (faster, but lossy: MODEL_CARD.md gives its accuracy)"
 
 
 def _init_random(args) -> None:

@@ -10,7 +10,8 @@ def quantize_int8(model):
     """
     Replace the `nn.Linear` layers of the LLM's decoder layers and of the adapter's CTC head by dynamically quantized
     int8 ones (`torch.ao.quantization.quantize_dynamic`: int8 weights, activations quantized per call), in place.
-    Prefill and the adapter run about twice as fast on a CPU. The token embeddings and the LLM output table stay in
+    Prefill and the adapter run about twice as fast on a CPU, but per-tensor int8 can cost much accuracy (it does on
+    EchoX-mini: MODEL_CARD.md); evaluate before use. The token embeddings and the LLM output table stay in
     full precision: the echo decoder reads that table. Inference only: a quantized model cannot be trained or saved.
     Returns the model.
     """
