@@ -48,6 +48,3 @@ class PromptPrefixCache:
             )
             self._key, self._cache = key, outputs.past_key_values
         return copy.deepcopy(self._cache)
-
-    def clear(self) -> None:
-        self._key = self._cache = None

@@ -28,5 +28,4 @@ def quantize_int8(model):
         quantize_dynamic(decoder, {nn.Linear}, dtype=torch.qint8, inplace=True)
         adapter.ctc_head = quantize_dynamic(nn.Sequential(adapter.ctc_head), {nn.Linear}, dtype=torch.qint8)[0]
     model.is_int8_quantized = True
-    model.prompt_prefix_cache.clear()
     return model

@@ -145,7 +145,8 @@ class EncoderStateCache:
     """
     On-disk cache of the frozen speech encoder's outputs `[frames, d_model]` per audio file, keyed by the file's
     absolute path + size + mtime, the feature extractor's settings, the model's `encoder_window` and a hash of the
-    encoder weights (so a different or fine-tuned encoder never reuses stale states). Files are written atomically (safe with several processes).
+    encoder weights (so a different or fine-tuned encoder never reuses stale states). Files are written atomically
+    (safe with several processes).
 
     Only valid while the encoder is frozen: the collator refuses to use it when `audio_tower` has trainable weights.
     """

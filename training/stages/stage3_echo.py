@@ -115,17 +115,17 @@ def _drop_partial_lines(path: str) -> None:
 
 
 @torch.no_grad()
-def greedy_answers(model, processor, records, generation=None) -> list[list[int]]:
-    """The model's answer ids (up to the first eos) for a batch of records, generated together (left-padded)."""
-    prompts = [processor.build_prompt_ids(r.get("prompt") or "", has_audio=bool(r.get("audio"))) for r in records]
+def greedy_answers(model, prompts: list[list[int]], input_features, generation=None) -> list[list[int]]:
+    """
+    The model's answer ids (up to the first eos) for a batch of prompt ids, generated together (left-padded);
+    `input_features`: the log-mel features of their `<audio>` clips in order (or None).
+    """
     width = max(len(ids) for ids in prompts)
     pad = model.config.text_pad_token_id if model.config.text_pad_token_id is not None else 0
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], dtype=torch.long)
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], dtype=torch.long)
-    paths = [r["audio"] for r in records if r.get("audio")]
-    features = extract_features(processor.feature_extractor, paths, processor.max_audio_seconds) if paths else None
     output = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, input_features=features, return_audio=False,
+        input_ids=input_ids, attention_mask=attention_mask, input_features=input_features, return_audio=False,
         **(generation or {}),
     )
     eos = model.generation_config.eos_token_id
@@ -163,7 +163,13 @@ def precompute_echo_targets(
     with open(cache_path, "a", encoding="utf-8") as handle:
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
-            for record, answer in zip(batch, greedy_answers(model, processor, batch, generation)):
+            prompts = [processor.build_prompt_ids(r.get("prompt") or "", has_audio=bool(r.get("audio"))) for r in batch]
+            paths = [r["audio"] for r in batch if r.get("audio")]
+            features = extract_features(processor.feature_extractor, paths, processor.max_audio_seconds) if paths else None
+            rows = iter(range(len(paths)))
+            clips = [next(rows) if r.get("audio") else None for r in batch]  # each record's row of `features`
+            answers = greedy_answers(model, prompts, features, generation)
+            for record, prompt_ids, clip, answer in zip(batch, prompts, clips, answers):
                 if not answer:
                     skipped += 1
                     continue
@@ -180,18 +186,13 @@ def precompute_echo_targets(
                     handle.write(json.dumps(out) + "\n")
                     made += 1
                     continue
-                prompt_ids = processor.build_prompt_ids(record.get("prompt") or "", has_audio=bool(record.get("audio")))
-                features = (
-                    extract_features(processor.feature_extractor, [record["audio"]], processor.max_audio_seconds)
-                    if record.get("audio")
-                    else None
-                )
-                states = answer_states(model, prompt_ids, answer, features)
+                clip_features = features[clip : clip + 1] if clip is not None else None
+                states = answer_states(model, prompt_ids, answer, clip_features)
                 texts = [tokenizer.decode([token], skip_special_tokens=True) for token in answer]
                 scores = boundary_scores(states, boundary)
                 spans = {mode: rules[mode].split(scores, texts) for mode in todo}
                 # every rule's segments of this answer labelled in one echo-decoder batch
-                flat = [(start_, end) for mode in todo for start_, end in spans[mode]]
+                flat = [span for mode in todo for span in spans[mode]]
                 units = text_to_unit_language(
                     model, [answer[a:b] for a, b in flat], first_segment=[a == 0 for a, _ in flat]
                 )
