@@ -2,6 +2,8 @@
 
 import collections
 import json
+import os
+import re
 import shutil
 
 import numpy as np
@@ -142,3 +144,34 @@ def test_synthesize_two_items_with_flite(tmp_path, records):
             assert rate == 16000 and audio.ndim == 1 and 0.5 < len(audio) / rate < 10
             assert np.abs(audio).max() > 0.05
         assert (line["augment"] is not None) == (split == "train")
+
+
+def test_read_speech_never_names_a_held_out_country(records):
+    from training.data.general_reading import general_sentences
+    from training.data.reading import held_out_words, reading_sentences
+
+    excluded = held_out_words(records)
+    test_countries = {spoken_qa.country_of(r) for r in records if r["split"] == "test"} - {None}
+    assert excluded and any(set(country.split()) & excluded for country in test_countries)
+    general = general_sentences(300, excluded, seed=3)
+    assert general == general_sentences(300, excluded, seed=3) != general_sentences(300, excluded, seed=4)
+    assert len(set(general)) == 300 and all(re.fullmatch(r"[a-z ]+", s) for s in general)
+    for sentences in (general, reading_sentences(records)):
+        assert not any(excluded & set(s.split()) for s in sentences)
+    # a word made held out is dropped from the general sentences
+    common = collections.Counter(w for s in general for w in s.split()).most_common(1)[0][0]
+    assert not any(common in s.split() for s in general_sentences(300, excluded | {common}, seed=3))
+
+
+def test_recipe_step_reruns_when_an_input_is_newer(tmp_path):
+    from training.echox_mini import _done
+
+    source, output = tmp_path / "general.jsonl", tmp_path / "dialogues.jsonl"
+    assert not _done(str(output))
+    output.write_text("x")
+    source.write_text("y")
+    os.utime(output, (100, 100))
+    os.utime(source, (200, 200))
+    assert _done(str(output)) and not _done(str(output), [str(source)])
+    os.utime(output, (300, 300))
+    assert _done(str(output), [str(source), str(tmp_path / "missing.jsonl")])

@@ -81,6 +81,26 @@ def test_stage0_adds_units_of_answers_added_later(answers, tmp_path):
     assert len(list(open(os.path.join(out, "dialogues.jsonl")))) == 4
 
 
+def test_stage0_vocoder_manifests_only_add_vocoder_units(answers, tmp_path):
+    """Speech for the vocoder alone gets units, but fits neither the k-means nor the unit language, nor dialogues."""
+    records = [json.loads(line) for line in open(answers)]
+    absolute = [{**r, "answer_audio": os.path.join(os.path.dirname(answers), r["answer_audio"])} for r in records]
+    head, extra = tmp_path / "head.jsonl", tmp_path / "extra.jsonl"
+    head.write_text("".join(json.dumps(r) + "\n" for r in absolute[:3]))
+    extra.write_text(json.dumps(absolute[3]) + "\n")
+    settings = ["num_units=16", 'unit_language={"vocab_size": 30, "model_type": "bpe"}', f"manifests={json.dumps([str(head)])}"]
+    alone, with_extra = str(tmp_path / "alone"), str(tmp_path / "with_extra")
+    stage0_units.main(load_config(None, stage0_units.DEFAULTS, [*settings, f"output_dir={json.dumps(alone)}"]))
+    summary = stage0_units.main(load_config(None, stage0_units.DEFAULTS, [
+        *settings, f"output_dir={json.dumps(with_extra)}", f"vocoder_manifests={json.dumps([str(extra)])}"]))
+    units = {i["audio"]: i for i in map(json.loads, open(os.path.join(with_extra, "vocoder_units.jsonl")))}
+    assert summary["answers"] == 4 and absolute[3]["answer_audio"] in units
+    assert units[absolute[3]["answer_audio"]]["text"] == absolute[3]["response"]
+    assert len(list(open(os.path.join(with_extra, "dialogues.jsonl")))) == 3
+    for name in ("unit_kmeans.safetensors", "unit_language/unit_language.model"):
+        assert open(os.path.join(alone, name), "rb").read() == open(os.path.join(with_extra, name), "rb").read()
+
+
 def test_stage0_refuses_records_without_spoken_answers(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "x", "response": "hi"}) + "\n")

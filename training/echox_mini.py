@@ -10,6 +10,8 @@ Steps (outputs under `--work`):
                                                    answers in the answer voice (training.data.synthesize)
     reading     data/speech/reading.jsonl          extra read speech in the answer voice (training.data.reading)
     fragments   data/speech/fragments.jsonl        answer pieces in the answer voice, for stage II (training.data.fragments)
+    general     data/speech/general.jsonl          general English in the answer voice, for the vocoder only
+                                                   (training.data.general_reading)
     units       runs/mini_units/                   stage 0: Whisper tiny.en (10 s window) k-means, unit language
     vocoder     runs/mini_vocoder/generator/       the iSTFT unit vocoder (training/configs/mini_vocoder.json)
     base        runs/mini_base/                    EchoX-mini before training (echox_mini.build_mini_base)
@@ -27,12 +29,15 @@ import os
 import random
 import time
 
-STEPS = ("qa", "speech", "reading", "fragments", "units", "vocoder", "base", "stage1", "stage2", "stage3")
+STEPS = ("qa", "speech", "reading", "fragments", "general", "units", "vocoder", "base", "stage1", "stage2", "stage3")
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
-def _done(path: str) -> bool:
-    return os.path.exists(path)
+def _done(path: str, inputs=()) -> bool:
+    """`path` exists and is newer than every existing file in `inputs` (a data step added or redone since is new)."""
+    if not os.path.exists(path):
+        return False
+    return all(os.path.getmtime(source) <= os.path.getmtime(path) for source in inputs if os.path.exists(source))
 
 
 def _config(name: str, work: str, **paths) -> dict:
@@ -127,15 +132,15 @@ def held_out_units(units_dir: str, speech_dir: str, out_path: str, limit: int = 
 
 def run(work: str = "build", until: str = "stage3", export: bool = False) -> None:
     """Run the recipe's steps up to `until` (inclusive) in `work`."""
-    from .data import fragments, reading, spoken_qa, synthesize
+    from .data import fragments, general_reading, reading, spoken_qa, synthesize
 
     last = STEPS.index(until)
     data, runs = os.path.join(work, "data"), os.path.join(work, "runs")
     speech = os.path.join(data, "speech")
     os.makedirs(runs, exist_ok=True)
 
-    def step(name, output, action):
-        if STEPS.index(name) > last or _done(output):
+    def step(name, output, action, inputs=()):
+        if STEPS.index(name) > last or _done(output, inputs):
             return
         start = time.time()
         extra = action() or {}
@@ -146,6 +151,7 @@ def run(work: str = "build", until: str = "stage3", export: bool = False) -> Non
     step("speech", os.path.join(speech, "test.jsonl"), lambda: synthesize.main(["--qa", qa, "--out", speech]))
     step("reading", os.path.join(speech, "reading.jsonl"), lambda: reading.main(["--qa", qa, "--out", speech]))
     step("fragments", os.path.join(speech, "fragments.jsonl"), lambda: fragments.main(["--qa", qa, "--out", speech]))
+    step("general", os.path.join(speech, "general.jsonl"), lambda: general_reading.main(["--qa", qa, "--out", speech]))
     manifests = {}
     if _done(os.path.join(speech, "test.jsonl")):
         manifests = stage_manifests(speech, os.path.join(data, "stages"))
@@ -153,14 +159,17 @@ def run(work: str = "build", until: str = "stage3", export: bool = False) -> Non
 
     units = os.path.join(runs, "mini_units")
 
+    answer_manifests = [os.path.join(speech, name) for name in ("train.jsonl", "reading.jsonl", "fragments.jsonl")]
+    vocoder_manifests = [os.path.join(speech, "general.jsonl")]
+
     def units_step():
         from .stages import stage0_units
 
-        config = _config("stage0", work, output_dir=units,
-                         manifests=[os.path.join(speech, name) for name in ("train.jsonl", "reading.jsonl", "fragments.jsonl")])
+        config = _config("stage0", work, output_dir=units, manifests=answer_manifests, vocoder_manifests=vocoder_manifests)
         return stage0_units.main({**stage0_units.DEFAULTS, **config})
 
-    step("units", os.path.join(units, "dialogues.jsonl"), units_step)
+    # Stage 0 only adds what is new when a manifest changed (the k-means and unit language stay).
+    step("units", os.path.join(units, "dialogues.jsonl"), units_step, inputs=answer_manifests + vocoder_manifests)
 
     vocoder = os.path.join(runs, "mini_vocoder")
 
@@ -176,7 +185,9 @@ def run(work: str = "build", until: str = "stage3", export: bool = False) -> Non
                                          "--out", os.path.join(vocoder, "resynthesis.json")])
         return {"wer_resynthesis": result["wer_resynthesis"], "wer_original": result["wer_original"]}
 
-    step("vocoder", os.path.join(vocoder, "resynthesis.json"), vocoder_step)
+    # New speech or a longer schedule resumes the vocoder from its last checkpoint.
+    step("vocoder", os.path.join(vocoder, "resynthesis.json"), vocoder_step,
+         inputs=[os.path.join(units, "vocoder_units.jsonl"), os.path.join(CONFIGS, "mini_vocoder.json")])
 
     base = os.path.join(runs, "mini_base")
 

@@ -39,26 +39,35 @@ def _country_facts(name: str) -> list[str]:
     return facts
 
 
-def reading_sentences(records: list[dict], limit: int | None = None, seed: int = 0) -> list[str]:
-    """Read-speech sentences that name no word of a held-out (dev/test) country or capital; deterministic."""
-    train_countries, held_out_words = set(), set()
-    capitals = {}
+def held_out_words(records: list[dict]) -> set[str]:
+    """Words of held-out (dev/test) countries and their capitals that no training name shares."""
+    train_words, held_out = set(), set()
     for record in records:
         country = country_of(record)
         if country is None:
             continue
+        names = [country] + (record["answers"] if record["kind"] == "capital" else [])
         if record["split"] == "train":
+            names = names[:2]  # a training capital's first (canonical) name only
+        words = {word for name in names for word in name.split()}
+        if record["split"] == "train":
+            train_words |= words
+        else:
+            held_out |= words
+    # Words shared with training names (e.g. "south", "republic") stay allowed.
+    return held_out - train_words - {"the", "of", "and", "is", "city"}
+
+
+def reading_sentences(records: list[dict], limit: int | None = None, seed: int = 0) -> list[str]:
+    """Read-speech sentences that name no word of a held-out (dev/test) country or capital; deterministic."""
+    train_countries, capitals = set(), {}
+    for record in records:
+        country = country_of(record)
+        if country is not None and record["split"] == "train":
             train_countries.add(country)
             if record["kind"] == "capital":
                 capitals[country] = record["answers"][0]
-        else:
-            held_out_words.update(country.split())
-            if record["kind"] == "capital":
-                for answer in record["answers"]:
-                    held_out_words.update(answer.split())
-    # Words shared with training names (e.g. "south", "republic") stay allowed.
-    train_words = {w for c in train_countries for w in c.split()} | {w for c in capitals.values() for w in c.split()}
-    held_out_words -= train_words | {"the", "of", "and", "is", "city"}
+    excluded = held_out_words(records)
 
     sentences = []
     for country in sorted(train_countries):
@@ -69,7 +78,7 @@ def reading_sentences(records: list[dict], limit: int | None = None, seed: int =
     sentences += [f"{month} is followed by {MONTHS[(i + 1) % 12]}" for i, month in enumerate(MONTHS)]
     sentences += [f"the number {number_words(n)}" for n in range(0, 101)]
     sentences = sorted({normalize_text(s) for s in sentences})
-    sentences = [s for s in sentences if not held_out_words & set(s.split())]
+    sentences = [s for s in sentences if not excluded & set(s.split())]
     random.Random(seed).shuffle(sentences)
     return sentences[:limit] if limit else sentences
 

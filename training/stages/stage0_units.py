@@ -8,6 +8,8 @@ and its text (`response`, or `answer_text`). Writes to `output_dir`:
     vocoder_units.jsonl                          `{"audio", "text", "units", "durations"}` for vocoder training
     unit_language/                               the SentencePiece unit language (`EchoXUnitLanguage`)
     dialogues.jsonl                              the input records with `"units"`: unit-language indices of the answer
+Speech in `vocoder_manifests` (same record shape) only adds to `vocoder_units.jsonl`: it is not used to fit the
+k-means or the unit language and has no dialogue.
 Each step is skipped when its output exists, so a killed run resumes.
 """
 
@@ -33,6 +35,7 @@ DEFAULTS = {
     "kmeans_max_clips": 2000,
     "unit_language": {"vocab_size": 1000, "model_type": "bpe"},
     "manifests": [],
+    "vocoder_manifests": [],
     "audio_field": "answer_audio",
     "output_dir": "runs/stage0_units",
     "seed": 0,
@@ -72,6 +75,7 @@ def main(config: dict) -> dict:
     out = config["output_dir"]
     os.makedirs(out, exist_ok=True)
     records = _read_records(list(config["manifests"]), config["audio_field"])
+    vocoder_records = _read_records(list(config["vocoder_manifests"]), config["audio_field"]) if config["vocoder_manifests"] else []
     answers = sorted({record[config["audio_field"]] for record in records})
     encoder, feature_extractor = load_encoder(config["encoder"])
     torch.manual_seed(config["seed"])
@@ -89,9 +93,9 @@ def main(config: dict) -> dict:
     if os.path.isfile(units_path):
         with open(units_path, encoding="utf-8") as handle:
             unit_items = {item["audio"]: item for item in map(json.loads, handle)}
-    missing = [audio for audio in answers if audio not in unit_items]  # all at first; answers added since then later
+    texts = {r[config["audio_field"]]: r.get("response") or r.get("answer_text", "") for r in records + vocoder_records}
+    missing = [audio for audio in sorted(texts) if audio not in unit_items]  # all at first; speech added since then later
     if missing:
-        texts = {record[config["audio_field"]]: record.get("response") or record.get("answer_text", "") for record in records}
         for audio in missing:
             units, durations = extractor(load_audio(audio))
             unit_items[audio] = {"audio": audio, "text": texts[audio], "units": units.tolist(), "durations": durations.tolist()}
@@ -103,7 +107,7 @@ def main(config: dict) -> dict:
     else:
         settings = config["unit_language"]
         language = train_unit_language(
-            [item["units"] for item in unit_items.values()],
+            [unit_items[audio]["units"] for audio in answers],
             settings["vocab_size"],
             settings.get("model_type", "bpe"),
             num_units=extractor.kmeans.num_units,
