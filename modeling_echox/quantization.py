@@ -6,16 +6,17 @@ import torch
 from torch import nn
 
 
-def quantize_int8(model, per_channel: bool = True):
+def quantize_int8(model):
     """
     Replace the `nn.Linear` layers of the LLM's decoder layers and of the adapter's CTC head by dynamically quantized
     int8 ones (`torch.ao.quantization.quantize_dynamic`: int8 weights, activations quantized per call), in place.
-    Prefill and the adapter run about twice as fast on a CPU. `per_channel` (default) gives every output row its own
-    weight scale; `False` uses one scale per matrix, which costs EchoX-mini much more accuracy (MODEL_CARD.md).
-    The token embeddings and the LLM output table stay in full precision: the echo decoder reads that table.
-    Inference only: a quantized model cannot be trained or saved. Returns the model.
+    Prefill and the adapter run about twice as fast on a CPU, but int8 activations can cost much accuracy: on
+    EchoX-mini they do, and neither per-channel weight scales nor keeping the MLPs or the attention in full precision
+    recovers it (MODEL_CARD.md). Evaluate before use. The token embeddings and the LLM output table stay in
+    full precision: the echo decoder reads that table. Inference only: a quantized model cannot be trained or saved.
+    Returns the model.
     """
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+    from torch.ao.quantization import quantize_dynamic
 
     if getattr(model, "is_int8_quantized", False):
         return model
@@ -25,8 +26,7 @@ def quantize_int8(model, per_channel: bool = True):
     adapter = model.speech_adapter
     with warnings.catch_warnings():  # torch marks its quantized tensor constructors as deprecated
         warnings.simplefilter("ignore")
-        spec = {nn.Linear: per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig}
-        quantize_dynamic(decoder, spec, dtype=torch.qint8, inplace=True)
-        adapter.ctc_head = quantize_dynamic(nn.Sequential(adapter.ctc_head), spec, dtype=torch.qint8)[0]
+        quantize_dynamic(decoder, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        adapter.ctc_head = quantize_dynamic(nn.Sequential(adapter.ctc_head), {nn.Linear}, dtype=torch.qint8)[0]
     model.is_int8_quantized = True
     return model
