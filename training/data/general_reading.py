@@ -36,7 +36,7 @@ def general_sentences(count: int, excluded: set[str], seed: int = 0) -> list[str
     rng = random.Random(seed)
     sentences, seen = [], set()
     while len(sentences) < count:
-        text = rng.choice(_TEMPLATES).format_map(_Lazy(fake, rng))
+        text = rng.choice(_TEMPLATES).format_map(_FreshDraws(fake, rng))
         text = normalize_text(" ".join(number_words(int(t)) if t.isdigit() else t for t in text.split()))
         words = text.split()
         if text in seen or excluded & set(words) or not 3 <= len(words) <= 20:
@@ -46,7 +46,7 @@ def general_sentences(count: int, excluded: set[str], seed: int = 0) -> list[str
     return sentences
 
 
-class _Lazy(dict):
+class _FreshDraws(dict):
     """Template fields filled on use, so each placeholder draws a fresh value."""
 
     def __init__(self, fake, rng):
