@@ -165,7 +165,8 @@ def run(work: str = "build", until: str = "stage3", export: bool = False) -> Non
     def units_step():
         from .stages import stage0_units
 
-        config = _config("stage0", work, output_dir=units, manifests=answer_manifests, vocoder_manifests=vocoder_manifests)
+        config = _config("stage0", work, output_dir=units, manifests=answer_manifests,
+                         vocoder_manifests=vocoder_manifests)
         return stage0_units.main({**stage0_units.DEFAULTS, **config})
 
     # Stage 0 only adds what is new when a manifest changed (the k-means and unit language stay).

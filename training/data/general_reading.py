@@ -46,29 +46,31 @@ def general_sentences(count: int, excluded: set[str], seed: int = 0) -> list[str
     return sentences
 
 
+# Each template field's draw, from the seeded Faker and random.Random.
+_FIELDS = {
+    "sentence": lambda fake, rng: fake.sentence(nb_words=rng.randint(5, 10)),
+    "name": lambda fake, rng: fake.name(),
+    "name2": lambda fake, rng: fake.first_name(),
+    "street": lambda fake, rng: fake.street_name(),
+    "city": lambda fake, rng: fake.city(),
+    "job": lambda fake, rng: fake.job().split(",")[0],
+    "company": lambda fake, rng: fake.company(),
+    "hour": lambda fake, rng: str(rng.randint(1, 12)),
+    "minute": lambda fake, rng: str(rng.randint(10, 59)),
+    "count": lambda fake, rng: str(rng.randint(2, 99)),
+    "noun": lambda fake, rng: fake.word(part_of_speech="noun"),
+}
+
+
 class _FreshDraws(dict):
-    """Template fields filled on use, so each placeholder draws a fresh value."""
+    """Template fields filled on use, so each placeholder (even a repeated one) draws a fresh value."""
 
     def __init__(self, fake, rng):
         super().__init__()
         self.fake, self.rng = fake, rng
 
     def __missing__(self, key):
-        fake, rng = self.fake, self.rng
-        draw = {
-            "sentence": lambda: fake.sentence(nb_words=rng.randint(5, 10)),
-            "name": fake.name,
-            "name2": fake.first_name,
-            "street": fake.street_name,
-            "city": fake.city,
-            "job": lambda: fake.job().split(",")[0],
-            "company": fake.company,
-            "hour": lambda: str(rng.randint(1, 12)),
-            "minute": lambda: str(rng.randint(10, 59)),
-            "count": lambda: str(rng.randint(2, 99)),
-            "noun": lambda: fake.word(part_of_speech="noun"),
-        }[key]
-        return draw()
+        return _FIELDS[key](self.fake, self.rng)
 
 
 def main(argv=None):

@@ -48,12 +48,9 @@ def held_out_words(records: list[dict]) -> set[str]:
             continue
         names = [country] + (record["answers"] if record["kind"] == "capital" else [])
         if record["split"] == "train":
-            names = names[:2]  # a training capital's first (canonical) name only
-        words = {word for name in names for word in name.split()}
-        if record["split"] == "train":
-            train_words |= words
+            train_words.update(word for name in names[:2] for word in name.split())  # a capital's canonical name only
         else:
-            held_out |= words
+            held_out.update(word for name in names for word in name.split())
     # Words shared with training names (e.g. "south", "republic") stay allowed.
     return held_out - train_words - {"the", "of", "and", "is", "city"}
 

@@ -75,7 +75,9 @@ def main(config: dict) -> dict:
     out = config["output_dir"]
     os.makedirs(out, exist_ok=True)
     records = _read_records(list(config["manifests"]), config["audio_field"])
-    vocoder_records = _read_records(list(config["vocoder_manifests"]), config["audio_field"]) if config["vocoder_manifests"] else []
+    vocoder_records = []
+    if config["vocoder_manifests"]:
+        vocoder_records = _read_records(list(config["vocoder_manifests"]), config["audio_field"])
     answers = sorted({record[config["audio_field"]] for record in records})
     encoder, feature_extractor = load_encoder(config["encoder"])
     torch.manual_seed(config["seed"])
@@ -94,7 +96,7 @@ def main(config: dict) -> dict:
         with open(units_path, encoding="utf-8") as handle:
             unit_items = {item["audio"]: item for item in map(json.loads, handle)}
     texts = {r[config["audio_field"]]: r.get("response") or r.get("answer_text", "") for r in records + vocoder_records}
-    missing = [audio for audio in sorted(texts) if audio not in unit_items]  # all at first; speech added since then later
+    missing = [audio for audio in sorted(texts) if audio not in unit_items]  # all at first; speech added since, later
     if missing:
         for audio in missing:
             units, durations = extractor(load_audio(audio))
