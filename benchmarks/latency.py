@@ -1,11 +1,13 @@
 """Streaming latency of an EchoX checkpoint on spoken questions, per segmentation mode; prints and writes JSON.
 
     python benchmarks/latency.py --model DIR --out latency.json [--questions N] [--manifest FILE.jsonl] [--int8]
+                                 [--compare-speculation]
 
 Questions come from `--manifest` (`{"audio": path}` lines, as `echox eval` uses) or are spoken by flite. For each
 mode: first text token and first audio latency (from handing over the whole clip to the processor until the first
-token / first audio sample is ready), total time, real-time factor (compute seconds / seconds of audio produced)
-and the peak RSS of the process.
+token / first audio sample is ready), total time, real-time factor (compute seconds / seconds of audio produced),
+the peak RSS of the process, and the share of requests whose first segment was voiced ahead of its cut
+(`EchoXAudioStreamer.first_segment_speculated`; "fast" mode only).
 """
 
 import argparse
@@ -64,14 +66,14 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def measure(model, processor, clips, mode: str, max_new_tokens: int | None) -> dict:
-    first_token, first_audio, totals, compute, produced = [], [], [], 0.0, 0.0
+def measure(model, processor, clips, mode: str, max_new_tokens: int | None, speculate: bool = True) -> dict:
+    first_token, first_audio, totals, compute, produced, guessed = [], [], [], 0.0, 0.0, 0
     kwargs = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
     for clip in clips:
         audio, rate = soundfile.read(clip, dtype="float32")
         started = time.perf_counter()
         inputs = processor(audio=audio, sampling_rate=rate)
-        streamer = EchoXAudioStreamer(model, processor.tokenizer, segmentation_mode=mode)
+        streamer = EchoXAudioStreamer(model, processor.tokenizer, segmentation_mode=mode, speculate_first_segment=speculate)
         worker = Thread(
             target=model.generate,
             kwargs={**inputs, "tokenizer": processor.tokenizer, "segmentation_mode": mode, "streamer": streamer, **kwargs},
@@ -84,6 +86,7 @@ def measure(model, processor, clips, mode: str, max_new_tokens: int | None) -> d
             samples += len(chunk.audio)
         worker.join()
         finished = time.perf_counter()
+        guessed += streamer.first_segment_speculated
         first_token.append(((streamer.first_token_time or finished) - started) * 1000)
         first_audio.append(((audio_ready or finished) - started) * 1000)
         totals.append((finished - started) * 1000)
@@ -99,6 +102,7 @@ def measure(model, processor, clips, mode: str, max_new_tokens: int | None) -> d
         "audio_seconds": produced,
         "rtf": compute / produced if produced else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "first_segment_voiced_ahead": guessed / len(clips),
     }
 
 
@@ -111,6 +115,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--int8", action="store_true", help="quantize the LLM layers to int8 (modeling_echox.quantization)")
+    parser.add_argument("--compare-speculation", action="store_true",
+                        help='also measure "fast" without voicing the first segment ahead (key "fast_no_speculation")')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,6 +135,8 @@ def main() -> None:
         result = {"model": os.path.abspath(args.model), "int8": args.int8, "torch_threads": torch.get_num_threads()}
         for mode in ("faithful", "fast"):
             result[mode] = measure(model, processor, clips, mode, args.max_new_tokens)
+        if args.compare_speculation:
+            result["fast_no_speculation"] = measure(model, processor, clips, "fast", args.max_new_tokens, speculate=False)
         result["fast_over_faithful_first_audio"] = result["fast"]["first_audio_ms_p50"] / result["faithful"]["first_audio_ms_p50"]
     text = json.dumps(result, indent=2)
     print(text)

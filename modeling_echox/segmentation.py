@@ -17,6 +17,13 @@ class SegmentationRule:
         """
         raise NotImplementedError
 
+    def cut_if_next_starts_word(self, scores: list[float], texts: list[str], segment_start: int) -> int | None:
+        """
+        Where `cut_after` will cut when the next token arrives, if that token starts a new word; `None` when no such
+        cut is possible or the rule cannot tell before the next token (lets a streamer voice a segment ahead).
+        """
+        return None
+
     def split(self, scores: list[float], texts: list[str]) -> list[tuple[int, int]]:
         """All segments `[start, end)` of a finished generation; the rest after the last cut is the final segment."""
         segments, start = [], 0
@@ -85,6 +92,9 @@ class FastSegmentation(SegmentationRule):
         if (ends_clause and length >= self.min_tokens) or length >= self.max_tokens:
             return last
         return None
+
+    def cut_if_next_starts_word(self, scores, texts, segment_start):
+        return self.cut_after(scores + [0.0], texts + [" "], segment_start)
 
 
 def segmentation_rule(config, mode: str | None = None) -> SegmentationRule:

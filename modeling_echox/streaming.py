@@ -41,6 +41,11 @@ class EchoXAudioStreamer(BaseStreamer):
     decoding meanwhile; on a CPU this gets the first audio out sooner than sharing the cores with the LLM. Later
     segments are voiced in the worker while the LLM goes on.
 
+    `speculate_first_segment` (default): with a rule that cuts at word boundaries ("fast"), a first segment is
+    already voiced while the LLM decodes the token that confirms its cut, on the guess that this token starts a new
+    word. A right guess is used as is (`first_segment_speculated` tells); a wrong one is dropped and the segment is
+    voiced when it really ends. The audio is the same either way.
+
     ```python
     streamer = EchoXAudioStreamer(model, processor.tokenizer)
     Thread(target=model.generate, kwargs={**inputs, "streamer": streamer}).start()
@@ -57,6 +62,7 @@ class EchoXAudioStreamer(BaseStreamer):
         segmentation_mode: str | None = None,
         timeout: float | None = None,
         voice_first_segment_now: bool = True,
+        speculate_first_segment: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -65,11 +71,14 @@ class EchoXAudioStreamer(BaseStreamer):
             raise ValueError("The 'fast' segmentation mode needs the tokenizer (it cuts at word boundaries).")
         self.timeout = timeout
         self.voice_first_segment_now = voice_first_segment_now
+        self.speculate_first_segment = speculate_first_segment
         self.sampling_rate = model.config.vocoder_config.sampling_rate
         self.eos_token_ids: set[int] = set()
         self._boundary = model.text_table[model.config.segment_boundary_token_id].detach()
         self._queue: Queue = Queue()
         self._worker = ThreadPoolExecutor(max_workers=1)
+        self._speculator = ThreadPoolExecutor(max_workers=1)
+        self._speculation = None  # (tokens it covers, future of (units, audio, vocoder stream)) for the first segment
         self._vocoder_stream = EchoXVocoderStream(model.vocoder)
         self._pending_hidden = None
         self._prompt_seen = False
@@ -79,6 +88,7 @@ class EchoXAudioStreamer(BaseStreamer):
         self._segments = 0
         self.first_token_time: float | None = None
         self.first_audio_time: float | None = None
+        self.first_segment_speculated = False
 
     # ------------------------------------------------------------------------------------------ generate's side
     def put_hidden_state(self, hidden_state: torch.Tensor) -> None:
@@ -106,12 +116,20 @@ class EchoXAudioStreamer(BaseStreamer):
         if cut is not None:
             self._submit(self._segment_start, cut + 1, last=False)
             self._segment_start = cut + 1
+        elif self._segments == 0 and self.speculate_first_segment:
+            guess = self.rule.cut_if_next_starts_word(self._scores, self._texts, 0)
+            if guess is not None:
+                if self._speculation is not None:
+                    self._speculation[1].cancel()  # a wrong guess that has not started yet
+                states = torch.stack(self._states[: guess + 1])
+                self._speculation = (guess + 1, self._speculator.submit(self._voice_alone, states))
 
     def end(self) -> None:
         if self._segment_start < len(self._tokens):
             self._submit(self._segment_start, len(self._tokens), last=True)
         self._worker.submit(self._queue.put, _STOP)
         self._worker.shutdown(wait=False)
+        self._speculator.shutdown(wait=False)
 
     def fail(self, error: BaseException) -> None:
         """Hand an exception raised by `generate` to the consumer."""
@@ -128,10 +146,21 @@ class EchoXAudioStreamer(BaseStreamer):
         self._segments += 1
 
     @torch.no_grad()
+    def _voice_alone(self, states: torch.Tensor):
+        """Units and audio of a first segment, from a vocoder stream of its own (kept only if the guess was right)."""
+        units = self.model.speak_units([states])[0]
+        stream = EchoXVocoderStream(self.model.vocoder)
+        return units, stream.push(units), stream
+
+    @torch.no_grad()
     def _voice(self, index: int, states: torch.Tensor, text: str, last: bool) -> None:
         try:
-            units = self.model.speak_units([states])[0]
-            audio = self._vocoder_stream.push(units)
+            if index == 0 and self._speculation is not None and self._speculation[0] == len(states):
+                units, audio, self._vocoder_stream = self._speculation[1].result()
+                self.first_segment_speculated = True
+            else:
+                units = self.model.speak_units([states])[0]
+                audio = self._vocoder_stream.push(units)
             if last:
                 audio = torch.cat([audio, self._vocoder_stream.flush()])
             if self.first_audio_time is None and audio.numel():

@@ -120,6 +120,60 @@ def test_first_segment_voiced_in_generates_thread_pauses_the_text(tiny, now):
     assert [chunk.unit_ids for chunk in chunks] == reference.segment_unit_ids[0]
 
 
+def _drive(streamer, tokens, states):
+    """Feed `streamer` the way `generate` does (prompt, then a hidden state and a token per step) and collect it."""
+    streamer.put(torch.tensor([[1, 2]]))
+    for token, state in zip(tokens, states):
+        streamer.put_hidden_state(state[None])
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    return list(streamer)
+
+
+@pytest.mark.parametrize(
+    "words, guessed_right",
+    [
+        ([" the", " capital", " comes", " the", " day"], True),  # the 4th token starts a word: the first guess holds
+        ([" the", " capital", " cap", "day", " the"], False),  # "cap|day" continues a word: the guess is dropped
+    ],
+)
+def test_fast_mode_voices_the_first_segment_ahead(tiny, words, guessed_right):
+    model, processor, _ = tiny
+    tokenizer = processor.tokenizer
+    tokens = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(word))[0] for word in words]
+    assert [tokenizer.decode([token]) for token in tokens] == words
+    states = torch.randn(len(tokens), model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    guesses = []
+
+    class Recording(EchoXAudioStreamer):
+        def _voice_alone(self, states):
+            guesses.append(len(states))
+            return super()._voice_alone(states)
+
+    ahead = Recording(model, tokenizer, segmentation_mode="fast")
+    chunks = _drive(ahead, tokens, states)
+    plain = _drive(EchoXAudioStreamer(model, tokenizer, segmentation_mode="fast", speculate_first_segment=False),
+                   tokens, states)
+    first = model.config.fast_first_segment_tokens  # 3 in the tiny config
+    assert guesses[0] == first and (len(guesses) == 1) is guessed_right
+    assert ahead.first_segment_speculated
+    assert [chunk.text for chunk in chunks] == [chunk.text for chunk in plain]
+    assert chunks[0].text == "".join(words[: first if guessed_right else first + 1])
+    assert [chunk.unit_ids for chunk in chunks] == [chunk.unit_ids for chunk in plain]
+    np.testing.assert_array_equal(np.concatenate([c.audio for c in chunks]), np.concatenate([c.audio for c in plain]))
+
+
+def test_faithful_mode_does_not_guess(tiny):
+    model, processor, inputs = tiny
+    streamer = EchoXAudioStreamer(model, processor.tokenizer, segmentation_mode="faithful")
+    thread = Thread(target=model.generate, kwargs={**inputs, "tokenizer": processor.tokenizer, "streamer": streamer,
+                                                   "segmentation_mode": "faithful", "max_new_tokens": 48})
+    thread.start()
+    list(streamer)
+    thread.join()
+    assert streamer._speculation is None and not streamer.first_segment_speculated
+
+
 def test_fast_mode_speaks_earlier(tiny):
     model, processor, inputs = tiny
     kwargs = dict(tokenizer=processor.tokenizer, max_new_tokens=48)
