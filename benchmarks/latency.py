@@ -7,7 +7,7 @@ Questions come from `--manifest` (`{"audio": path}` lines, as `echox eval` uses)
 mode: first text token and first audio latency (from handing over the whole clip to the processor until the first
 token / first audio sample is ready), total time, real-time factor (compute seconds / seconds of audio produced),
 the peak RSS of the process, and the share of requests whose first segment was voiced ahead of its cut
-(`EchoXAudioStreamer.first_segment_speculated`; "fast" mode only).
+(`EchoXAudioStreamer.first_segment_speculated`; "fast" mode only). Each clip runs through every mode in turn.
 """
 
 import argparse
@@ -66,43 +66,50 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def measure(model, processor, clips, mode: str, max_new_tokens: int | None, speculate: bool = True) -> dict:
-    first_token, first_audio, totals, compute, produced, guessed = [], [], [], 0.0, 0.0, 0
+def request(model, processor, clip: str, mode: str, max_new_tokens: int | None, speculate: bool = True) -> dict:
+    """One streamed answer: its first token / first audio / total times (ms), audio seconds, and whether its first
+    segment was voiced ahead."""
     kwargs = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
-    for clip in clips:
-        audio, rate = soundfile.read(clip, dtype="float32")
-        started = time.perf_counter()
-        inputs = processor(audio=audio, sampling_rate=rate)
-        streamer = EchoXAudioStreamer(model, processor.tokenizer, segmentation_mode=mode, speculate_first_segment=speculate)
-        worker = Thread(
-            target=model.generate,
-            kwargs={**inputs, "tokenizer": processor.tokenizer, "segmentation_mode": mode, "streamer": streamer, **kwargs},
-        )
-        worker.start()
-        audio_ready, samples = None, 0
-        for chunk in streamer:
-            if audio_ready is None and len(chunk.audio):
-                audio_ready = time.perf_counter()
-            samples += len(chunk.audio)
-        worker.join()
-        finished = time.perf_counter()
-        guessed += streamer.first_segment_speculated
-        first_token.append(((streamer.first_token_time or finished) - started) * 1000)
-        first_audio.append(((audio_ready or finished) - started) * 1000)
-        totals.append((finished - started) * 1000)
-        compute += finished - started
-        produced += samples / model.config.vocoder_config.sampling_rate
+    audio, rate = soundfile.read(clip, dtype="float32")
+    started = time.perf_counter()
+    inputs = processor(audio=audio, sampling_rate=rate)
+    streamer = EchoXAudioStreamer(model, processor.tokenizer, segmentation_mode=mode, speculate_first_segment=speculate)
+    worker = Thread(
+        target=model.generate,
+        kwargs={**inputs, "tokenizer": processor.tokenizer, "segmentation_mode": mode, "streamer": streamer, **kwargs},
+    )
+    worker.start()
+    audio_ready, samples = None, 0
+    for chunk in streamer:
+        if audio_ready is None and len(chunk.audio):
+            audio_ready = time.perf_counter()
+        samples += len(chunk.audio)
+    worker.join()
+    finished = time.perf_counter()
     return {
-        "n": len(clips),
-        "first_text_token_ms_p50": percentile(first_token, 50),
-        "first_text_token_ms_p90": percentile(first_token, 90),
-        "first_audio_ms_p50": percentile(first_audio, 50),
-        "first_audio_ms_p90": percentile(first_audio, 90),
-        "total_ms_p50": percentile(totals, 50),
+        "first_token": ((streamer.first_token_time or finished) - started) * 1000,
+        "first_audio": ((audio_ready or finished) - started) * 1000,
+        "total": (finished - started) * 1000,
+        "audio_seconds": samples / model.config.vocoder_config.sampling_rate,
+        "ahead": streamer.first_segment_speculated,
+    }
+
+
+def summarize(records: list[dict]) -> dict:
+    produced = sum(r["audio_seconds"] for r in records)
+    compute = sum(r["total"] for r in records) / 1000
+    return {
+        "n": len(records),
+        "first_text_token_ms_p50": percentile([r["first_token"] for r in records], 50),
+        "first_text_token_ms_p90": percentile([r["first_token"] for r in records], 90),
+        "first_audio_ms_p50": percentile([r["first_audio"] for r in records], 50),
+        "first_audio_ms_p90": percentile([r["first_audio"] for r in records], 90),
+        "first_audio_after_first_token_ms_p50": percentile([r["first_audio"] - r["first_token"] for r in records], 50),
+        "total_ms_p50": percentile([r["total"] for r in records], 50),
         "audio_seconds": produced,
         "rtf": compute / produced if produced else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "first_segment_voiced_ahead": guessed / len(clips),
+        "first_segment_voiced_ahead": sum(r["ahead"] for r in records) / len(records),
     }
 
 
@@ -131,12 +138,17 @@ def main() -> None:
             clips = [clips[i] for i in sorted(random.Random(0).sample(range(len(clips)), min(args.questions, len(clips))))]
         else:
             clips = spoken_questions(args.questions, directory)
-        measure(model, processor, clips[:1], "faithful", args.max_new_tokens)  # warm-up
-        result = {"model": os.path.abspath(args.model), "int8": args.int8, "torch_threads": torch.get_num_threads()}
-        for mode in ("faithful", "fast"):
-            result[mode] = measure(model, processor, clips, mode, args.max_new_tokens)
+        request(model, processor, clips[0], "faithful", args.max_new_tokens)  # warm-up
+        variants = {"faithful": ("faithful", True), "fast": ("fast", True)}
         if args.compare_speculation:
-            result["fast_no_speculation"] = measure(model, processor, clips, "fast", args.max_new_tokens, speculate=False)
+            variants["fast_no_speculation"] = ("fast", False)
+        records = {name: [] for name in variants}
+        # Every clip goes through all variants in turn, so that the machine's drift in speed hits them alike.
+        for clip in clips:
+            for name, (mode, speculate) in variants.items():
+                records[name].append(request(model, processor, clip, mode, args.max_new_tokens, speculate))
+        result = {"model": os.path.abspath(args.model), "int8": args.int8, "torch_threads": torch.get_num_threads()}
+        result.update({name: summarize(rows) for name, rows in records.items()})
         result["fast_over_faithful_first_audio"] = result["fast"]["first_audio_ms_p50"] / result["faithful"]["first_audio_ms_p50"]
     text = json.dumps(result, indent=2)
     print(text)
