@@ -29,13 +29,10 @@ from modeling_echox.asr import WhisperTranscriber  # noqa: E402
 from modeling_echox.audio_io import load_audio  # noqa: E402
 from modeling_echox.text_metrics import normalize_text, word_errors  # noqa: E402
 from modeling_echox.units import EchoXUnitExtractor, fit_kmeans  # noqa: E402
+from training.data.spoken_qa import read_jsonl  # noqa: E402
 
 N_FFT, HOP = 640, 160  # 40 ms windows every 10 ms: two spectrogram frames per 50 Hz encoder frame
-
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+SAMPLES_PER_FRAME = 2 * HOP  # one 50 Hz encoder frame at 16 kHz
 
 
 def log_magnitude(audio: np.ndarray, frames: int) -> torch.Tensor:
@@ -102,14 +99,15 @@ def main() -> None:
     results = [
         {"features": "original audio", "wer": wer(test_audio)},
         {"features": "true magnitudes + Griffin-Lim",
-         "wer": wer([griffin_lim(log_magnitude(a, a.size // 320), args.griffin_lim_iterations, args.seed) for a in test_audio])},
+         "wer": wer([griffin_lim(log_magnitude(a, a.size // SAMPLES_PER_FRAME), args.griffin_lim_iterations, args.seed)
+                     for a in test_audio])},
     ]
     print(json.dumps(results[-1]), flush=True)
     for layer in args.layers:
         start = time.time()
         extractor = EchoXUnitExtractor(encoder, layer=layer, feature_extractor=feature_extractor)
-        train_frames = [extractor.extract_features(clip)[: clip.size // 320] for clip in train_audio]
-        test_frames = [extractor.extract_features(clip)[: clip.size // 320] for clip in test_audio]
+        train_frames = [extractor.extract_features(clip)[: clip.size // SAMPLES_PER_FRAME] for clip in train_audio]
+        test_frames = [extractor.extract_features(clip)[: clip.size // SAMPLES_PER_FRAME] for clip in test_audio]
         train_targets = [log_magnitude(clip, frames.shape[0]) for clip, frames in zip(train_audio, train_frames)]
 
         def probe(name: str, encode, penalty: float, **extra) -> None:
