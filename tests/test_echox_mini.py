@@ -99,3 +99,44 @@ def test_missing_parts_are_named(trained, tmp_path):
             (parts / name).write_bytes((open(os.path.join(trained[2], name), "rb")).read())
     with pytest.raises(FileNotFoundError, match=PARTS_FILE):
         load_mini_parts(str(parts))
+
+
+def test_carry_over_stage1_takes_adapter_and_llm_from_the_parts(trained, tmp_path):
+    from training.echox_mini import carry_over_stage1
+
+    model, processor, parts, _, changed = trained
+    base_model, base_processor = build_mini_base(processor.unit_vocabulary, 20, seed=11)
+    base_model.save_pretrained(tmp_path / "base")
+    base_processor.save_pretrained(tmp_path / "base")
+    carry_over_stage1(parts, str(tmp_path / "base"), str(tmp_path / "final"))
+    final, _ = load_echox(str(tmp_path / "final"))
+    state, trained_state, base_state = final.state_dict(), model.state_dict(), base_model.state_dict()
+    for name in changed + ["speech_adapter.projector.weight", "speech_adapter.look_back.in_proj_weight"]:
+        assert torch.allclose(state[name], trained_state[name], atol=2e-3), name
+        assert not torch.allclose(state[name], base_state[name], atol=2e-3), name
+    for name in ("echo_decoder.decoder.layers.0.mlp.up_proj.weight", "vocoder.unit_embedding.weight"):
+        assert torch.equal(state[name], base_state[name]), name
+
+
+def test_carry_over_units_and_the_refitted_unit_language_check(trained, tmp_path):
+    from modeling_echox.unit_language import train_unit_language
+    from training.echox_mini import carry_over_units, check_carried_unit_language
+
+    with pytest.raises(FileNotFoundError, match="unit k-means"):
+        carry_over_units(trained[2], str(tmp_path / "units"))
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "unit_kmeans.json").write_text("{}")
+    (parts / "unit_kmeans.safetensors").write_bytes(b"k")
+    carry_over_units(str(parts), str(tmp_path / "units"))
+    assert sorted(os.listdir(tmp_path / "units")) == ["unit_kmeans.json", "unit_kmeans.safetensors"]
+
+    sequences = [[(7 * i + j) % 20 for j in range(30)] for i in range(40)]
+    language = train_unit_language(sequences, 40, "bpe", num_units=20)
+    language.save_pretrained(str(tmp_path / "units" / "unit_language"))
+    language.to_vocabulary().save_pretrained(str(parts))
+    check_carried_unit_language(str(parts), str(tmp_path / "units"))
+    other = train_unit_language(sequences[:20], 30, "bpe", num_units=20, hard_vocab_limit=False)
+    other.to_vocabulary().save_pretrained(str(parts))
+    with pytest.raises(SystemExit, match="differs"):
+        check_carried_unit_language(str(parts), str(tmp_path / "units"))

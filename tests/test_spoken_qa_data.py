@@ -175,3 +175,43 @@ def test_recipe_step_reruns_when_an_input_is_newer(tmp_path):
     assert _done(str(output)) and not _done(str(output), [str(source)])
     os.utime(output, (300, 300))
     assert _done(str(output), [str(source), str(tmp_path / "missing.jsonl")])
+
+
+def test_listening_plan_and_stage_records(tmp_path, records):
+    from training.data import listening
+    from training.data.general_reading import general_sentences
+    from training.data.reading import held_out_words
+
+    sentences = general_sentences(60, held_out_words(records), seed=listening.SENTENCE_SEED_OFFSET)
+    jobs = listening.plan_listening(sentences, seed=0)
+    assert jobs == listening.plan_listening(sentences, seed=0) != listening.plan_listening(sentences, seed=1)
+    assert [job["text"] for job in jobs] == sentences
+    assert {job["voice"] for job in jobs} <= set(synthesize.TRAIN_VOICES) and len({job["voice"] for job in jobs}) > 2
+    assert all(job["augment"] is not None and job["audio"].startswith("listening/") for job in jobs)
+    assert len({job["audio"] for job in jobs}) == len(jobs)
+    with pytest.raises(ValueError, match="Unknown voices"):
+        listening.plan_listening(sentences, voices=("nobody",))
+    manifest = tmp_path / "listening.jsonl"
+    manifest.write_text("".join(json.dumps({**job, "duration": 1.0}) + "\n" for job in jobs[:3]))
+    rows = listening.stage_records(str(manifest))
+    assert [r["transcript"] for r in rows] == [r["response"] for r in rows] == sentences[:3]
+    assert all(r["prompt"] == listening.LISTEN_PROMPT and os.path.isabs(r["audio"]) for r in rows)
+
+
+def test_t2c_manifest_holds_every_answer_voice_clip(tmp_path):
+    from modeling_echox.unit_language import train_unit_language
+    from training.echox_mini import t2c_manifest
+
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(0, 20, size=int(rng.integers(5, 30))).tolist() for _ in range(40)]
+    language = train_unit_language(sequences, 40, "bpe", num_units=20)
+    language.save_pretrained(str(tmp_path / "unit_language"))
+    items = [{"audio": "a.wav", "text": "the capital of kenya is nairobi", "units": sequences[0]},
+             {"audio": "b.wav", "text": "a general sentence read aloud", "units": sequences[1]},
+             {"audio": "c.wav", "text": "", "units": sequences[2]}]  # no text: nothing to learn from
+    (tmp_path / "vocoder_units.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    path = t2c_manifest(str(tmp_path), str(tmp_path / "t2c.jsonl"))
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    assert [row["response"] for row in rows] == [items[0]["text"], items[1]["text"]]
+    assert [row["units"] for row in rows] == [language.encode(sequences[0]), language.encode(sequences[1])]
+    assert len({row["id"] for row in rows}) == 2

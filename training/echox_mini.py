@@ -2,7 +2,7 @@
 The whole EchoX-mini training recipe in one command, every step resumable (a finished step is skipped, an interrupted
 training resumes from its last checkpoint):
 
-    python -m training.echox_mini [--work build] [--until STEP] [--export]
+    python -m training.echox_mini [--work build] [--until STEP] [--export] [--carry-over PARTS_DIR]
 
 Steps (outputs under `--work`):
     qa          data/qa.jsonl                     spoken-QA text, split by country (training.data.spoken_qa)
@@ -12,13 +12,19 @@ Steps (outputs under `--work`):
     fragments   data/speech/fragments.jsonl        answer pieces in the answer voice, for stage II (training.data.fragments)
     general     data/speech/general.jsonl          general English in the answer voice, for the vocoder only
                                                    (training.data.general_reading)
+    listening   data/speech/listening.jsonl        general English in the training voices, stage I's "repeat what
+                                                   I said" examples (training.data.listening)
     units       runs/mini_units/                   stage 0: Whisper tiny.en (10 s window) k-means, unit language
     vocoder     runs/mini_vocoder/generator/       the iSTFT unit vocoder (training/configs/mini_vocoder.json)
     base        runs/mini_base/                    EchoX-mini before training (echox_mini.build_mini_base)
-    stage1      runs/mini_stage1/final/            speech → text (LoRA + adapter)
-    stage2      runs/mini_stage2/final/            text → unit language (echo decoder)
+    stage1      runs/mini_stage1/final/            speech → text (LoRA + adapter), on the questions + listening
+    stage2      runs/mini_stage2/final/            text → unit language (echo decoder), every answer-voice clip
     stage3      runs/mini_stage3/final/            Echo training (pseudo labels from stages I and II)
 With `--export` the final model's trained parts are written to `modeling_echox/mini_parts/` (what is committed).
+With `--carry-over PARTS_DIR` (e.g. `modeling_echox/mini_parts`) the unit k-means, the vocoder and stage I (adapter +
+LLM change) are taken from those exported parts instead of being trained again: stage 0 only encodes the speech with
+the carried k-means and refits the (deterministic) unit language, which must come out equal to the parts' one; the
+vocoder only gets its resynthesis check; stages II and III train anew on a fresh echo decoder.
 The stage configs are `training/configs/mini_*.json`; `--set stage1.training_args.max_steps=10` style overrides
 are not offered here: edit the JSON (it is the record of what trained the committed parts).
 """
@@ -29,7 +35,8 @@ import os
 import random
 import time
 
-STEPS = ("qa", "speech", "reading", "fragments", "general", "units", "vocoder", "base", "stage1", "stage2", "stage3")
+STEPS = ("qa", "speech", "reading", "fragments", "general", "listening", "units", "vocoder", "base", "stage1", "stage2",
+         "stage3")
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -76,15 +83,23 @@ def stage_manifests(speech_dir: str, out_dir: str) -> dict[str, str]:
 
 
 def t2c_manifest(units_dir: str, out_path: str) -> str:
-    """Stage II's manifest: each distinct spoken answer once, `{"id", "response", "units"}` (from stage 0)."""
+    """
+    Stage II's manifest: every answer-voice clip of stage 0 once (spoken answers, read sentences, fragments and the
+    general sentences), `{"id", "response", "units"}` with the units in the unit language. The general sentences'
+    many words keep the echo decoder reading the text rather than recalling the few hundred training answers.
+    """
+    from modeling_echox.unit_language import EchoXUnitLanguage
+
     from .data.spoken_qa import read_jsonl
     from .stages.data import write_manifest
 
-    unique = {}
-    for record in read_jsonl(os.path.join(units_dir, "dialogues.jsonl")):
-        unique.setdefault(record["answer_audio"], {
-            "id": f"t2c-{len(unique)}", "response": record.get("response") or record["answer_text"], "units": record["units"]})
-    return write_manifest(out_path, list(unique.values()))
+    language = EchoXUnitLanguage.from_pretrained(os.path.join(units_dir, "unit_language"))
+    records = [
+        {"id": f"t2c-{index}", "response": item["text"], "units": language.encode(item["units"])}
+        for index, item in enumerate(read_jsonl(os.path.join(units_dir, "vocoder_units.jsonl")))
+        if item["text"] and item["units"]
+    ]
+    return write_manifest(out_path, records)
 
 
 def eval_manifest(speech_dir: str, split: str = "test", seed: int = 0) -> str:
@@ -130,9 +145,59 @@ def held_out_units(units_dir: str, speech_dir: str, out_path: str, limit: int = 
     return write_manifest(out_path, items)
 
 
-def run(work: str = "build", until: str = "stage3", export: bool = False) -> None:
-    """Run the recipe's steps up to `until` (inclusive) in `work`."""
-    from .data import fragments, general_reading, reading, spoken_qa, synthesize
+def carry_over_units(parts_dir: str, units_dir: str) -> None:
+    """Put the parts' unit k-means where stage 0 finds it, so that stage 0 encodes with it instead of fitting one."""
+    import shutil
+
+    names = [name for name in os.listdir(parts_dir) if name.startswith("unit_kmeans")]
+    if len(names) < 2:
+        raise FileNotFoundError(f"{parts_dir} holds no unit k-means (unit_kmeans.json + .safetensors).")
+    os.makedirs(units_dir, exist_ok=True)
+    for name in names:
+        if not os.path.exists(os.path.join(units_dir, name)):
+            shutil.copy(os.path.join(parts_dir, name), units_dir)
+
+
+def check_carried_unit_language(parts_dir: str, units_dir: str) -> None:
+    """The unit language refitted by stage 0 must be the parts' one, token for token (else stage I's units differ)."""
+    from modeling_echox.unit_language import EchoXUnitLanguage
+    from modeling_echox.unit_vocabulary import EchoXUnitVocabulary
+
+    refitted = EchoXUnitLanguage.from_pretrained(os.path.join(units_dir, "unit_language")).to_vocabulary().tokens
+    carried = EchoXUnitVocabulary.from_file(os.path.join(parts_dir, "unit_vocab.txt")).tokens
+    if refitted != carried:
+        differ = sum(a != b for a, b in zip(refitted, carried)) + abs(len(refitted) - len(carried))
+        raise SystemExit(f"The unit language refitted in {units_dir} differs from {parts_dir}'s in {differ} tokens: "
+                         "the speech or stage 0's settings are not those the parts were trained on.")
+
+
+def carry_over_vocoder(parts_dir: str, generator_dir: str) -> None:
+    """The parts' vocoder saved as the vocoder step's generator."""
+    from modeling_echox.echox_mini import load_mini_parts
+
+    model, _ = load_mini_parts(parts_dir)
+    model.vocoder.save_pretrained(generator_dir)
+
+
+def carry_over_stage1(parts_dir: str, base_dir: str, final_dir: str) -> None:
+    """Stage I's result rebuilt from the parts: `base_dir` with the parts' adapter and LLM weights (echo decoder kept)."""
+    from modeling_echox.echox_mini import load_mini_parts
+    from modeling_echox.loading import load_echox
+
+    trained, _ = load_mini_parts(parts_dir)
+    model, processor = load_echox(base_dir)
+    stage1_prefixes = ("speech_adapter.", "language_model.")
+    state = {name: tensor for name, tensor in trained.state_dict().items() if name.startswith(stage1_prefixes)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(name.startswith(stage1_prefixes) for name in missing):
+        raise ValueError(f"{parts_dir} does not fit the base in {base_dir}: {unexpected[:3]} {missing[:3]}")
+    model.save_pretrained(final_dir)
+    processor.save_pretrained(final_dir)
+
+
+def run(work: str = "build", until: str = "stage3", export: bool = False, carry_over: str | None = None) -> None:
+    """Run the recipe's steps up to `until` (inclusive) in `work` (`carry_over`: see the module docstring)."""
+    from .data import fragments, general_reading, listening, reading, spoken_qa, synthesize
 
     last = STEPS.index(until)
     data, runs = os.path.join(work, "data"), os.path.join(work, "runs")
@@ -152,10 +217,16 @@ def run(work: str = "build", until: str = "stage3", export: bool = False) -> Non
     step("reading", os.path.join(speech, "reading.jsonl"), lambda: reading.main(["--qa", qa, "--out", speech]))
     step("fragments", os.path.join(speech, "fragments.jsonl"), lambda: fragments.main(["--qa", qa, "--out", speech]))
     step("general", os.path.join(speech, "general.jsonl"), lambda: general_reading.main(["--qa", qa, "--out", speech]))
+    step("listening", os.path.join(speech, "listening.jsonl"), lambda: listening.main(["--qa", qa, "--out", speech]))
     manifests = {}
     if _done(os.path.join(speech, "test.jsonl")):
         manifests = stage_manifests(speech, os.path.join(data, "stages"))
         eval_manifest(speech)
+    if _done(os.path.join(speech, "listening.jsonl")):
+        from .stages.data import write_manifest
+
+        manifests["listening"] = write_manifest(os.path.join(data, "stages", "s2t_listening.jsonl"),
+                                                listening.stage_records(os.path.join(speech, "listening.jsonl")))
 
     units = os.path.join(runs, "mini_units")
 
@@ -165,9 +236,14 @@ def run(work: str = "build", until: str = "stage3", export: bool = False) -> Non
     def units_step():
         from .stages import stage0_units
 
+        if carry_over:
+            carry_over_units(carry_over, units)
         config = _config("stage0", work, output_dir=units, manifests=answer_manifests,
                          vocoder_manifests=vocoder_manifests)
-        return stage0_units.main({**stage0_units.DEFAULTS, **config})
+        summary = stage0_units.main({**stage0_units.DEFAULTS, **config})
+        if carry_over:
+            check_carried_unit_language(carry_over, units)
+        return summary
 
     # Stage 0 only adds what is new when a manifest changed (the k-means and unit language stay).
     step("units", os.path.join(units, "dialogues.jsonl"), units_step, inputs=answer_manifests + vocoder_manifests)
@@ -178,10 +254,13 @@ def run(work: str = "build", until: str = "stage3", export: bool = False) -> Non
         from . import resynthesis_check, train_vocoder
 
         held_out = held_out_units(units, speech, os.path.join(vocoder, "held_out.jsonl"))
-        config = train_vocoder.load_config(os.path.join(CONFIGS, "mini_vocoder.json"), {
-            "train_manifest": os.path.join(units, "vocoder_units.jsonl"), "eval_manifest": held_out,
-            "output_dir": vocoder})
-        train_vocoder.train(config)
+        if carry_over:
+            carry_over_vocoder(carry_over, os.path.join(vocoder, "generator"))
+        else:
+            config = train_vocoder.load_config(os.path.join(CONFIGS, "mini_vocoder.json"), {
+                "train_manifest": os.path.join(units, "vocoder_units.jsonl"), "eval_manifest": held_out,
+                "output_dir": vocoder})
+            train_vocoder.train(config)
         result = resynthesis_check.main(["--vocoder", os.path.join(vocoder, "generator"), "--manifest", held_out,
                                          "--out", os.path.join(vocoder, "resynthesis.json")])
         return {"wer_resynthesis": result["wer_resynthesis"], "wer_original": result["wer_original"]}
@@ -222,11 +301,15 @@ def run(work: str = "build", until: str = "stage3", export: bool = False) -> Non
 
     stage1, stage2, stage3 = (os.path.join(runs, f"mini_stage{i}") for i in (1, 2, 3))
     cache = os.path.join(runs, "encoder_cache")
-    step("stage1", os.path.join(stage1, "final", "model.safetensors"), stage_step(
-        "stage1", stage1_s2t, model=base, train_manifest=manifests.get("train"), output_dir=stage1,
-        feature_cache_dir=cache))
+    if carry_over:
+        def stage1_action():
+            carry_over_stage1(carry_over, base, os.path.join(stage1, "final"))
+    else:
+        stage1_action = stage_step("stage1", stage1_s2t, model=base, output_dir=stage1, feature_cache_dir=cache,
+                                   train_manifest=[manifests.get("train"), manifests.get("listening")])
+    step("stage1", os.path.join(stage1, "final", "model.safetensors"), stage1_action)
     t2c = os.path.join(data, "stages", "t2c_train.jsonl")
-    if _done(os.path.join(units, "dialogues.jsonl")):
+    if _done(os.path.join(units, "vocoder_units.jsonl")):
         t2c_manifest(units, t2c)
     step("stage2", os.path.join(stage2, "final", "model.safetensors"), stage_step(
         "stage2", stage2_t2c, model=os.path.join(stage1, "final"), output_dir=stage2, train_manifest=t2c))
@@ -256,8 +339,10 @@ def main(argv=None):
     parser.add_argument("--work", default="build", help="working directory (data, runs, log)")
     parser.add_argument("--until", default="stage3", choices=STEPS, help="last step to run")
     parser.add_argument("--export", action="store_true", help="write the trained parts to modeling_echox/mini_parts/")
+    parser.add_argument("--carry-over", metavar="PARTS_DIR",
+                        help="take the unit k-means, vocoder and stage I from these exported parts; train stages II-III")
     args = parser.parse_args(argv)
-    run(args.work, args.until, args.export)
+    run(args.work, args.until, args.export, args.carry_over)
 
 
 if __name__ == "__main__":
