@@ -140,3 +140,11 @@ def test_carry_over_units_and_the_refitted_unit_language_check(trained, tmp_path
     other.to_vocabulary().save_pretrained(str(parts))
     with pytest.raises(SystemExit, match="differs"):
         check_carried_unit_language(str(parts), str(tmp_path / "units"))
+
+
+def test_recipe_carries_over_only_units_vocoder_and_stage1(tmp_path):
+    from training.echox_mini import run
+
+    with pytest.raises(ValueError, match="stage2"):
+        run(str(tmp_path), carry_over=str(tmp_path), carry=("units", "stage2"))
+    assert not os.listdir(tmp_path)

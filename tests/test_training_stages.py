@@ -435,3 +435,26 @@ def test_stage3_pseudo_labels_cut_by_several_rules(data, tmp_path):
         assert len(faithful["segment_lengths"]) == 1 and sum(fast["segment_lengths"]) == len(fast["response_ids"])
     again = stage3_echo.precompute_echo_targets(model, processor, records, cache, segmentation_mode=["fast", "faithful"])
     assert again["made"] == 0
+
+
+def test_stage3_pseudo_labels_from_a_labeler(data, tmp_path):
+    """`labeler` (e.g. a TTS voice) labels each segment's text instead of the stage-II echo decoder."""
+    from training.stages.data import read_manifest
+
+    model, processor = build_random_echox("tiny")
+    model.config.fast_first_segment_tokens = 1
+    records = read_manifest(data)[:2]
+    asked = []
+
+    def labeler(texts):
+        asked.extend(texts)
+        return [[len(text) % model.config.unit_vocab_size, 1] for text in texts]
+
+    cache = str(tmp_path / "targets.jsonl")
+    stage3_echo.precompute_echo_targets(model, processor, records, cache, segmentation_mode="fast", labeler=labeler,
+                                        generation={"max_new_tokens": 12, "min_new_tokens": 12})
+    lines = [json.loads(line) for line in open(cache)]
+    segments = [segment for line in lines for segment in line["segments"]]
+    assert len(segments) > len(lines)  # the fast rule cut the answers
+    assert [text for text, _ in segments] == asked
+    assert [units for _, units in segments] == [[len(text) % model.config.unit_vocab_size, 1] for text in asked]

@@ -2,7 +2,7 @@
 The whole EchoX-mini training recipe in one command, every step resumable (a finished step is skipped, an interrupted
 training resumes from its last checkpoint):
 
-    python -m training.echox_mini [--work build] [--until STEP] [--export] [--carry-over PARTS_DIR]
+    python -m training.echox_mini [--work build] [--until STEP] [--export] [--carry-over PARTS_DIR [--carry STEPS]]
 
 Steps (outputs under `--work`):
     qa          data/qa.jsonl                     spoken-QA text, split by country (training.data.spoken_qa)
@@ -19,12 +19,14 @@ Steps (outputs under `--work`):
     base        runs/mini_base/                    EchoX-mini before training (echox_mini.build_mini_base)
     stage1      runs/mini_stage1/final/            speech → text (LoRA + adapter), on the questions + listening
     stage2      runs/mini_stage2/final/            text → unit language (echo decoder), every answer-voice clip
-    stage3      runs/mini_stage3/final/            Echo training (pseudo labels from stages I and II)
+    stage3      runs/mini_stage3/final/            Echo training (the stage-I model's answers, labelled by the answer
+                                                   voice's TTS or by the stage-II echo decoder: mini_stage3.json)
 With `--export` the final model's trained parts are written to `modeling_echox/mini_parts/` (what is committed).
-With `--carry-over PARTS_DIR` (e.g. `modeling_echox/mini_parts`) the unit k-means, the vocoder and stage I (adapter +
-LLM change) are taken from those exported parts instead of being trained again: stage 0 only encodes the speech with
-the carried k-means and refits the (deterministic) unit language, which must come out equal to the parts' one; the
-vocoder only gets its resynthesis check; stages II and III train anew on a fresh echo decoder.
+With `--carry-over PARTS_DIR` (e.g. `modeling_echox/mini_parts`) the steps named by `--carry` (default
+`units,vocoder`; `stage1` may be added) take their result from those exported parts instead of training again:
+`units` keeps the parts' k-means (stage 0 only encodes the speech and refits the deterministic unit language, which
+must come out equal to the parts' one), `vocoder` keeps the parts' vocoder (only its resynthesis check runs), `stage1`
+keeps the parts' adapter and LLM change. The later steps train anew (stages II and III on a fresh echo decoder).
 The stage configs are `training/configs/mini_*.json`; `--set stage1.training_args.max_steps=10` style overrides
 are not offered here: edit the JSON (it is the record of what trained the committed parts).
 """
@@ -195,8 +197,16 @@ def carry_over_stage1(parts_dir: str, base_dir: str, final_dir: str) -> None:
     processor.save_pretrained(final_dir)
 
 
-def run(work: str = "build", until: str = "stage3", export: bool = False, carry_over: str | None = None) -> None:
-    """Run the recipe's steps up to `until` (inclusive) in `work` (`carry_over`: see the module docstring)."""
+CARRIABLE = ("units", "vocoder", "stage1")
+
+
+def run(work: str = "build", until: str = "stage3", export: bool = False, carry_over: str | None = None,
+        carry: tuple[str, ...] = ("units", "vocoder")) -> None:
+    """Run the recipe's steps up to `until` (inclusive) in `work` (`carry_over`, `carry`: see the module docstring)."""
+    unknown = set(carry) - set(CARRIABLE)
+    if unknown:
+        raise ValueError(f"Only {CARRIABLE} can be carried over, not {sorted(unknown)}.")
+    carried = set(carry) if carry_over else set()
     from .data import fragments, general_reading, listening, reading, spoken_qa, synthesize
 
     last = STEPS.index(until)
@@ -236,12 +246,12 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     def units_step():
         from .stages import stage0_units
 
-        if carry_over:
+        if "units" in carried:
             carry_over_units(carry_over, units)
         config = _config("stage0", work, output_dir=units, manifests=answer_manifests,
                          vocoder_manifests=vocoder_manifests)
         summary = stage0_units.main({**stage0_units.DEFAULTS, **config})
-        if carry_over:
+        if "units" in carried:
             check_carried_unit_language(carry_over, units)
         return summary
 
@@ -254,7 +264,7 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
         from . import resynthesis_check, train_vocoder
 
         held_out = held_out_units(units, speech, os.path.join(vocoder, "held_out.jsonl"))
-        if carry_over:
+        if "vocoder" in carried:
             carry_over_vocoder(carry_over, os.path.join(vocoder, "generator"))
         else:
             config = train_vocoder.load_config(os.path.join(CONFIGS, "mini_vocoder.json"), {
@@ -301,7 +311,7 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
 
     stage1, stage2, stage3 = (os.path.join(runs, f"mini_stage{i}") for i in (1, 2, 3))
     cache = os.path.join(runs, "encoder_cache")
-    if carry_over:
+    if "stage1" in carried:
         def stage1_action():
             carry_over_stage1(carry_over, base, os.path.join(stage1, "final"))
     else:
@@ -313,9 +323,14 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
         t2c_manifest(units, t2c)
     step("stage2", os.path.join(stage2, "final", "model.safetensors"), stage_step(
         "stage2", stage2_t2c, model=os.path.join(stage1, "final"), output_dir=stage2, train_manifest=t2c))
+    # TTS pseudo labels (mini_stage3.json "tts_labels"): stage 0's k-means and unit language, and its units of the
+    # answer-voice speech already made, so that only new texts are spoken
+    labels = {}
+    if _config("stage3", work).get("tts_labels"):
+        labels["tts_labels"] = {"units_dir": units, "spoken_units": os.path.join(units, "vocoder_units.jsonl")}
     step("stage3", os.path.join(stage3, "final", "model.safetensors"), stage_step(
         "stage3", stage3_echo, model=os.path.join(stage1, "final"), echo_decoder_from=os.path.join(stage2, "final"),
-        output_dir=stage3, train_manifest=manifests.get("train"), feature_cache_dir=cache))
+        output_dir=stage3, train_manifest=manifests.get("train"), feature_cache_dir=cache, **labels))
 
     if export:
         from modeling_echox.echox_mini import MINI_PARTS_DIR, export_mini_parts
@@ -340,9 +355,11 @@ def main(argv=None):
     parser.add_argument("--until", default="stage3", choices=STEPS, help="last step to run")
     parser.add_argument("--export", action="store_true", help="write the trained parts to modeling_echox/mini_parts/")
     parser.add_argument("--carry-over", metavar="PARTS_DIR",
-                        help="take the unit k-means, vocoder and stage I from these exported parts; train stages II-III")
+                        help="take the results of the --carry steps from these exported parts instead of training them")
+    parser.add_argument("--carry", default="units,vocoder",
+                        help=f"comma-separated steps to carry over, of {','.join(CARRIABLE)} (default: units,vocoder)")
     args = parser.parse_args(argv)
-    run(args.work, args.until, args.export, args.carry_over)
+    run(args.work, args.until, args.export, args.carry_over, tuple(filter(None, args.carry.split(","))))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ Stage III — Echo training. The targets are made by the models themselves, as i
 
 1. the stage-I model answers every spoken question greedily (`model.generate(return_audio=False)`): its own text;
 2. the frozen stage-II (text-to-codec) echo decoder turns that text — the text-table embeddings of the generated ids,
-   without the denoiser — into unit-language tokens (`text_to_unit_language`): the pseudo labels.
+   without the denoiser — into unit-language tokens (`text_to_unit_language`): the pseudo labels. With `tts_labels`
+   the text is spoken by a TTS voice and its stage-0 units are the labels instead (`SpokenUnitLabeler`).
 
 Both are precomputed once into a JSONL cache (`targets_cache`, manifest format with `response_ids`, `units`,
 `segments` and `segment_lengths`), appended one record at a time so that a killed precompute resumes where it stopped.
@@ -43,6 +44,9 @@ DEFAULTS = {
     "generation": {},  # kwargs of model.generate for the pseudo-label answers (default: greedy, the model's config)
     "max_examples": None,  # pseudo-label only this many training records (a seeded random subset), e.g. on a CPU
     "label_batch_size": 8,  # questions answered together while pseudo-labelling
+    # {"voice", "units_dir", "encoder"?}: label each segment with the units of its text spoken by this TTS voice
+    # (training.stages.tts_labels) instead of the stage-II echo decoder's output (the paper's labels)
+    "tts_labels": None,
     "lora": {"r": 64, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj"]},
     "trainable_modules": ["speech_adapter", "echo_decoder"],
     "training_args": {"learning_rate": 3e-5},  # the original run names suggest lr 3e-5
@@ -140,13 +144,13 @@ def greedy_answers(model, prompts: list[list[int]], input_features, generation=N
 @torch.no_grad()
 def precompute_echo_targets(
     model, processor, records, cache_path: str, segment_wise: bool = True, segmentation_mode=None, generation=None,
-    batch_size: int = 8,
+    batch_size: int = 8, labeler=None,
 ) -> dict:
     """
     Append a pseudo-labelled record to `cache_path` for every record whose id is not there yet (resumable): the
     model's greedy answer ids (`batch_size` questions generated together), its segments (segment-wise) and the
-    stage-II unit-language targets. With a list of segmentation modes, the answer is generated once and cut by each
-    rule (one record per mode, ids `"<id>#<mode>"`).
+    stage-II unit-language targets, or `labeler(segment texts)`'s when given. With a list of segmentation modes, the
+    answer is generated once and cut by each rule (one record per mode, ids `"<id>#<mode>"`).
     """
     was_training = model.training
     model.eval()
@@ -182,7 +186,8 @@ def precompute_echo_targets(
                     "response_ids": answer,
                 }
                 if not segment_wise:
-                    out = {"id": record["id"], **base, "units": text_to_unit_language(model, [answer])[0]}
+                    units = labeler([base["response"]]) if labeler else text_to_unit_language(model, [answer])
+                    out = {"id": record["id"], **base, "units": units[0]}
                     handle.write(json.dumps(out) + "\n")
                     made += 1
                     continue
@@ -193,9 +198,12 @@ def precompute_echo_targets(
                 spans = {mode: rules[mode].split(scores, texts) for mode in todo}
                 # every rule's segments of this answer labelled in one echo-decoder batch
                 flat = [span for mode in todo for span in spans[mode]]
-                units = text_to_unit_language(
-                    model, [answer[a:b] for a, b in flat], first_segment=[a == 0 for a, _ in flat]
-                )
+                if labeler:
+                    units = labeler([tokenizer.decode(answer[a:b], skip_special_tokens=True) for a, b in flat])
+                else:
+                    units = text_to_unit_language(
+                        model, [answer[a:b] for a, b in flat], first_segment=[a == 0 for a, _ in flat]
+                    )
                 cursor = 0
                 for mode in todo:
                     mode_units = units[cursor : cursor + len(spans[mode])]
@@ -261,6 +269,11 @@ def main(config: dict) -> dict:
                 records = random.Random(config["training_args"].get("seed", 0)).sample(
                     records, min(config["max_examples"], len(records))
                 )
+            labeler = None
+            if config.get("tts_labels"):
+                from .tts_labels import SpokenUnitLabeler
+
+                labeler = SpokenUnitLabeler(**config["tts_labels"])
             report = precompute_echo_targets(
                 model,
                 processor,
@@ -270,6 +283,7 @@ def main(config: dict) -> dict:
                 segmentation_mode=config.get("segmentation_mode"),
                 generation=config.get("generation"),
                 batch_size=config["label_batch_size"],
+                labeler=labeler,
             )
             log_event(config["output_dir"], {"event": "echo_targets", "cache": cache_path, **report, **info})
     dataset = load_dialogue_dataset(cache_path)
