@@ -1,7 +1,7 @@
 """Streaming speech out: an `EchoXAudioStreamer` for `generate(..., streamer=...)`, iterable chunk by chunk."""
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from queue import Queue
 
@@ -42,10 +42,9 @@ class EchoXAudioStreamer(BaseStreamer):
     segments are voiced in the worker while the LLM goes on.
 
     `speculate_first_segment` (default): with a rule that cuts at word boundaries ("fast"), a first segment is
-    voiced as soon as its last token is known, on the guess that the next token starts a new word, instead of after
-    that token has been decoded (with `voice_first_segment_now=False`, in a thread of its own while the LLM decodes
-    that token). A right guess is used as is (`first_segment_speculated` tells); a wrong one is dropped and the
-    segment is voiced when it really ends. The audio is the same either way.
+    already voiced while the LLM decodes the token that confirms its cut, on the guess that this token starts a new
+    word. A right guess is used as is (`first_segment_speculated` tells); a wrong one is dropped and the segment is
+    voiced when it really ends. The audio is the same either way.
 
     ```python
     streamer = EchoXAudioStreamer(model, processor.tokenizer)
@@ -123,12 +122,7 @@ class EchoXAudioStreamer(BaseStreamer):
                 if self._speculation is not None:
                     self._speculation[1].cancel()  # a wrong guess that has not started yet
                 states = torch.stack(self._states[: guess + 1])
-                if self.voice_first_segment_now:
-                    voiced = Future()
-                    voiced.set_result(self._voice_alone(states))
-                else:
-                    voiced = self._speculator.submit(self._voice_alone, states)
-                self._speculation = (guess + 1, voiced)
+                self._speculation = (guess + 1, self._speculator.submit(self._voice_alone, states))
 
     def end(self) -> None:
         if self._segment_start < len(self._tokens):

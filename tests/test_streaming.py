@@ -137,8 +137,7 @@ def _drive(streamer, tokens, states):
         ([" the", " capital", " cap", "day", " the"], False),  # "cap|day" continues a word: the guess is dropped
     ],
 )
-@pytest.mark.parametrize("now", [True, False])
-def test_fast_mode_voices_the_first_segment_ahead(tiny, words, guessed_right, now):
+def test_fast_mode_voices_the_first_segment_ahead(tiny, words, guessed_right):
     model, processor, _ = tiny
     tokenizer = processor.tokenizer
     tokens = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(word))[0] for word in words]
@@ -149,14 +148,10 @@ def test_fast_mode_voices_the_first_segment_ahead(tiny, words, guessed_right, no
     class Recording(EchoXAudioStreamer):
         def _voice_alone(self, states):
             guesses.append(len(states))
-            voicing_threads.append(current_thread())
             return super()._voice_alone(states)
 
-    voicing_threads = []
-    ahead = Recording(model, tokenizer, segmentation_mode="fast", voice_first_segment_now=now)
+    ahead = Recording(model, tokenizer, segmentation_mode="fast")
     chunks = _drive(ahead, tokens, states)
-    # voiced in the thread that feeds the streamer (generate's) when `now`, else alongside it
-    assert all((thread is current_thread()) is now for thread in voicing_threads)
     plain = _drive(EchoXAudioStreamer(model, tokenizer, segmentation_mode="fast", speculate_first_segment=False),
                    tokens, states)
     first = model.config.fast_first_segment_tokens  # 3 in the tiny config
