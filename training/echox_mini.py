@@ -10,7 +10,7 @@ Steps (outputs under `--work`):
                                                    answers in the answer voice (training.data.synthesize)
     reading     data/speech/reading.jsonl          extra read speech in the answer voice (training.data.reading)
     fragments   data/speech/fragments.jsonl        answer pieces in the answer voice, for stage II (training.data.fragments)
-    general     data/speech/general.jsonl          general English in the answer voice, for the vocoder only
+    general     data/speech/general.jsonl          general English in the answer voice, for the vocoder and stage II
                                                    (training.data.general_reading)
     listening   data/speech/listening.jsonl        general English in the training voices, "repeat what I said"
                                                    examples for stage I (training.data.listening; only built when
@@ -41,8 +41,8 @@ import time
 STEPS = ("qa", "speech", "reading", "fragments", "general", "listening", "units", "vocoder", "base", "stage1", "stage2",
          "stage3")
 # The speech stage I trains on: the training questions. "listening" (general sentences to repeat, which would teach
-# the adapter words no question holds) is the next version's; a stage I on it was measured at ~15 s/step here
-# (MODEL_CARD.md), too slow to train alongside this version.
+# the adapter words no question holds) is the next version's; a stage I on it ran at 15 s/step while sharing the
+# machine with another training (MODEL_CARD.md), too slow to train alongside this version.
 STAGE1_DATA = ("train",)
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
