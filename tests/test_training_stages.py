@@ -458,3 +458,30 @@ def test_stage3_pseudo_labels_from_a_labeler(data, tmp_path):
     assert len(segments) > len(lines)  # the fast rule cut the answers
     assert [text for text, _ in segments] == asked
     assert [units for _, units in segments] == [[len(text) % model.config.unit_vocab_size, 1] for text in asked]
+
+
+def test_stage3_read_aloud_examples(tmp_path):
+    """Stage-II manifest items become text-only, teacher-forced stage-III examples labelled with their own units."""
+    model, processor = build_random_echox("tiny")
+    size = model.config.unit_vocab_size
+    items = [{"id": f"t2c-{i}", "response": text, "units": [(3 * i + j) % size for j in range(5 + i)]}
+             for i, text in enumerate(["the sky is blue", "two plus two is four", "hello there"])]
+    manifest = write_manifest(str(tmp_path / "t2c.jsonl"), items)
+    cache = str(tmp_path / "targets.jsonl")
+    assert stage3_echo.append_read_aloud(model, processor, cache, manifest, limit=2) == {"read_aloud_made": 2}
+    assert stage3_echo.append_read_aloud(model, processor, cache, manifest, limit=2) == {"read_aloud_made": 0}
+    rows = [json.loads(line) for line in open(cache)]
+    by_text = {item["response"]: item for item in items}
+    for row in rows:
+        item = by_text[row["response"]]
+        assert row["audio"] is None and row["prompt"] == f"Say: {item['response']}"
+        assert row["response_ids"] == processor.tokenizer(item["response"], add_special_tokens=False).input_ids
+        assert row["segments"] == [[item["response"], item["units"]]]
+        assert row["segment_lengths"] == [len(row["response_ids"])]
+    batch = EchoXDataCollator(processor, model.config, stage="echo", segment_wise=True)(list(load_dialogue_dataset(cache)))
+    assert "input_features" not in batch or batch["input_features"] is None
+    output = model(**batch)
+    assert torch.isfinite(output.echo_loss)
+    items[0]["units"] = [size]
+    with pytest.raises(ValueError, match="beyond"):
+        stage3_echo.append_read_aloud(model, processor, cache, write_manifest(str(tmp_path / "bad.jsonl"), items))

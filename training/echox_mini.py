@@ -21,7 +21,8 @@ Steps (outputs under `--work`):
     stage1      runs/mini_stage1/final/            speech → text (LoRA + adapter), on STAGE1_DATA
     stage2      runs/mini_stage2/final/            text → unit language (echo decoder), every answer-voice clip
     stage3      runs/mini_stage3/final/            Echo training (the stage-I model's answers, labelled by the answer
-                                                   voice's TTS or by the stage-II echo decoder: mini_stage3.json)
+                                                   voice's TTS or by the stage-II echo decoder, + read-aloud general
+                                                   sentences: mini_stage3.json)
 With `--export` the final model's trained parts are written to `modeling_echox/mini_parts/` (what is committed).
 With `--carry-over PARTS_DIR` (e.g. `modeling_echox/mini_parts`) the steps named by `--carry` (default
 `units,vocoder`; `stage1` may be added) take their result from those exported parts instead of training again:
@@ -107,6 +108,15 @@ def t2c_manifest(units_dir: str, out_path: str) -> str:
         if item["text"] and item["units"]
     ]
     return write_manifest(out_path, records)
+
+
+def read_aloud_manifest(t2c_path: str, speech_dir: str, out_path: str) -> str:
+    """Stage III's read-aloud items: the general sentences of stage II's manifest (`{"id", "response", "units"}`)."""
+    from .data.spoken_qa import read_jsonl
+    from .stages.data import write_manifest
+
+    general = {record["answer_text"] for record in read_jsonl(os.path.join(speech_dir, "general.jsonl"))}
+    return write_manifest(out_path, [item for item in read_jsonl(t2c_path) if item["response"] in general])
 
 
 def eval_manifest(speech_dir: str, split: str = "test", seed: int = 0) -> str:
@@ -332,8 +342,12 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     # TTS pseudo labels (mini_stage3.json "tts_labels"): stage 0's k-means and unit language, and its units of the
     # answer-voice speech already made, so that only new texts are spoken
     labels = {}
-    if _config("stage3", work).get("tts_labels"):
+    stage3_config = _config("stage3", work)
+    if stage3_config.get("tts_labels"):
         labels["tts_labels"] = {"units_dir": units, "spoken_units": os.path.join(units, "vocoder_units.jsonl")}
+    if stage3_config.get("read_aloud") and _done(t2c):
+        read_aloud = read_aloud_manifest(t2c, speech, os.path.join(data, "stages", "read_aloud.jsonl"))
+        labels["read_aloud"] = {"manifest": read_aloud}
     step("stage3", os.path.join(stage3, "final", "model.safetensors"), stage_step(
         "stage3", stage3_echo, model=os.path.join(stage1, "final"), echo_decoder_from=os.path.join(stage2, "final"),
         output_dir=stage3, train_manifest=manifests.get("train"), feature_cache_dir=cache, **labels))

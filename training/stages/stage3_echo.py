@@ -47,6 +47,11 @@ DEFAULTS = {
     # {"voice", "units_dir", "encoder"?}: label each segment with the units of its text spoken by this TTS voice
     # (training.stages.tts_labels) instead of the stage-II echo decoder's output (the paper's labels)
     "tts_labels": None,
+    # {"manifest", "limit"?, "prompt"?}: add read-aloud examples: the items of a stage-II manifest (`{"response",
+    # "units"}`, unit-language indices of that text spoken in the answer voice) become text-only prompts ("Say: <text>"
+    # by default) answered, teacher-forced, by that text and labelled with its units; they widen the words the echo
+    # decoder learns to voice
+    "read_aloud": None,
     "lora": {"r": 64, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj"]},
     "trainable_modules": ["speech_adapter", "echo_decoder"],
     "training_args": {"learning_rate": 3e-5},  # the original run names suggest lr 3e-5
@@ -224,6 +229,37 @@ def precompute_echo_targets(
     return {"made": made, "skipped_empty": skipped, "already_done": len(done)}
 
 
+def append_read_aloud(model, processor, cache_path: str, manifest: str, limit: int | None = None,
+                      prompt: str = "Say: {text}", seed: int = 0) -> dict:
+    """
+    Append read-aloud examples to the stage-III cache (ids `read-<n>`; existing ids are kept): each `{"response",
+    "units"}` item of a stage-II `manifest` (a seeded subset of `limit`) as a text-only prompt whose answer is the text
+    itself, one segment labelled with the item's unit-language indices.
+    """
+    with open(manifest, encoding="utf-8") as handle:
+        items = [item for item in map(json.loads, handle) if item.get("response", "").strip() and item.get("units")]
+    if any(max(item["units"]) >= model.config.unit_vocab_size for item in items):
+        raise ValueError(f"{manifest} holds unit-language indices beyond the model's {model.config.unit_vocab_size}.")
+    if limit:
+        items = random.Random(seed).sample(items, min(limit, len(items)))
+    _drop_partial_lines(cache_path)
+    done = _done_ids(cache_path)
+    made = 0
+    with open(cache_path, "a", encoding="utf-8") as handle:
+        for index, item in enumerate(items):
+            if f"read-{index}" in done:
+                continue
+            text = item["response"].strip()
+            answer = processor.tokenizer(text, add_special_tokens=False).input_ids
+            units = list(item["units"])
+            record = {"id": f"read-{index}", "audio": None, "transcript": "", "prompt": prompt.format(text=text),
+                      "response": text, "response_ids": answer, "segments": [[text, units]],
+                      "segment_lengths": [len(answer)]}
+            handle.write(json.dumps(record) + "\n")
+            made += 1
+    return {"read_aloud_made": made}
+
+
 # --------------------------------------------------------------------------------------------------------- stage
 def _as_list(paths):
     return [paths] if isinstance(paths, str) else list(paths)
@@ -285,6 +321,10 @@ def main(config: dict) -> dict:
                 batch_size=config["label_batch_size"],
                 labeler=labeler,
             )
+            if config.get("read_aloud"):
+                settings = config["read_aloud"]
+                report.update(append_read_aloud(model, processor, cache_path, settings["manifest"], settings.get("limit"),
+                                                settings.get("prompt", "Say: {text}"), config["training_args"].get("seed", 0)))
             log_event(config["output_dir"], {"event": "echo_targets", "cache": cache_path, **report, **info})
     dataset = load_dialogue_dataset(cache_path)
     cache = build_feature_cache(model, processor, config, dataset)
