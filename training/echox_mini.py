@@ -339,18 +339,19 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
         t2c_manifest(units, t2c)
     step("stage2", os.path.join(stage2, "final", "model.safetensors"), stage_step(
         "stage2", stage2_t2c, model=os.path.join(stage1, "final"), output_dir=stage2, train_manifest=t2c))
-    # TTS pseudo labels (mini_stage3.json "tts_labels"): stage 0's k-means and unit language, and its units of the
-    # answer-voice speech already made, so that only new texts are spoken
-    labels = {}
+    # Paths of the stage-III options that mini_stage3.json switches on. TTS pseudo labels: stage 0's k-means and unit
+    # language, and its units of the answer-voice speech already made, so that only new texts are spoken. Read-aloud
+    # examples: the general sentences of stage II's manifest.
+    stage3_paths = {}
     stage3_config = _config("stage3", work)
     if stage3_config.get("tts_labels"):
-        labels["tts_labels"] = {"units_dir": units, "spoken_units": os.path.join(units, "vocoder_units.jsonl")}
+        stage3_paths["tts_labels"] = {"units_dir": units, "spoken_units": os.path.join(units, "vocoder_units.jsonl")}
     if stage3_config.get("read_aloud") and _done(t2c):
         read_aloud = read_aloud_manifest(t2c, speech, os.path.join(data, "stages", "read_aloud.jsonl"))
-        labels["read_aloud"] = {"manifest": read_aloud}
+        stage3_paths["read_aloud"] = {"manifest": read_aloud}
     step("stage3", os.path.join(stage3, "final", "model.safetensors"), stage_step(
         "stage3", stage3_echo, model=os.path.join(stage1, "final"), echo_decoder_from=os.path.join(stage2, "final"),
-        output_dir=stage3, train_manifest=manifests.get("train"), feature_cache_dir=cache, **labels))
+        output_dir=stage3, train_manifest=manifests.get("train"), feature_cache_dir=cache, **stage3_paths))
 
     if export:
         from modeling_echox.echox_mini import MINI_PARTS_DIR, export_mini_parts

@@ -322,9 +322,8 @@ def main(config: dict) -> dict:
                 labeler=labeler,
             )
             if config.get("read_aloud"):
-                settings = config["read_aloud"]
-                report.update(append_read_aloud(model, processor, cache_path, settings["manifest"], settings.get("limit"),
-                                                settings.get("prompt", "Say: {text}"), config["training_args"].get("seed", 0)))
+                report.update(append_read_aloud(model, processor, cache_path, seed=config["training_args"].get("seed", 0),
+                                                **config["read_aloud"]))
             log_event(config["output_dir"], {"event": "echo_targets", "cache": cache_path, **report, **info})
     dataset = load_dialogue_dataset(cache_path)
     cache = build_feature_cache(model, processor, config, dataset)

@@ -2,7 +2,7 @@
 Echo-training pseudo labels spoken by a TTS voice: a segment's text is synthesized in the answer voice, and its units
 (the stage-0 k-means over the same encoder layer) are encoded in the unit language. An alternative to the paper's
 labels (the frozen stage-II echo decoder reading the text), for when that decoder is much less intelligible than the
-voice it learnt from; `benchmarks`-style comparisons live in MODEL_CARD.md.
+voice it learnt from (EchoX-mini's comparison of the two is in MODEL_CARD.md).
 """
 
 import json
