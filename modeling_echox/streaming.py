@@ -41,10 +41,11 @@ class EchoXAudioStreamer(BaseStreamer):
     decoding meanwhile; on a CPU this gets the first audio out sooner than sharing the cores with the LLM. Later
     segments are voiced in the worker while the LLM goes on.
 
-    `speculate_first_segment` (default): with a rule that cuts at word boundaries ("fast"), a first segment is
-    already voiced while the LLM decodes the token that confirms its cut, on the guess that this token starts a new
-    word. A right guess is used as is (`first_segment_speculated` tells); a wrong one is dropped and the segment is
-    voiced when it really ends. The audio is the same either way.
+    `speculate_first_segment` (off by default): with a rule that cuts at word boundaries ("fast"), a first segment is
+    already voiced in a thread of its own while the LLM decodes the token that confirms its cut, on the guess that
+    this token starts a new word. A right guess is used as is (`first_segment_speculated` tells); a wrong one is
+    dropped and the segment is voiced when it really ends. The audio is the same either way. It pays only when the
+    cores have room beside the LLM: on the 2-core CPU it made EchoX-mini's first audio later (MODEL_CARD.md).
 
     ```python
     streamer = EchoXAudioStreamer(model, processor.tokenizer)
@@ -62,7 +63,7 @@ class EchoXAudioStreamer(BaseStreamer):
         segmentation_mode: str | None = None,
         timeout: float | None = None,
         voice_first_segment_now: bool = True,
-        speculate_first_segment: bool = True,
+        speculate_first_segment: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer

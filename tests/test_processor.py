@@ -215,6 +215,24 @@ def test_features_match_whisper_feature_extractor(processor, feature_extractor):
     torch.testing.assert_close(out["input_features"], reference)
 
 
+def test_features_are_computed_on_one_torch_thread(processor, monkeypatch):
+    seen = []
+    extract = type(processor.feature_extractor).__call__
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return extract(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(processor.feature_extractor), "__call__", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        processor(audio=_sine(SR, 0.5), sampling_rate=SR)
+        assert seen == [1] and torch.get_num_threads() == 2  # the caller's setting is back
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_audio_from_file_path(processor, tmp_path):
     path = tmp_path / "q.wav"
     pcm = np.round(np.stack([_sine(22050, 1.0), _sine(22050, 1.0)], axis=1) * 32767).astype(np.int16)

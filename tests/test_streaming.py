@@ -150,7 +150,7 @@ def test_fast_mode_voices_the_first_segment_ahead(tiny, words, guessed_right):
             guesses.append(len(states))
             return super()._voice_alone(states)
 
-    ahead = Recording(model, tokenizer, segmentation_mode="fast")
+    ahead = Recording(model, tokenizer, segmentation_mode="fast", speculate_first_segment=True)
     chunks = _drive(ahead, tokens, states)
     plain = _drive(EchoXAudioStreamer(model, tokenizer, segmentation_mode="fast", speculate_first_segment=False),
                    tokens, states)
@@ -165,7 +165,7 @@ def test_fast_mode_voices_the_first_segment_ahead(tiny, words, guessed_right):
 
 def test_faithful_mode_does_not_guess(tiny):
     model, processor, inputs = tiny
-    streamer = EchoXAudioStreamer(model, processor.tokenizer, segmentation_mode="faithful")
+    streamer = EchoXAudioStreamer(model, processor.tokenizer, segmentation_mode="faithful", speculate_first_segment=True)
     thread = Thread(target=model.generate, kwargs={**inputs, "tokenizer": processor.tokenizer, "streamer": streamer,
                                                    "segmentation_mode": "faithful", "max_new_tokens": 48})
     thread.start()

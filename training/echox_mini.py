@@ -19,7 +19,8 @@ Steps (outputs under `--work`):
     vocoder     runs/mini_vocoder/generator/       the iSTFT unit vocoder (training/configs/mini_vocoder.json)
     base        runs/mini_base/                    EchoX-mini before training (echox_mini.build_mini_base)
     stage1      runs/mini_stage1/final/            speech → text (LoRA + adapter), on STAGE1_DATA
-    stage2      runs/mini_stage2/final/            text → unit language (echo decoder), every answer-voice clip
+    stage2      runs/mini_stage2/final/            text → unit language (echo decoder), every answer-voice clip; then
+                                                   its read-back check on the dev answers (training.read_back_check)
     stage3      runs/mini_stage3/final/            Echo training (the stage-I model's answers, labelled by the answer
                                                    voice's TTS or by the stage-II echo decoder, + read-aloud general
                                                    sentences: mini_stage3.json)
@@ -337,8 +338,19 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     t2c = os.path.join(data, "stages", "t2c_train.jsonl")
     if _done(os.path.join(units, "vocoder_units.jsonl")):
         t2c_manifest(units, t2c)
-    step("stage2", os.path.join(stage2, "final", "model.safetensors"), stage_step(
-        "stage2", stage2_t2c, model=os.path.join(stage1, "final"), output_dir=stage2, train_manifest=t2c))
+    train_stage2 = stage_step("stage2", stage2_t2c, model=os.path.join(stage1, "final"), output_dir=stage2,
+                              train_manifest=t2c)
+
+    def stage2_action():
+        from . import read_back_check
+
+        summary = train_stage2()
+        # How well the new echo decoder reads text it never trained on: the dev split's answers (held-out countries).
+        result = read_back_check.main(["--model", os.path.join(stage2, "final"), "--texts",
+                                       os.path.join(speech, "dev.jsonl"), "--out", os.path.join(stage2, "read_back.json")])
+        return {**summary, "read_back_wer_dev": result["wer"]}
+
+    step("stage2", os.path.join(stage2, "final", "model.safetensors"), stage2_action)
     # Paths of the stage-III options that mini_stage3.json switches on. TTS pseudo labels: stage 0's k-means and unit
     # language, and its units of the answer-voice speech already made, so that only new texts are spoken. Read-aloud
     # examples: the general sentences of stage II's manifest.
