@@ -153,9 +153,11 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         input_features: torch.FloatTensor | None = None,
         encoder_states: torch.FloatTensor | None = None,
         audio_frame_lengths: torch.LongTensor | None = None,
+        return_ctc_logits: bool = True,
     ):
         """
-        Log-mel features `[N, n_mels, frames]` → `SpeechAdapterOutput` (speech embeddings per clip, CTC logits).
+        Log-mel features `[N, n_mels, frames]` → `SpeechAdapterOutput` (speech embeddings per clip, CTC logits unless
+        `return_ctc_logits=False`).
         `encoder_states` `[N, frames / 2, d_model]`: the frozen `audio_tower`'s outputs computed beforehand (e.g. a
         training feature cache, see `encode_audio`); they replace `input_features` and skip the speech encoder.
         With `crop_audio_padding`, each clip's adapter sees only its real encoder frames (+ a margin):
@@ -176,7 +178,7 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         frame_counts = None
         if self.config.crop_audio_padding and audio_frame_lengths is not None:
             frame_counts = [self.cropped_frames(length) for length in audio_frame_lengths.tolist()]
-        return self.speech_adapter(states.to(self.speech_adapter.projector.weight.dtype), frame_counts)
+        return self.speech_adapter(states.to(self.speech_adapter.projector.weight.dtype), frame_counts, return_ctc_logits)
 
     @staticmethod
     def real_frame_lengths(input_features: torch.FloatTensor) -> torch.LongTensor:
@@ -246,11 +248,13 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         padding_side="right",
         encoder_states=None,
         audio_frame_lengths=None,
+        return_ctc_logits=True,
     ):
         """
         Embed `input_ids`, replace each `<audio>` placeholder by its clip's speech embeddings (clips in row-major
         order), re-pad the batch on `padding_side`, and build the attention mask (padding, plus every eot when
         `mask_eot_in_prompt`) and position ids (contiguous over non-padding tokens, masked eots included).
+        `return_ctc_logits=False` when only the speech embeddings are needed (generation).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -264,7 +268,11 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
                 f"The prompt holds {int(placeholders.sum())} audio placeholder token(s) (id {self.config.audio_token_id}) "
                 f"but {num_clips} audio clip(s) were given; each clip needs exactly one placeholder."
             )
-        speech = self.get_speech_embeddings(input_features, encoder_states, audio_frame_lengths) if num_clips else None
+        speech = (
+            self.get_speech_embeddings(input_features, encoder_states, audio_frame_lengths, return_ctc_logits)
+            if num_clips
+            else None
+        )
         clips = iter(speech.speech_embeddings) if speech is not None else iter(())
         embed = self.get_input_embeddings()
         pad_id = self.config.text_pad_token_id if self.config.text_pad_token_id is not None else 0
@@ -577,7 +585,7 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         streams_audio = isinstance(streamer, EchoXAudioStreamer)
         if streams_audio and input_ids.shape[0] != 1:
             raise ValueError("An EchoXAudioStreamer streams one request at a time (batch size 1).")
-        prompt = self._prepare_prompt(input_ids, attention_mask, input_features, padding_side="left")
+        prompt = self._prepare_prompt(input_ids, attention_mask, input_features, padding_side="left", return_ctc_logits=False)
 
         generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         model_kwargs = generation_config.update(**kwargs)
