@@ -1,7 +1,7 @@
 """Streaming latency of an EchoX checkpoint on spoken questions, per segmentation mode; prints and writes JSON.
 
     python benchmarks/latency.py --model DIR --out latency.json [--questions N] [--manifest FILE.jsonl] [--int8]
-                                 [--compare-speculation]
+                                 [--compare-speculation] [--compare-core-split]
 
 Questions come from `--manifest` (`{"audio": path}` lines, as `echox eval` uses) or are spoken by flite. For each
 mode: first text token and first audio latency (from handing over the whole clip to the processor until the first
@@ -66,14 +66,14 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def request(model, processor, clip: str, mode: str, max_new_tokens: int | None, speculate: bool = False) -> dict:
-    """One streamed answer: its first token / first audio / total times (ms), audio seconds, and whether its first
-    segment was voiced ahead."""
+def request(model, processor, clip: str, mode: str, max_new_tokens: int | None, streamer_options: dict) -> dict:
+    """One streamed answer (`streamer_options`: for `EchoXAudioStreamer`): its first token / first audio / total
+    times (ms), audio seconds, and whether its first segment was voiced ahead."""
     kwargs = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
     audio, rate = soundfile.read(clip, dtype="float32")
     started = time.perf_counter()
     inputs = processor(audio=audio, sampling_rate=rate)
-    streamer = EchoXAudioStreamer(model, processor.tokenizer, segmentation_mode=mode, speculate_first_segment=speculate)
+    streamer = EchoXAudioStreamer(model, processor.tokenizer, segmentation_mode=mode, **streamer_options)
     worker = Thread(
         target=model.generate,
         kwargs={**inputs, "tokenizer": processor.tokenizer, "segmentation_mode": mode, "streamer": streamer, **kwargs},
@@ -124,6 +124,9 @@ def main() -> None:
     parser.add_argument("--int8", action="store_true", help="quantize the LLM layers to int8 (modeling_echox.quantization)")
     parser.add_argument("--compare-speculation", action="store_true",
                         help='also measure "fast" with its first segment voiced ahead of its cut (key "fast_speculative")')
+    parser.add_argument("--compare-core-split", action="store_true",
+                        help="also measure both modes with the LLM and the voicing sharing all threads "
+                        '(split_cores=False; keys "faithful_shared_cores", "fast_shared_cores")')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,15 +141,18 @@ def main() -> None:
             clips = [clips[i] for i in sorted(random.Random(0).sample(range(len(clips)), min(args.questions, len(clips))))]
         else:
             clips = spoken_questions(args.questions, directory)
-        request(model, processor, clips[0], "faithful", args.max_new_tokens)  # warm-up
-        variants = {"faithful": ("faithful", False), "fast": ("fast", False)}
+        request(model, processor, clips[0], "faithful", args.max_new_tokens, {})  # warm-up
+        variants = {"faithful": ("faithful", {}), "fast": ("fast", {})}
         if args.compare_speculation:
-            variants["fast_speculative"] = ("fast", True)
+            variants["fast_speculative"] = ("fast", {"speculate_first_segment": True})
+        if args.compare_core_split:
+            variants["faithful_shared_cores"] = ("faithful", {"split_cores": False})
+            variants["fast_shared_cores"] = ("fast", {"split_cores": False})
         records = {name: [] for name in variants}
         # Every clip goes through all variants in turn, so that the machine's drift in speed hits them alike.
         for clip in clips:
-            for name, (mode, speculate) in variants.items():
-                records[name].append(request(model, processor, clip, mode, args.max_new_tokens, speculate))
+            for name, (mode, options) in variants.items():
+                records[name].append(request(model, processor, clip, mode, args.max_new_tokens, options))
         result = {"model": os.path.abspath(args.model), "int8": args.int8, "torch_threads": torch.get_num_threads()}
         result.update({name: summarize(rows) for name, rows in records.items()})
         result["fast_over_faithful_first_audio"] = result["fast"]["first_audio_ms_p50"] / result["faithful"]["first_audio_ms_p50"]

@@ -608,14 +608,18 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
             )
             if prefix is not None:
                 model_kwargs["past_key_values"] = prefix
-        generated = super().generate(
-            inputs_embeds=prompt.inputs_embeds,
-            attention_mask=prompt.attention_mask,
-            position_ids=prompt.position_ids,
-            generation_config=generation_config,
-            streamer=streamer,
-            **model_kwargs,
-        )
+        try:
+            generated = super().generate(
+                inputs_embeds=prompt.inputs_embeds,
+                attention_mask=prompt.attention_mask,
+                position_ids=prompt.position_ids,
+                generation_config=generation_config,
+                streamer=streamer,
+                **model_kwargs,
+            )
+        finally:
+            if streams_audio:
+                streamer.restore_threads()
         sequences = generated.sequences
         answers = []
         for row in sequences.tolist():

@@ -120,6 +120,66 @@ def test_first_segment_voiced_in_generates_thread_pauses_the_text(tiny, now):
     assert [chunk.unit_ids for chunk in chunks] == reference.segment_unit_ids[0]
 
 
+def _generate_on_two_threads(model, kwargs, consume=True):
+    """Run `generate` in a thread of its own that uses 2 torch threads; its thread count afterwards (and error)."""
+    after = []
+
+    def run():
+        torch.set_num_threads(2)
+        try:
+            model.generate(**kwargs)
+        except RuntimeError as error:
+            after.append(error)
+        after.insert(0, torch.get_num_threads())
+
+    thread = Thread(target=run)
+    thread.start()
+    if consume:
+        list(kwargs["streamer"])
+    thread.join()
+    return after
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_decoding_and_voicing_split_the_cores(tiny, split):
+    model, processor, inputs = tiny
+    threads = {"put": [], "voice": []}
+
+    class Recording(EchoXAudioStreamer):
+        def put(self, value):
+            threads["put"].append(torch.get_num_threads())
+            super().put(value)
+
+        def _voice(self, index, states, text, last):
+            threads["voice"].append(torch.get_num_threads())
+            super()._voice(index, states, text, last)
+
+    streamer = Recording(model, processor.tokenizer, segmentation_mode="fast", voice_first_segment_now=False,
+                         split_cores=split)
+    after = _generate_on_two_threads(model, {**inputs, "tokenizer": processor.tokenizer, "segmentation_mode": "fast",
+                                             "streamer": streamer, "max_new_tokens": 24, "min_new_tokens": 24})
+    assert after == [2]  # generate's thread gets its count back
+    # put 0 is the prompt, put 1 the first token (prefilled on 2 threads); later tokens are decoded on one
+    assert threads["put"][:2] == [2, 2] and set(threads["put"][2:]) == {1 if split else 2}
+    assert len(threads["voice"]) > 1 and set(threads["voice"]) == {1 if split else 2}
+
+
+def test_split_cores_gives_the_threads_back_when_generate_fails(tiny):
+    model, processor, inputs = tiny
+
+    class Failing(EchoXAudioStreamer):
+        def put(self, value):
+            super().put(value)
+            if len(self._tokens) == 3:
+                raise RuntimeError("stop here")
+
+    streamer = Failing(model, processor.tokenizer, segmentation_mode="fast")
+    after = _generate_on_two_threads(model, {**inputs, "tokenizer": processor.tokenizer, "streamer": streamer,
+                                             "segmentation_mode": "fast", "max_new_tokens": 24, "min_new_tokens": 24},
+                                     consume=False)
+    assert after[0] == 2 and str(after[1]) == "stop here"
+
+
 def _drive(streamer, tokens, states):
     """Feed `streamer` the way `generate` does (prompt, then a hidden state and a token per step) and collect it."""
     streamer.put(torch.tensor([[1, 2]]))
