@@ -157,6 +157,9 @@ class EchoXConfig(PreTrainedConfig):
         segment_max_tokens: cut at any peak once a segment has this many tokens.
         segmentation_mode: the default rule, "faithful" (the above) or "fast" (word boundaries, see below).
         fast_first_segment_tokens: the "fast" rule's first segment ends at the first word boundary after this many tokens.
+        fast_first_segment_whole_words: `True`: that boundary is confirmed by the next token (one LLM step later).
+            `False`: the first segment is exactly the first `fast_first_segment_tokens` tokens, voiced at once, even
+            when they end inside a word.
         fast_min_segment_tokens / fast_max_segment_tokens: later "fast" segments end at punctuation once they hold
             `min` tokens, or at any word boundary once they hold `max`.
     """
@@ -225,6 +228,7 @@ class EchoXConfig(PreTrainedConfig):
     segment_max_tokens: int = 50
     segmentation_mode: Literal["faithful", "fast"] = "faithful"
     fast_first_segment_tokens: int = 3
+    fast_first_segment_whole_words: bool = True
     fast_min_segment_tokens: int = 8
     fast_max_segment_tokens: int = 24
 

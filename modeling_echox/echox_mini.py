@@ -85,6 +85,7 @@ def mini_config(llm_config, audio_config, tokenizer, num_units: int, unit_vocab_
         echo_max_new_tokens=400,
         segment_boundary_token_id=tokenizer(".", add_special_tokens=False).input_ids[-1],
         fast_first_segment_tokens=1,
+        fast_first_segment_whole_words=False,
     )
 
 

@@ -70,14 +70,19 @@ class FastSegmentation(SegmentationRule):
     The low-latency rule (`"fast"`): cuts at word boundaries, known one token later (the next token starts with a
     space, or the last one ends with punctuation; punctuation stays with the word before it). The first segment ends
     at the first boundary after `first_tokens` tokens; later ones at punctuation once they hold `min_tokens`, or at any
-    word boundary once they hold `max_tokens`.
+    word boundary once they hold `max_tokens`. With `first_whole_words=False` the first segment is exactly the first
+    `first_tokens` tokens, cut as soon as the last of them is generated, even inside a word: the LLM's next token is
+    not waited for.
     """
 
     first_tokens: int = 3
     min_tokens: int = 8
     max_tokens: int = 24
+    first_whole_words: bool = True
 
     def cut_after(self, scores, texts, segment_start):
+        if segment_start == 0 and not self.first_whole_words:
+            return len(texts) - 1 if len(texts) == self.first_tokens else None
         if len(texts) < 2:
             return None
         last, following = len(texts) - 2, texts[-1]
@@ -94,6 +99,8 @@ class FastSegmentation(SegmentationRule):
         return None
 
     def cut_if_next_starts_word(self, scores, texts, segment_start):
+        if segment_start == 0 and not self.first_whole_words:
+            return None  # the first cut is not waiting for the next token
         return self.cut_after(scores + [0.0], texts + [" "], segment_start)
 
 
@@ -112,6 +119,7 @@ def segmentation_rule(config, mode: str | None = None) -> SegmentationRule:
             first_tokens=config.fast_first_segment_tokens,
             min_tokens=config.fast_min_segment_tokens,
             max_tokens=config.fast_max_segment_tokens,
+            first_whole_words=config.fast_first_segment_whole_words,
         )
     raise ValueError(f"Unknown segmentation mode {mode!r}; use 'faithful' or 'fast'.")
 

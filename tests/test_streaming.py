@@ -48,6 +48,17 @@ def test_fast_rule_cuts_at_word_boundaries():
         assert texts[end][:1] == " "  # never inside a word ("nair|obi")
 
 
+def test_fast_rule_can_cut_the_first_tokens_at_once():
+    rule = FastSegmentation(first_tokens=1, min_tokens=4, max_tokens=8, first_whole_words=False)
+    texts = ["gu", "inea", " is", " in", " africa", "."]
+    assert rule.cut_after([0.0], texts[:1], 0) == 0  # no waiting for the next token, even inside a word
+    assert rule.cut_if_next_starts_word([0.0], texts[:1], 0) is None
+    spans = rule.split([0.0] * len(texts), texts)
+    assert spans == [(0, 1), (1, len(texts))]
+    whole = FastSegmentation(first_tokens=1, min_tokens=4, max_tokens=8)
+    assert whole.cut_after([0.0], texts[:1], 0) is None and whole.split([0.0] * 3, texts[:3])[0] == (0, 2)
+
+
 def test_vocoder_stream_matches_one_shot_and_has_no_clicks(loud_vocoder):
     units = torch.randint(0, 50, (60,), generator=torch.Generator().manual_seed(3))
     pieces = [units[:7], units[7:25], units[25:31], units[31:]]
@@ -118,6 +129,33 @@ def test_first_segment_voiced_in_generates_thread_pauses_the_text(tiny, now):
         assert tokens == first_segment + 1
     reference = model.generate(**inputs, tokenizer=processor.tokenizer, segmentation_mode="fast", max_new_tokens=48)
     assert [chunk.unit_ids for chunk in chunks] == reference.segment_unit_ids[0]
+
+
+def test_first_tokens_voiced_without_waiting_match_generate(tiny):
+    model, processor, inputs = tiny
+    voiced_at = []
+
+    class Recording(EchoXAudioStreamer):
+        def _voice(self, index, states, text, last):
+            voiced_at.append((len(self._tokens), len(states)))
+            super()._voice(index, states, text, last)
+
+    model.config.fast_first_segment_whole_words = False
+    try:
+        streamer = Recording(model, processor.tokenizer, segmentation_mode="fast")
+        thread = Thread(target=model.generate, kwargs={**inputs, "tokenizer": processor.tokenizer, "streamer": streamer,
+                                                       "segmentation_mode": "fast", "max_new_tokens": 48})
+        thread.start()
+        chunks = list(streamer)
+        thread.join()
+        reference = model.generate(**inputs, tokenizer=processor.tokenizer, segmentation_mode="fast", max_new_tokens=48)
+    finally:
+        model.config.fast_first_segment_whole_words = True
+    first = model.config.fast_first_segment_tokens
+    assert voiced_at[0] == (first, first)  # voiced as soon as its last token is there
+    assert reference.segments[0][0] == (0, first)
+    assert [chunk.unit_ids for chunk in chunks] == reference.segment_unit_ids[0]
+    np.testing.assert_allclose(np.concatenate([c.audio for c in chunks]), reference.waveforms[0].numpy(), atol=1e-6)
 
 
 def _generate_on_two_threads(model, kwargs, consume=True):
