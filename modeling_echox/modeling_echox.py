@@ -1,6 +1,7 @@
 """EchoX: a speech-to-speech LLM with an echo decoder (arXiv 2509.09174), as a transformers model."""
 
 import copy
+from contextlib import nullcontext
 from collections.abc import Iterator
 from dataclasses import dataclass
 from threading import Thread
@@ -585,30 +586,38 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         streams_audio = isinstance(streamer, EchoXAudioStreamer)
         if streams_audio and input_ids.shape[0] != 1:
             raise ValueError("An EchoXAudioStreamer streams one request at a time (batch size 1).")
-        prompt = self._prepare_prompt(input_ids, attention_mask, input_features, padding_side="left", return_ctc_logits=False)
-
-        generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        model_kwargs = generation_config.update(**kwargs)
-        generation_config.return_dict_in_generate = True
-        if return_audio and (generation_config.num_beams or 1) > 1:
-            raise ValueError("Speech output needs greedy or sampling decoding (num_beams=1); use return_audio=False.")
-        eos_ids = generation_config.eos_token_id
-        eos_ids = set([eos_ids] if isinstance(eos_ids, int) else (eos_ids or []))
-        # The final-layer state that produced each token, collected step by step (no other layer is kept).
-        producing_states = []
-        if streams_audio:
-            streamer.eos_token_ids = eos_ids
-            model_kwargs["hidden_states_callback"] = streamer.put_hidden_state
-        elif return_audio:
-            model_kwargs["hidden_states_callback"] = producing_states.append
-        if reuse_prompt_prefix and "past_key_values" not in model_kwargs and generation_config.use_cache is not False:
-            prefix = self.prompt_prefix_cache.seed(
-                self.language_model, input_ids, prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids,
-                self.config.audio_token_id,
+        # An EchoXAudioStreamer sets the torch threads of this thread for the prompt and for decoding.
+        with streamer.generating() if streams_audio else nullcontext():
+            prompt = self._prepare_prompt(
+                input_ids, attention_mask, input_features, padding_side="left", return_ctc_logits=False
             )
-            if prefix is not None:
-                model_kwargs["past_key_values"] = prefix
-        try:
+
+            generation_config = copy.deepcopy(
+                generation_config if generation_config is not None else self.generation_config
+            )
+            model_kwargs = generation_config.update(**kwargs)
+            generation_config.return_dict_in_generate = True
+            if return_audio and (generation_config.num_beams or 1) > 1:
+                raise ValueError(
+                    "Speech output needs greedy or sampling decoding (num_beams=1); use return_audio=False."
+                )
+            eos_ids = generation_config.eos_token_id
+            eos_ids = set([eos_ids] if isinstance(eos_ids, int) else (eos_ids or []))
+            # The final-layer state that produced each token, collected step by step (no other layer is kept).
+            producing_states = []
+            if streams_audio:
+                streamer.eos_token_ids = eos_ids
+                model_kwargs["hidden_states_callback"] = streamer.put_hidden_state
+            elif return_audio:
+                model_kwargs["hidden_states_callback"] = producing_states.append
+            reuse = reuse_prompt_prefix and generation_config.use_cache is not False
+            if reuse and "past_key_values" not in model_kwargs:
+                prefix = self.prompt_prefix_cache.seed(
+                    self.language_model, input_ids, prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids,
+                    self.config.audio_token_id,
+                )
+                if prefix is not None:
+                    model_kwargs["past_key_values"] = prefix
             generated = super().generate(
                 inputs_embeds=prompt.inputs_embeds,
                 attention_mask=prompt.attention_mask,
@@ -617,9 +626,6 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
                 streamer=streamer,
                 **model_kwargs,
             )
-        finally:
-            if streams_audio:
-                streamer.restore_threads()
         sequences = generated.sequences
         answers = []
         for row in sequences.tolist():

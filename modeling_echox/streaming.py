@@ -2,6 +2,7 @@
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from queue import Queue
 
@@ -47,10 +48,11 @@ class EchoXAudioStreamer(BaseStreamer):
     dropped and the segment is voiced when it really ends. The audio is the same either way. It pays only when the
     cores have room beside the LLM: on the 2-core CPU it made EchoX-mini's first audio later (MODEL_CARD.md).
 
-    `split_cores` (default): once the prompt is prefilled, `generate`'s thread decodes on one torch thread and the
-    voicing threads use one each (`generate`'s own count comes back at `end`). Token-by-token decoding of a small
-    LLM is bound by memory, not compute: one thread decodes nearly as fast as two, and the voicing no longer fights
-    the LLM for the cores.
+    `split_cores` (default): `generate` encodes and prefills the prompt on as many torch threads as the thread that
+    made the streamer has, then decodes on one while the voicing threads use one each (the last segment is voiced on
+    all of them again). Token-by-token decoding of a small LLM is bound by memory, not compute: one thread decodes
+    nearly as fast as two, and the voicing no longer fights the LLM for the cores. `generate`'s thread gets its own
+    count back when it is done, and torch's default for new threads is left as it was.
 
     ```python
     streamer = EchoXAudioStreamer(model, processor.tokenizer)
@@ -84,10 +86,16 @@ class EchoXAudioStreamer(BaseStreamer):
         self._boundary = model.text_table[model.config.segment_boundary_token_id].detach()
         self._queue: Queue = Queue()
         self.split_cores = split_cores
-        self._generate_threads = None  # generate's torch thread count while it is lowered to one
+        self._threads = torch.get_num_threads()  # for the prompt (and the last segment) when splitting the cores
         one_thread = {"initializer": torch.set_num_threads, "initargs": (1,)} if split_cores else {}
         self._worker = ThreadPoolExecutor(max_workers=1, **one_thread)
         self._speculator = ThreadPoolExecutor(max_workers=1, **one_thread)
+        if split_cores:
+            # Start the voicing threads now: `torch.set_num_threads` also sets the count that threads started later
+            # begin with, so it is put back here, before `generate`'s thread (or any other) starts.
+            for executor in (self._worker, self._speculator) if speculate_first_segment else (self._worker,):
+                executor.submit(int).result()
+            torch.set_num_threads(self._threads)
         self._speculation = None  # (tokens it covers, future of (units, audio, vocoder stream)) for the first segment
         self._vocoder_stream = EchoXVocoderStream(model.vocoder)
         self._pending_hidden = None
@@ -118,7 +126,6 @@ class EchoXAudioStreamer(BaseStreamer):
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
             if self.split_cores:
-                self._generate_threads = torch.get_num_threads()
                 torch.set_num_threads(1)
         state = self._pending_hidden[0]
         self._tokens.append(token)
@@ -138,18 +145,29 @@ class EchoXAudioStreamer(BaseStreamer):
                 self._speculation = (guess + 1, self._speculator.submit(self._voice_alone, states))
 
     def end(self) -> None:
-        self.restore_threads()
+        if self.split_cores:
+            torch.set_num_threads(self._threads)
         if self._segment_start < len(self._tokens):
             self._submit(self._segment_start, len(self._tokens), last=True)
         self._worker.submit(self._queue.put, _STOP)
         self._worker.shutdown(wait=False)
         self._speculator.shutdown(wait=False)
 
-    def restore_threads(self) -> None:
-        """Give `generate`'s thread back its torch thread count (`split_cores`); call from that thread."""
-        if self._generate_threads is not None:
-            torch.set_num_threads(self._generate_threads)
-            self._generate_threads = None
+    @contextmanager
+    def generating(self):
+        """
+        Wraps the work of `generate` (in `generate`'s thread): with `split_cores`, the streamer's thread count for the
+        prompt, one thread for decoding from the first token on (set in `put`), and the thread's own count at exit.
+        """
+        if not self.split_cores:
+            yield
+            return
+        own = torch.get_num_threads()
+        torch.set_num_threads(self._threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(own)
 
     def fail(self, error: BaseException) -> None:
         """Hand an exception raised by `generate` to the consumer."""
