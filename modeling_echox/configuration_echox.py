@@ -145,6 +145,17 @@ class EchoXConfig(PreTrainedConfig):
         echo_units_only_head: `False` (released): the echo decoder's output layer spans the whole joint vocabulary
             (LLM text ids + unit tokens), although it only ever emits unit tokens and the eos. `True`: it spans just
             those (`unit_vocab_size + 1` rows), ~50× cheaper for a small LLM vocabulary (needs training with it).
+        echo_spelling_length: `0` (released): each segment token is one input position of the echo decoder. `N > 0`:
+            each token is spelled out, one position per byte of its lowercase text (at most `N` bytes), holding the
+            token's vector plus a learned byte embedding (needs training with it, and the tokenizer's spelling table:
+            `model.echo_decoder.set_token_spelling(tokenizer)`).
+        echo_decoder_type: `"autoregressive"` (released): the echo decoder writes unit tokens one by one after the
+            segment. `"ctc"`: it reads the segment once, with attention both ways, each input position repeated
+            `echo_ctc_upsample` times, and every position gives a unit token or the blank (the eos row of the units-only
+            head); repeats are merged and blanks dropped (CTC). The alignment is monotonic by construction, and one
+            forward pass voices a segment (needs `echo_units_only_head`, and training with it).
+        echo_ctc_upsample: positions per input position of the CTC echo decoder (its output can be at most this many
+            times as long as its input).
         echo_eos_token_id: id that ends an echo-decoder run (released: 128009).
         echo_max_new_tokens: longest echo-decoder output per segment.
         unit_max_piece_length: most acoustic units in one unit-language piece (width of the model's unit table).
@@ -216,6 +227,9 @@ class EchoXConfig(PreTrainedConfig):
     echo_suffix_ids: list[int] | None = None
     echo_prefix_quirk_id: int | None = 12800
     echo_units_only_head: bool = False
+    echo_spelling_length: int = 0
+    echo_decoder_type: Literal["autoregressive", "ctc"] = "autoregressive"
+    echo_ctc_upsample: int = 3
     echo_eos_token_id: int = _LLAMA3_EOT
     echo_max_new_tokens: int = 2048
     unit_max_piece_length: int = 1
@@ -246,6 +260,14 @@ class EchoXConfig(PreTrainedConfig):
                 f"EchoXConfig: unit_token_offset ({self.unit_token_offset}) must equal the LLM vocabulary size "
                 f"(text_config.vocab_size = {self.text_config.vocab_size}): unit tokens follow the text ids."
             )
+        if self.echo_spelling_length < 0:
+            raise ValueError(f"EchoXConfig: echo_spelling_length must be >= 0, got {self.echo_spelling_length}.")
+        if self.echo_decoder_type not in ("autoregressive", "ctc"):
+            raise ValueError(f"EchoXConfig: echo_decoder_type must be 'autoregressive' or 'ctc', got {self.echo_decoder_type!r}.")
+        if self.echo_decoder_type == "ctc" and not self.echo_units_only_head:
+            raise ValueError("EchoXConfig: echo_decoder_type='ctc' needs echo_units_only_head=True (its eos row is the blank).")
+        if self.echo_ctc_upsample < 1:
+            raise ValueError(f"EchoXConfig: echo_ctc_upsample must be >= 1, got {self.echo_ctc_upsample}.")
         if self.encoder_window not in ("full", "clip"):
             raise ValueError(f"EchoXConfig: encoder_window must be 'full' or 'clip', got {self.encoder_window!r}.")
         if self.encoder_window == "clip" and not self.crop_audio_padding:

@@ -2,6 +2,7 @@
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache, LlamaModel
 
 
@@ -14,6 +15,14 @@ class EchoXEchoDecoder(nn.Module):
 
     Input layout of one segment: `prefix_ids` (+ the quirk id), `denoiser(h_segment)` (or the text embeddings of the
     segment's gold tokens when training text-to-codec), `suffix_ids`, then unit tokens up to `echo_eos_token_id`.
+
+    With `echo_spelling_length` > 0 (not in the released model), each segment token is spelled out: one input position
+    per byte of its lowercase text (`token_spelling`, see `set_token_spelling`), holding the token's vector plus the
+    byte's embedding (`byte_embedding`), so words the decoder never heard still come with their letters.
+
+    With `echo_decoder_type="ctc"` (not in the released model) the decoder reads a segment once instead of writing
+    after it: the segment's positions only (no prefix or suffix), each repeated `echo_ctc_upsample` times (plus
+    `upsample_embedding` of its copy index), attend to each other both ways, and each gives a unit token or the blank.
     """
 
     def __init__(self, config):
@@ -27,7 +36,11 @@ class EchoXEchoDecoder(nn.Module):
             nn.Dropout(0.1),
             nn.Linear(config.denoiser_dim, hidden),
         )
-        self.unit_embedding = nn.Embedding(config.unit_vocab_size, hidden)
+        self.reads_once = config.echo_decoder_type == "ctc"
+        if self.reads_once:
+            self.upsample_embedding = nn.Embedding(config.echo_ctc_upsample, width)
+        else:
+            self.unit_embedding = nn.Embedding(config.unit_vocab_size, hidden)
         self.projection = nn.Linear(hidden, width)
         self.decoder = LlamaModel(config.echo_config)
         # Inputs always arrive as embeddings; the Llama's own token table would be dead weight.
@@ -35,6 +48,46 @@ class EchoXEchoDecoder(nn.Module):
         # Released: logits over the joint vocabulary. `echo_units_only_head`: over the unit tokens + the eos only.
         outputs = config.unit_vocab_size + 1 if config.echo_units_only_head else config.echo_vocab_size
         self.lm_head = nn.Linear(width, outputs, bias=False)
+        if config.echo_spelling_length:
+            self.byte_embedding = nn.Embedding(256, hidden)
+            self.register_buffer(
+                "token_spelling",
+                torch.zeros(config.text_config.vocab_size, config.echo_spelling_length, dtype=torch.uint8),
+            )
+
+    @property
+    def spells(self) -> bool:
+        return bool(self.config.echo_spelling_length)
+
+    def set_token_spelling(self, tokenizer) -> None:
+        """Fill `token_spelling` from the LLM's tokenizer: each id's lowercase UTF-8 text, cut to `echo_spelling_length`
+        bytes (special tokens: none)."""
+        if not self.spells:
+            raise ValueError("set_token_spelling needs a config with echo_spelling_length > 0.")
+        length = self.config.echo_spelling_length
+        special = set(tokenizer.all_special_ids)
+        table = torch.zeros_like(self.token_spelling)
+        for index in range(min(len(tokenizer), table.shape[0])):
+            if index in special:
+                continue
+            text = tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(index)])
+            spelled = text.lower().encode("utf-8")[:length]
+            if spelled:
+                table[index, : len(spelled)] = torch.tensor(list(spelled), dtype=torch.uint8)
+        self.token_spelling.copy_(table.to(self.token_spelling.device))
+
+    def spell(self, vectors: torch.Tensor, token_ids: torch.LongTensor) -> torch.Tensor:
+        """`[n, H]` vectors of the tokens `token_ids` `[n]` → `[m, H]`: one row per byte of each token's spelling (its
+        vector + the byte's embedding), in order; a token with no bytes keeps its one row."""
+        if token_ids is None or token_ids.shape[0] != vectors.shape[0]:
+            raise ValueError("A spelling echo decoder needs the token ids of every segment position.")
+        if not bool(self.token_spelling.any()):
+            raise ValueError("The echo decoder's token_spelling table is empty: call set_token_spelling(tokenizer).")
+        spelling = self.token_spelling[token_ids].long()
+        has_byte = spelling > 0
+        keep = torch.arange(spelling.shape[1], device=spelling.device) < has_byte.sum(-1, keepdim=True).clamp(min=1)
+        rows = vectors[:, None, :] + self.byte_embedding(spelling).to(vectors.dtype) * has_byte[..., None]
+        return rows[keep]
 
     def ids_from_logit_index(self, index: torch.LongTensor) -> torch.LongTensor:
         """Output-row indices of `lm_head` → joint-vocabulary ids (identity for the released joint head)."""
@@ -54,6 +107,56 @@ class EchoXEchoDecoder(nn.Module):
             raise ValueError("Echo targets must be unit-language tokens or the echo eos with echo_units_only_head.")
         return torch.where(ids == ignore_index, ids, index)
 
+    def ctc_logits(self, segments: list[torch.Tensor]) -> tuple[torch.Tensor, torch.LongTensor]:
+        """
+        CTC decoder: the LLM-space inputs of each segment `[n_i, H]` (denoised or embedded, and spelled) → logits
+        `[B, T, U + 1]` over the unit tokens and the blank (last row), and each row's length `n_i * echo_ctc_upsample`.
+        """
+        upsample = self.config.echo_ctc_upsample
+        rows = [
+            self.projection(segment).repeat_interleave(upsample, dim=0)
+            + self.upsample_embedding.weight.repeat(segment.shape[0], 1).to(segment.dtype)
+            for segment in segments
+        ]
+        device = rows[0].device
+        lengths = torch.tensor([row.shape[0] for row in rows], device=device)
+        inputs = pad_sequence(rows, batch_first=True)
+        width = inputs.shape[1]
+        real = torch.arange(width, device=device)[None] < lengths[:, None]
+        # Every position attends to every real position of its row, before and after it (a 4D mask is used as given).
+        mask = torch.zeros(real.shape, dtype=inputs.dtype, device=device).masked_fill(~real, torch.finfo(inputs.dtype).min)
+        mask = mask[:, None, None, :].expand(-1, 1, width, -1)
+        positions = torch.arange(width, device=device).expand(len(rows), -1)
+        hidden = self.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
+        return self.lm_head(hidden), lengths
+
+    def ctc_loss(self, segments: list[torch.Tensor], targets: list[torch.LongTensor]) -> torch.Tensor:
+        """CTC loss of the CTC decoder: `segments` as for `ctc_logits`, `targets` their joint-vocabulary ids (an eos is dropped)."""
+        logits, lengths = self.ctc_logits(segments)
+        labels = [self.logit_index_from_ids(target[target != self.config.echo_eos_token_id]) for target in targets]
+        log_probs = nn.functional.log_softmax(logits.float(), dim=-1).transpose(0, 1)
+        return nn.functional.ctc_loss(
+            log_probs,
+            torch.cat(labels),
+            lengths.cpu(),
+            torch.tensor([len(label) for label in labels]),
+            blank=self.config.unit_vocab_size,
+            reduction="mean",
+            zero_infinity=True,
+        )
+
+    def ctc_decode(self, segments: list[torch.Tensor]) -> list[list[int]]:
+        """Greedy CTC decoding: each frame's best row, repeats merged, blanks dropped → joint-vocabulary ids per segment."""
+        logits, lengths = self.ctc_logits(segments)
+        blank = self.config.unit_vocab_size
+        results = []
+        for best, length in zip(logits.argmax(dim=-1), lengths.tolist()):
+            path = best[:length]
+            first_of_run = torch.ones_like(path, dtype=torch.bool)
+            first_of_run[1:] = path[1:] != path[:-1]
+            results.append(self.ids_from_logit_index(path[first_of_run & (path != blank)]).tolist())
+        return results
+
     def embed_ids(self, ids: torch.LongTensor, text_table: torch.Tensor) -> torch.Tensor:
         """Embed joint-vocabulary ids into the LLM hidden space (before `projection`)."""
         offset = self.config.unit_token_offset
@@ -62,12 +165,21 @@ class EchoXEchoDecoder(nn.Module):
         units = self.unit_embedding((ids - offset).clamp(min=0))
         return torch.where(is_unit[..., None], units.to(text.dtype), text)
 
-    def segment_embeddings(self, segment: torch.Tensor, text_table: torch.Tensor, with_quirk_id: bool = True) -> torch.Tensor:
+    def segment_embeddings(
+        self,
+        segment: torch.Tensor,
+        text_table: torch.Tensor,
+        with_quirk_id: bool = True,
+        token_ids: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
         """
-        `[prefix; segment; suffix]` in the LLM hidden space for one segment `[n, H]` (already denoised or embedded).
+        `[prefix; segment; suffix]` in the LLM hidden space for one segment `[n, H]` (already denoised or embedded;
+        spelled out when the decoder spells, which needs the segment's `token_ids` `[n]`).
         The released training code appended `echo_prefix_quirk_id` to every prefix but a response's first segment's;
         its inference appends it to all (`with_quirk_id=True`).
         """
+        if self.spells:
+            segment = self.spell(segment, token_ids)
         prefix = list(self.config.echo_prefix_ids)
         if with_quirk_id and self.config.echo_prefix_quirk_id is not None:
             prefix.append(self.config.echo_prefix_quirk_id)
@@ -95,9 +207,11 @@ class EchoXEchoDecoder(nn.Module):
         max_new_tokens: int | None = None,
         denoise: bool = True,
         quirk_flags: list[bool] | None = None,
+        token_ids: list[torch.LongTensor] | None = None,
     ):
         """
-        Greedy decoding (as released) of every segment's unit-language tokens, all segments in one left-padded batch.
+        Greedy decoding (as released) of every segment's unit-language tokens, all segments in one left-padded batch
+        (the CTC decoder: one pass over all segments, `ctc_decode`).
 
         Args:
             segments: LLM hidden states `[n_i, H]` of each segment (the denoiser is applied here).
@@ -107,6 +221,7 @@ class EchoXEchoDecoder(nn.Module):
                 stage II training and when a frozen stage-II model labels text for stage III): no denoiser.
             quirk_flags: per segment, whether its prefix gets `echo_prefix_quirk_id` (default: all, as released
                 inference does; training used it on every segment of a response but the first).
+            token_ids: the text ids of each segment's positions (needed when the decoder spells, `echo_spelling_length`).
         Returns:
             One list of generated joint-vocabulary ids per segment, without the final eos.
         """
@@ -115,9 +230,14 @@ class EchoXEchoDecoder(nn.Module):
         max_new_tokens = max_new_tokens or self.config.echo_max_new_tokens
         eos = self.config.echo_eos_token_id
         quirk_flags = [True] * len(segments) if quirk_flags is None else list(quirk_flags)
+        token_ids = [None] * len(segments) if token_ids is None else list(token_ids)
+        if self.reads_once:
+            inputs = [self.denoiser(s) if denoise else s for s in segments]
+            inputs = [self.spell(s, ids) if self.spells else s for s, ids in zip(inputs, token_ids, strict=True)]
+            return [ids[:max_new_tokens] for ids in self.ctc_decode(inputs)]
         prompts = [
-            self.segment_embeddings(self.denoiser(s) if denoise else s, text_table, with_quirk_id=quirk)
-            for s, quirk in zip(segments, quirk_flags, strict=True)
+            self.segment_embeddings(self.denoiser(s) if denoise else s, text_table, with_quirk_id=quirk, token_ids=ids)
+            for s, quirk, ids in zip(segments, quirk_flags, token_ids, strict=True)
         ]
         length = max(prompt.shape[0] for prompt in prompts)
         device = prompts[0].device

@@ -42,6 +42,10 @@ DEFAULT_VOCODER = {"generator_type": "istft", "unit_embed_dim": 128, "istft_dim"
 # Derived from the base at build time, never stored: the CTC head starts as (and stays, frozen) the LLM's output
 # table, so adapter frames are pushed towards the text embeddings of what was said.
 DERIVED = {"speech_adapter.ctc_head.weight": "language_model.lm_head.weight"}
+# A spelling echo decoder (`echo_spelling_length` > 0; EchoX-mini's is 0, see MODEL_CARD.md) has its spelling table
+# made from the tokenizer at build time, never stored.
+ECHO_SPELLING_LENGTH = 0
+FROM_TOKENIZER = ("echo_decoder.token_spelling",)
 
 
 def _base_parts():
@@ -53,7 +57,7 @@ def _base_parts():
 
 
 def mini_config(llm_config, audio_config, tokenizer, num_units: int, unit_vocab_size: int, unit_max_piece_length: int,
-                vocoder: dict | None = None) -> EchoXConfig:
+                vocoder: dict | None = None, echo_spelling_length: int = ECHO_SPELLING_LENGTH) -> EchoXConfig:
     """The `EchoXConfig` of EchoX-mini for a unit language of `unit_vocab_size` tokens over `num_units` units."""
     vocab = tokenizer.get_vocab()
     eot = vocab["<|im_end|>"]
@@ -83,6 +87,7 @@ def mini_config(llm_config, audio_config, tokenizer, num_units: int, unit_vocab_
         echo_units_only_head=True,
         echo_eos_token_id=eot,
         echo_max_new_tokens=400,
+        echo_spelling_length=echo_spelling_length,
         segment_boundary_token_id=tokenizer(".", add_special_tokens=False).input_ids[-1],
         fast_first_segment_tokens=1,
         fast_first_segment_whole_words=False,
@@ -107,16 +112,18 @@ def build_mini_base(
     vocoder: dict | None = None,
     system_prompt: str = SYSTEM_PROMPT,
     seed: int = 0,
+    echo_spelling_length: int = ECHO_SPELLING_LENGTH,
 ) -> tuple[EchoXForSpeechToSpeech, EchoXProcessor]:
     """
     EchoX-mini before training: Whisper tiny.en (10 s window) and SmolLM2-135M-Instruct loaded, the CTC head set to
-    the LLM's output table, the unit table from `unit_vocabulary`; everything else randomly initialised (`seed`).
-    `config` (e.g. a trained model's) replaces the one `mini_config` would make.
+    the LLM's output table, the unit table from `unit_vocabulary`, the echo decoder's spelling table from the
+    tokenizer; everything else randomly initialised (`seed`).
+    `config` (e.g. a trained model's) replaces the one `mini_config` would make (with `echo_spelling_length`).
     """
     llm, tokenizer, encoder, feature_extractor = _base_parts()
     if config is None:
         config = mini_config(llm.config, encoder.config, tokenizer, num_units, len(unit_vocabulary),
-                             unit_vocabulary.to_unit_table(num_units).shape[1], vocoder)
+                             unit_vocabulary.to_unit_table(num_units).shape[1], vocoder, echo_spelling_length)
     torch.manual_seed(seed)
     model = EchoXForSpeechToSpeech(config)
     model.audio_tower.load_state_dict(encoder.state_dict())
@@ -126,6 +133,8 @@ def build_mini_base(
         for target, source in DERIVED.items():
             state[target].copy_(state[source])
         model.unit_table.copy_(unit_vocabulary.to_unit_table(config.num_units))
+        if config.echo_spelling_length:
+            model.echo_decoder.set_token_spelling(tokenizer)
         # Speech embeddings start at the scale of the LLM's token embeddings (RMS ≈ 0.14), not LayerNorm's 1.
         text_rms = model.get_input_embeddings().weight.pow(2).mean().sqrt()
         model.speech_adapter.look_back_norm.weight.fill_(text_rms)
@@ -155,6 +164,10 @@ def export_mini_parts(model: EchoXForSpeechToSpeech, processor: EchoXProcessor, 
     base_state = base.state_dict()
     tensors, changed = {}, []
     for name, tensor in model.state_dict().items():
+        if name in FROM_TOKENIZER:
+            if not torch.equal(tensor, base_state[name]):
+                raise ValueError(f"{name} differs from the one the tokenizer gives.")
+            continue
         if name in DERIVED:
             if not torch.equal(tensor, base_state[DERIVED[name]]):
                 raise ValueError(f"{name} was trained; EchoX-mini keeps it equal to {DERIVED[name]}.")
@@ -203,7 +216,8 @@ def load_mini_parts(parts_dir: str = MINI_PARTS_DIR) -> tuple[EchoXForSpeechToSp
     model, processor = build_mini_base(vocabulary, config.num_units, config=config, system_prompt=info["system_prompt"])
     parts = load_file(os.path.join(parts_dir, PARTS_FILE))
     state = model.state_dict()
-    expected = {n for n in state if n not in DERIVED and not n.startswith(("audio_tower.", "language_model."))}
+    expected = {n for n in state if n not in DERIVED and n not in FROM_TOKENIZER
+                and not n.startswith(("audio_tower.", "language_model."))}
     stored = {n for n in parts if not n.endswith((".delta_left", ".delta_right"))}
     if stored != expected:
         raise ValueError(f"EchoX-mini parts do not match the model: missing {sorted(expected - stored)[:5]}, "

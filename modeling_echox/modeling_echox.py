@@ -345,15 +345,19 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
             zero_infinity=True,
         )
 
-    def _echo_loss(self, segments, unit_labels, quirk_flags):
+    def _echo_loss(self, segments, unit_labels, quirk_flags, token_ids):
         """
-        Teacher-forced echo-decoder CE. `segments`: LLM-space vectors `[n_i, H]` of each segment; `unit_labels`:
-        its target ids (joint vocabulary, ending with the echo eos).
+        Teacher-forced echo-decoder CE (the CTC decoder: its CTC loss). `segments`: LLM-space vectors `[n_i, H]` of each segment; `unit_labels`:
+        its target ids (joint vocabulary, ending with the echo eos); `token_ids`: the text ids of its positions.
         """
         table = self.text_table
+        if self.echo_decoder.reads_once:
+            decoder = self.echo_decoder
+            inputs = [decoder.spell(s, ids) if decoder.spells else s for s, ids in zip(segments, token_ids, strict=True)]
+            return decoder.ctc_loss(inputs, unit_labels)
         rows, targets = [], []
-        for segment, target, with_quirk in zip(segments, unit_labels, quirk_flags):
-            prompt = self.echo_decoder.segment_embeddings(segment, table, with_quirk_id=with_quirk)
+        for segment, target, with_quirk, ids in zip(segments, unit_labels, quirk_flags, token_ids, strict=True):
+            prompt = self.echo_decoder.segment_embeddings(segment, table, with_quirk_id=with_quirk, token_ids=ids)
             rows.append(torch.cat([prompt, self.echo_decoder.embed_ids(target[:-1], table)]))
             targets.append(torch.cat([target.new_full((prompt.shape[0] - 1,), IGNORE_INDEX), target]))
         inputs = pad_sequence(rows, batch_first=True)
@@ -379,7 +383,7 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
     def _text_to_codec_segments(self, echo_text_ids, unit_labels):
         """Stage II: segments are the text-table embeddings of gold text; `echo_text_ids` `[B, S, Lt]`, -100 padded."""
         table = self.text_table.detach()
-        segments, labels, quirks = [], [], []
+        segments, labels, quirks, token_ids = [], [], [], []
         for sample_text, sample_units in zip(echo_text_ids, unit_labels):
             for index, (text, units) in enumerate(zip(sample_text, sample_units)):
                 text = text[text != IGNORE_INDEX]
@@ -388,16 +392,18 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
                 segments.append(nn.functional.embedding(text, table))
                 labels.append(units[units != IGNORE_INDEX])
                 quirks.append(index > 0)
-        return segments, labels, quirks
+                token_ids.append(text)
+        return segments, labels, quirks, token_ids
 
     def _echo_segments(self, hidden_states, labels, unit_labels, echo_segment_lengths):
         """
         Stage III: the denoised LLM hidden states that produced each response token, cut into segments, and the
         denoising loss (1 - cos to the text-table row of the gold token, summed over tokens, averaged over samples).
+        Also returns each segment's token ids.
         """
         table = self.text_table.detach()
         producing = labels[:, 1:] != IGNORE_INDEX
-        segments, targets, quirks, denoise = [], [], [], []
+        segments, targets, quirks, token_ids, denoise = [], [], [], [], []
         for row in range(labels.shape[0]):
             states = hidden_states[row, :-1][producing[row]]
             gold = labels[row, 1:][producing[row]]
@@ -414,7 +420,8 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
                 segments.append(denoised[start:end])
                 targets.append(units[units != IGNORE_INDEX])
                 quirks.append(index > 0)
-        return segments, targets, quirks, torch.stack(denoise).mean()
+                token_ids.append(gold[start:end])
+        return segments, targets, quirks, token_ids, torch.stack(denoise).mean()
 
     def forward(
         self,
@@ -457,8 +464,8 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         if echo_text_ids is not None:
             if unit_labels is None:
                 raise ValueError("echo_text_ids (text-to-codec training) needs unit_labels.")
-            segments, targets, quirks = self._text_to_codec_segments(echo_text_ids, unit_labels)
-            echo_loss = self._echo_loss(segments, targets, quirks)
+            segments, targets, quirks, token_ids = self._text_to_codec_segments(echo_text_ids, unit_labels)
+            echo_loss = self._echo_loss(segments, targets, quirks, token_ids)
             return EchoXOutput(loss=echo_loss, echo_loss=echo_loss)
 
         prompt = None
@@ -508,10 +515,10 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         if unit_labels is not None:
             if labels is None:
                 raise ValueError("unit_labels need labels (echo training) or echo_text_ids (text-to-codec training).")
-            segments, targets, quirks, denoise_loss = self._echo_segments(
+            segments, targets, quirks, token_ids, denoise_loss = self._echo_segments(
                 outputs.hidden_states[-1], labels, unit_labels, echo_segment_lengths
             )
-            echo_loss = self._echo_loss(segments, targets, quirks)
+            echo_loss = self._echo_loss(segments, targets, quirks, token_ids)
             cap = self.config.denoise_loss_cap * echo_loss.detach()
             weight = cap / denoise_loss.detach() if denoise_loss.detach() > cap else 1.0
             echo_total = echo_loss + weight * denoise_loss
@@ -545,9 +552,14 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         units = self.unit_table[torch.tensor(rows, device=self.unit_table.device)].flatten()
         return units[units >= 0].tolist()
 
-    def speak_units(self, hidden_states: list[torch.Tensor]) -> list[list[int]]:
-        """Echo decoder for a list of text segments (their LLM hidden states `[n_i, H]`): the unit ids of each."""
-        echo_ids = self.echo_decoder.generate(hidden_states, self.text_table)
+    def speak_units(
+        self, hidden_states: list[torch.Tensor], token_ids: list[torch.LongTensor] | None = None
+    ) -> list[list[int]]:
+        """
+        Echo decoder for a list of text segments (their LLM hidden states `[n_i, H]` and, for a spelling decoder,
+        their token ids `[n_i]`): the unit ids of each.
+        """
+        echo_ids = self.echo_decoder.generate(hidden_states, self.text_table, token_ids=token_ids)
         return [self.units_from_echo_ids(ids) for ids in echo_ids]
 
     @torch.no_grad()
@@ -641,13 +653,14 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
 
         states = torch.stack(producing_states, dim=1)
         boundary = self.text_table[self.config.segment_boundary_token_id]
-        segments, flat_states = [], []
+        segments, flat_states, flat_ids = [], [], []
         for row, answer in enumerate(answers):
             texts = [tokenizer.decode([token], skip_special_tokens=True) for token in answer] if tokenizer else [""] * len(answer)
             spans = rule.split(boundary_scores(states[row, : len(answer)], boundary), texts)
             segments.append(spans)
             flat_states += [states[row, start:end] for start, end in spans]
-        flat_units = self.speak_units(flat_states)
+            flat_ids += [torch.tensor(answer[start:end], device=states.device) for start, end in spans]
+        flat_units = self.speak_units(flat_states, flat_ids)
 
         output.segments = segments
         output.segment_unit_ids, output.unit_ids, output.waveforms = [], [], []

@@ -37,6 +37,8 @@ def build_random_echox(
     seed: int = 0,
     unit_vocabulary: EchoXUnitVocabulary | None = None,
     num_units: int | None = None,
+    echo_spelling_length: int = 0,
+    echo_decoder_type: str = "autoregressive",
 ) -> tuple[EchoXForSpeechToSpeech, EchoXProcessor]:
     """
     A randomly initialised EchoX and its processor (tiny Llama-3-style tokenizer).
@@ -45,7 +47,8 @@ def build_random_echox(
     size's `num_units`). With one (e.g. `EchoXUnitLanguage.to_vocabulary()` of a stage-0 run), the echo decoder's unit
     tokens, the model's `unit_table`, the vocoder and the processor all follow it: `unit_vocab_size = len(vocabulary)`,
     `num_units` = the given `num_units` or 1 + the largest unit id the vocabulary spells, `unit_max_piece_length` =
-    the width of its unit table.
+    the width of its unit table. `echo_spelling_length` > 0 gives a spelling echo decoder (its table filled from the
+    tokenizer); `echo_decoder_type="ctc"` a CTC echo decoder (with the units-only head it needs).
     """
     if size not in SIZES:
         raise ValueError(f"Unknown size {size!r}; choose one of {sorted(SIZES)}.")
@@ -101,10 +104,15 @@ def build_random_echox(
         echo_eos_token_id=vocab[EOT_TOKEN],
         echo_max_new_tokens=spec["echo_max_new_tokens"],
         segment_boundary_token_id=piece(".")[-1],
+        echo_spelling_length=echo_spelling_length,
+        echo_decoder_type=echo_decoder_type,
+        echo_units_only_head=echo_decoder_type == "ctc",
     )
     torch.manual_seed(seed)
     model = EchoXForSpeechToSpeech(config).eval()
     model.unit_table.copy_(unit_table)
+    if echo_spelling_length:
+        model.echo_decoder.set_token_spelling(tokenizer)
     model.generation_config = GenerationConfig(
         do_sample=False,
         max_new_tokens=spec["max_new_tokens"],

@@ -142,7 +142,8 @@ class EchoXAudioStreamer(BaseStreamer):
                 if self._speculation is not None:
                     self._speculation[1].cancel()  # a wrong guess that has not started yet
                 states = torch.stack(self._states[: guess + 1])
-                self._speculation = (guess + 1, self._speculator.submit(self._voice_alone, states))
+                tokens = torch.tensor(self._tokens[: guess + 1], device=states.device)
+                self._speculation = (guess + 1, self._speculator.submit(self._voice_alone, states, tokens))
 
     def end(self) -> None:
         if self.split_cores:
@@ -176,28 +177,29 @@ class EchoXAudioStreamer(BaseStreamer):
 
     def _submit(self, start: int, end: int, last: bool) -> None:
         states = torch.stack(self._states[start:end])
+        tokens = torch.tensor(self._tokens[start:end], device=states.device)
         text = "".join(self._texts[start:end])
         if self._segments == 0 and self.voice_first_segment_now:
-            self._voice(self._segments, states, text, last)
+            self._voice(self._segments, states, tokens, text, last)
         else:
-            self._worker.submit(self._voice, self._segments, states, text, last)
+            self._worker.submit(self._voice, self._segments, states, tokens, text, last)
         self._segments += 1
 
     @torch.no_grad()
-    def _voice_alone(self, states: torch.Tensor):
+    def _voice_alone(self, states: torch.Tensor, tokens: torch.LongTensor):
         """Units and audio of a first segment, from a vocoder stream of its own (kept only if the guess was right)."""
-        units = self.model.speak_units([states])[0]
+        units = self.model.speak_units([states], [tokens])[0]
         stream = EchoXVocoderStream(self.model.vocoder)
         return units, stream.push(units), stream
 
     @torch.no_grad()
-    def _voice(self, index: int, states: torch.Tensor, text: str, last: bool) -> None:
+    def _voice(self, index: int, states: torch.Tensor, tokens: torch.LongTensor, text: str, last: bool) -> None:
         try:
             if index == 0 and self._speculation is not None and self._speculation[0] == len(states):
                 units, audio, self._vocoder_stream = self._speculation[1].result()
                 self.first_segment_speculated = True
             else:
-                units = self.model.speak_units([states])[0]
+                units = self.model.speak_units([states], [tokens])[0]
                 audio = self._vocoder_stream.push(units)
             if last:
                 audio = torch.cat([audio, self._vocoder_stream.flush()])

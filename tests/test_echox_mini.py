@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from modeling_echox.echox_mini import (
     BUILD_MARKER,
@@ -23,7 +24,7 @@ from modeling_echox.unit_vocabulary import EchoXUnitVocabulary
 def trained(tmp_path_factory):
     """A 'trained' EchoX-mini: random EchoX parts plus a rank-4 change of two LLM projections, exported."""
     vocabulary = EchoXUnitVocabulary(["0", "1", "2", "▁3_4", "5"] + [str(u) for u in range(6, 20)] + ["3", "4"])
-    model, processor = build_mini_base(vocabulary, 20, seed=3)
+    model, processor = build_mini_base(vocabulary, 20, seed=3, echo_spelling_length=16)  # a spelling echo decoder
     generator = torch.Generator().manual_seed(0)
     changed = ["language_model.model.layers.0.self_attn.q_proj.weight", "language_model.model.layers.5.self_attn.v_proj.weight"]
     with torch.no_grad():
@@ -53,6 +54,8 @@ def test_parts_are_small_and_rebuild_the_model(trained):
     assert sizes["low_rank_changes"] == 2
     with open(os.path.join(parts, "parts.json")) as handle:
         assert sorted(json.load(handle)["low_rank_changes"]) == sorted(changed)
+    stored = load_file(os.path.join(parts, PARTS_FILE))
+    assert model.echo_decoder.token_spelling.any() and "echo_decoder.token_spelling" not in stored  # from the tokenizer
     rebuilt, processor = load_mini_parts(parts)
     original, restored = model.state_dict(), rebuilt.state_dict()
     assert original.keys() == restored.keys()

@@ -561,7 +561,7 @@ def test_units_only_echo_head_trains_and_decodes():
     with pytest.raises(ValueError, match="unit-language tokens"):
         compact.echo_decoder.logit_index_from_ids(torch.tensor([5]))
     segment = torch.randn(4, config.text_config.hidden_size)
-    loss = compact._echo_loss([segment], [torch.tensor([offset + 1, offset + 2, eos])], [False])
+    loss = compact._echo_loss([segment], [torch.tensor([offset + 1, offset + 2, eos])], [False], [torch.arange(4)])
     assert torch.isfinite(loss)
     (ids,) = compact.echo_decoder.generate([segment], compact.text_table, max_new_tokens=6)
     assert all(offset <= i < offset + units for i in ids)

@@ -15,6 +15,7 @@ from .data import EchoXDataCollator, load_dialogue_dataset
 DEFAULTS = {
     "trainable_modules": [
         "echo_decoder.unit_embedding",
+        "echo_decoder.byte_embedding",
         "echo_decoder.projection",
         "echo_decoder.decoder",
         "echo_decoder.lm_head",

@@ -72,8 +72,9 @@ def text_to_unit_language(
     segments = [nn.functional.embedding(torch.tensor(ids, dtype=torch.long, device=table.device), table) for ids in id_lists]
     first_segment = [i == 0 for i in range(len(id_lists))] if first_segment is None else first_segment
     quirks = [not first for first in first_segment]
+    token_ids = [torch.tensor(ids, dtype=torch.long, device=table.device) for ids in id_lists]
     echo_ids = model.echo_decoder.generate(
-        segments, table, max_new_tokens=max_new_tokens, denoise=False, quirk_flags=quirks
+        segments, table, max_new_tokens=max_new_tokens, denoise=False, quirk_flags=quirks, token_ids=token_ids
     )
     offset, size = model.config.unit_token_offset, model.config.unit_vocab_size
     return [[i - offset for i in ids if offset <= i < offset + size] for ids in echo_ids]

@@ -1,0 +1,92 @@
+"""The CTC echo decoder (`echo_decoder_type="ctc"`): one bidirectional pass per segment, CTC loss, greedy collapse."""
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_echox import EchoXConfig, EchoXForSpeechToSpeech
+from modeling_echox.random_checkpoint import build_random_echox
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def ctc():
+    return build_random_echox("tiny", seed=0, echo_spelling_length=6, echo_decoder_type="ctc")
+
+
+def _segments(model, tokenizer, texts):
+    ids = [torch.tensor(tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
+    return [model.text_table[i].detach() for i in ids], ids
+
+
+def test_ctc_needs_the_units_only_head():
+    config = build_random_echox("tiny", seed=0)[0].config.to_dict()
+    config.update(echo_decoder_type="ctc", echo_units_only_head=False)
+    with pytest.raises(ValueError, match="echo_units_only_head"):
+        EchoXConfig(**config)
+
+
+def test_greedy_decoding_merges_repeats_and_drops_blanks(ctc, monkeypatch):
+    model, _ = ctc
+    decoder, config = model.echo_decoder, model.config
+    blank, offset = config.unit_vocab_size, config.unit_token_offset
+    path = [blank, 3, 3, blank, 3, 7, 7, 7, blank, 1]
+    logits = torch.nn.functional.one_hot(torch.tensor([path]), blank + 1).float()
+    monkeypatch.setattr(decoder, "ctc_logits", lambda segments: (logits, torch.tensor([len(path) - 1])))
+    assert decoder.ctc_decode([None]) == [[offset + 3, offset + 3, offset + 7]]  # the last frame is padding
+
+
+def test_every_position_sees_the_whole_segment_and_padding_changes_nothing(ctc):
+    model, processor = ctc
+    decoder = model.echo_decoder
+    (long, short), _ = _segments(model, processor.tokenizer, ["the capital of kenya is nairobi", "is in africa"])
+    logits, lengths = decoder.ctc_logits([long, short])
+    assert lengths.tolist() == [3 * len(long), 3 * len(short)]
+    alone, _ = decoder.ctc_logits([short])
+    assert torch.allclose(logits[1, : lengths[1]], alone[0], atol=1e-5)
+    changed = long.clone()
+    changed[-1] += 1.0
+    first, _ = decoder.ctc_logits([changed])
+    assert not torch.allclose(first[0, 0], logits[0, 0])  # the first position reads the last one
+
+
+def test_ctc_training_learns_a_segment(ctc):
+    model, processor = ctc
+    model = EchoXForSpeechToSpeech(model.config)
+    model.load_state_dict(ctc[0].state_dict())
+    config = model.config
+    segments, ids = _segments(model, processor.tokenizer, ["the capital of kenya"])
+    target = [config.unit_token_offset + u for u in (5, 9, 9, 2, 14)]
+    labels = [torch.tensor(target + [config.echo_eos_token_id])]
+    before = model.echo_decoder.generate(segments, model.text_table, denoise=False, token_ids=ids)[0]
+    optimizer = torch.optim.Adam(model.echo_decoder.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(450):  # CTC leaves its all-blank start after ~300 steps here
+        optimizer.zero_grad()
+        loss = model._echo_loss(segments, labels, [False], ids)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    after = model.echo_decoder.generate(segments, model.text_table, denoise=False, token_ids=ids)[0]
+    assert before != target and after == target and loss.item() < 0.1
+
+
+def test_text_to_codec_forward_and_streaming(ctc, tmp_path):
+    model, processor = ctc
+    tokenizer, config = processor.tokenizer, model.config
+    text_ids = tokenizer("monday comes after sunday", add_special_tokens=False).input_ids
+    units = torch.tensor([[[config.unit_token_offset + 1, config.unit_token_offset + 4, config.echo_eos_token_id]]])
+    output = model(echo_text_ids=torch.tensor([[text_ids]]), unit_labels=units)
+    assert torch.isfinite(output.loss) and output.loss is output.echo_loss
+    audio = (0.05 * np.random.default_rng(0).standard_normal(SR * 2)).astype(np.float32)
+    inputs = processor(audio=audio, sampling_rate=SR)
+    reference = model.generate(**inputs, tokenizer=tokenizer, segmentation_mode="fast", max_new_tokens=24)
+    assert sum(len(u) for u in reference.segment_unit_ids[0]) > 0
+    chunks = list(model.stream(**inputs, tokenizer=tokenizer, segmentation_mode="fast", max_new_tokens=24))
+    assert [chunk.unit_ids for chunk in chunks] == reference.segment_unit_ids[0]
+    model.save_pretrained(tmp_path)
+    loaded = EchoXForSpeechToSpeech.from_pretrained(tmp_path).eval()
+    assert loaded.config.echo_decoder_type == "ctc" and not hasattr(loaded.echo_decoder, "unit_embedding")
+    again = loaded.generate(**inputs, tokenizer=tokenizer, segmentation_mode="fast", max_new_tokens=24)
+    assert again.segment_unit_ids == reference.segment_unit_ids
