@@ -90,3 +90,15 @@ def test_text_to_codec_forward_and_streaming(ctc, tmp_path):
     assert loaded.config.echo_decoder_type == "ctc" and not hasattr(loaded.echo_decoder, "unit_embedding")
     again = loaded.generate(**inputs, tokenizer=tokenizer, segmentation_mode="fast", max_new_tokens=24)
     assert again.segment_unit_ids == reference.segment_unit_ids
+
+
+def test_stage2_trains_every_part_of_the_decoder_but_the_denoiser():
+    from training.stages.stage2_t2c import DEFAULTS, freeze_for_text_to_codec
+
+    for decoder_type in ("autoregressive", "ctc"):
+        model, _ = build_random_echox("tiny", seed=0, echo_spelling_length=4, echo_decoder_type=decoder_type)
+        freeze_for_text_to_codec(model, DEFAULTS["trainable_modules"])
+        trained = {name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad}
+        every = {name.split(".")[1] for name, _ in model.named_parameters() if name.startswith("echo_decoder.")}
+        assert trained == every - {"denoiser"}
+        assert ("upsample_embedding" in trained) == (decoder_type == "ctc")

@@ -13,15 +13,15 @@ from .common import freeze_except, load_model, run_trainer, stage_cli
 from .data import EchoXDataCollator, load_dialogue_dataset
 
 DEFAULTS = {
-    "trainable_modules": [
-        "echo_decoder.unit_embedding",
-        "echo_decoder.byte_embedding",
-        "echo_decoder.projection",
-        "echo_decoder.decoder",
-        "echo_decoder.lm_head",
-    ],
+    "trainable_modules": ["echo_decoder"],  # its denoiser stays frozen (`freeze_for_text_to_codec`)
     "training_args": {"learning_rate": 1e-3},  # the original run names suggest lr 1e-3
 }
+
+
+def freeze_for_text_to_codec(model, trainable_modules: list[str]) -> None:
+    """Train only `trainable_modules`, never the echo decoder's denoiser (stage II feeds it no hidden states)."""
+    freeze_except(model, trainable_modules)
+    model.echo_decoder.denoiser.requires_grad_(False)
 
 
 def main(config: dict) -> dict:
@@ -32,7 +32,7 @@ def main(config: dict) -> dict:
     collator = EchoXDataCollator(
         processor, model.config, stage="t2c", max_response_tokens=config["max_response_tokens"]
     )
-    freeze_except(model, config["trainable_modules"])
+    freeze_for_text_to_codec(model, config["trainable_modules"])
     model.train()
     return run_trainer(model, processor, config, dataset, collator, ["unit_labels"], "stage2_t2c")
 
