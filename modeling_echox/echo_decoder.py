@@ -89,6 +89,10 @@ class EchoXEchoDecoder(nn.Module):
         rows = vectors[:, None, :] + self.byte_embedding(spelling).to(vectors.dtype) * has_byte[..., None]
         return rows[keep]
 
+    def read_positions(self, segment: torch.Tensor, token_ids: torch.LongTensor | None) -> torch.Tensor:
+        """The decoder's input positions for one segment `[n, H]`: spelled out (`spell`) when it spells, else as is."""
+        return self.spell(segment, token_ids) if self.spells else segment
+
     def ids_from_logit_index(self, index: torch.LongTensor) -> torch.LongTensor:
         """Output-row indices of `lm_head` → joint-vocabulary ids (identity for the released joint head)."""
         if not self.config.echo_units_only_head:
@@ -130,9 +134,15 @@ class EchoXEchoDecoder(nn.Module):
         hidden = self.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
         return self.lm_head(hidden), lengths
 
-    def ctc_loss(self, segments: list[torch.Tensor], targets: list[torch.LongTensor]) -> torch.Tensor:
-        """CTC loss of the CTC decoder: `segments` as for `ctc_logits`, `targets` their joint-vocabulary ids (an eos is dropped)."""
-        logits, lengths = self.ctc_logits(segments)
+    def ctc_loss(
+        self, segments: list[torch.Tensor], targets: list[torch.LongTensor], token_ids: list[torch.LongTensor | None]
+    ) -> torch.Tensor:
+        """
+        CTC loss of the CTC decoder: `segments` `[n_i, H]` (denoised or embedded) with their text ids `token_ids`,
+        `targets` their joint-vocabulary ids (an eos is dropped).
+        """
+        inputs = [self.read_positions(s, ids) for s, ids in zip(segments, token_ids, strict=True)]
+        logits, lengths = self.ctc_logits(inputs)
         labels = [self.logit_index_from_ids(target[target != self.config.echo_eos_token_id]) for target in targets]
         log_probs = nn.functional.log_softmax(logits.float(), dim=-1).transpose(0, 1)
         return nn.functional.ctc_loss(
@@ -145,9 +155,13 @@ class EchoXEchoDecoder(nn.Module):
             zero_infinity=True,
         )
 
-    def ctc_decode(self, segments: list[torch.Tensor]) -> list[list[int]]:
-        """Greedy CTC decoding: each frame's best row, repeats merged, blanks dropped → joint-vocabulary ids per segment."""
-        logits, lengths = self.ctc_logits(segments)
+    def ctc_decode(self, segments: list[torch.Tensor], token_ids: list[torch.LongTensor | None]) -> list[list[int]]:
+        """
+        Greedy CTC decoding of `segments` `[n_i, H]` (denoised or embedded) with their text ids: each frame's best row,
+        repeats merged, blanks dropped → joint-vocabulary ids per segment.
+        """
+        inputs = [self.read_positions(s, ids) for s, ids in zip(segments, token_ids, strict=True)]
+        logits, lengths = self.ctc_logits(inputs)
         blank = self.config.unit_vocab_size
         results = []
         for best, length in zip(logits.argmax(dim=-1), lengths.tolist()):
@@ -178,8 +192,7 @@ class EchoXEchoDecoder(nn.Module):
         The released training code appended `echo_prefix_quirk_id` to every prefix but a response's first segment's;
         its inference appends it to all (`with_quirk_id=True`).
         """
-        if self.spells:
-            segment = self.spell(segment, token_ids)
+        segment = self.read_positions(segment, token_ids)
         prefix = list(self.config.echo_prefix_ids)
         if with_quirk_id and self.config.echo_prefix_quirk_id is not None:
             prefix.append(self.config.echo_prefix_quirk_id)
@@ -233,8 +246,7 @@ class EchoXEchoDecoder(nn.Module):
         token_ids = [None] * len(segments) if token_ids is None else list(token_ids)
         if self.reads_once:
             inputs = [self.denoiser(s) if denoise else s for s in segments]
-            inputs = [self.spell(s, ids) if self.spells else s for s, ids in zip(inputs, token_ids, strict=True)]
-            return [ids[:max_new_tokens] for ids in self.ctc_decode(inputs)]
+            return [ids[:max_new_tokens] for ids in self.ctc_decode(inputs, token_ids)]
         prompts = [
             self.segment_embeddings(self.denoiser(s) if denoise else s, text_table, with_quirk_id=quirk, token_ids=ids)
             for s, quirk, ids in zip(segments, quirk_flags, token_ids, strict=True)

@@ -347,14 +347,13 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
 
     def _echo_loss(self, segments, unit_labels, quirk_flags, token_ids):
         """
-        Teacher-forced echo-decoder CE (the CTC decoder: its CTC loss). `segments`: LLM-space vectors `[n_i, H]` of each segment; `unit_labels`:
-        its target ids (joint vocabulary, ending with the echo eos); `token_ids`: the text ids of its positions.
+        Teacher-forced echo-decoder CE (the CTC decoder: its CTC loss). `segments`: LLM-space vectors `[n_i, H]` of
+        each segment; `unit_labels`: its target ids (joint vocabulary, ending with the echo eos); `token_ids`: the
+        text ids of its positions.
         """
-        table = self.text_table
         if self.echo_decoder.reads_once:
-            decoder = self.echo_decoder
-            inputs = [decoder.spell(s, ids) if decoder.spells else s for s, ids in zip(segments, token_ids, strict=True)]
-            return decoder.ctc_loss(inputs, unit_labels)
+            return self.echo_decoder.ctc_loss(segments, unit_labels, token_ids)
+        table = self.text_table
         rows, targets = [], []
         for segment, target, with_quirk, ids in zip(segments, unit_labels, quirk_flags, token_ids, strict=True):
             prompt = self.echo_decoder.segment_embeddings(segment, table, with_quirk_id=with_quirk, token_ids=ids)

@@ -1,13 +1,13 @@
-"""The CTC echo decoder (`echo_decoder_type="ctc"`): one bidirectional pass per segment, CTC loss, greedy collapse."""
+"""
+The CTC echo decoder (`echo_decoder_type="ctc"`): one bidirectional pass per segment, CTC loss, greedy collapse
+(its streaming and saving: tests/test_echo_spelling.py).
+"""
 
-import numpy as np
 import pytest
 import torch
 
 from modeling_echox import EchoXConfig, EchoXForSpeechToSpeech
 from modeling_echox.random_checkpoint import build_random_echox
-
-SR = 16000
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +28,14 @@ def test_ctc_needs_the_units_only_head():
 
 
 def test_greedy_decoding_merges_repeats_and_drops_blanks(ctc, monkeypatch):
-    model, _ = ctc
+    model, processor = ctc
     decoder, config = model.echo_decoder, model.config
     blank, offset = config.unit_vocab_size, config.unit_token_offset
     path = [blank, 3, 3, blank, 3, 7, 7, 7, blank, 1]
     logits = torch.nn.functional.one_hot(torch.tensor([path]), blank + 1).float()
     monkeypatch.setattr(decoder, "ctc_logits", lambda segments: (logits, torch.tensor([len(path) - 1])))
-    assert decoder.ctc_decode([None]) == [[offset + 3, offset + 3, offset + 7]]  # the last frame is padding
+    segments, ids = _segments(model, processor.tokenizer, ["kenya"])
+    assert decoder.ctc_decode(segments, ids) == [[offset + 3, offset + 3, offset + 7]]  # the last frame is padding
 
 
 def test_every_position_sees_the_whole_segment_and_padding_changes_nothing(ctc):
@@ -72,24 +73,13 @@ def test_ctc_training_learns_a_segment(ctc):
     assert before != target and after == target and loss.item() < 0.1
 
 
-def test_text_to_codec_forward_and_streaming(ctc, tmp_path):
+def test_text_to_codec_forward(ctc):
     model, processor = ctc
     tokenizer, config = processor.tokenizer, model.config
     text_ids = tokenizer("monday comes after sunday", add_special_tokens=False).input_ids
     units = torch.tensor([[[config.unit_token_offset + 1, config.unit_token_offset + 4, config.echo_eos_token_id]]])
     output = model(echo_text_ids=torch.tensor([[text_ids]]), unit_labels=units)
     assert torch.isfinite(output.loss) and output.loss is output.echo_loss
-    audio = (0.05 * np.random.default_rng(0).standard_normal(SR * 2)).astype(np.float32)
-    inputs = processor(audio=audio, sampling_rate=SR)
-    reference = model.generate(**inputs, tokenizer=tokenizer, segmentation_mode="fast", max_new_tokens=24)
-    assert sum(len(u) for u in reference.segment_unit_ids[0]) > 0
-    chunks = list(model.stream(**inputs, tokenizer=tokenizer, segmentation_mode="fast", max_new_tokens=24))
-    assert [chunk.unit_ids for chunk in chunks] == reference.segment_unit_ids[0]
-    model.save_pretrained(tmp_path)
-    loaded = EchoXForSpeechToSpeech.from_pretrained(tmp_path).eval()
-    assert loaded.config.echo_decoder_type == "ctc" and not hasattr(loaded.echo_decoder, "unit_embedding")
-    again = loaded.generate(**inputs, tokenizer=tokenizer, segmentation_mode="fast", max_new_tokens=24)
-    assert again.segment_unit_ids == reference.segment_unit_ids
 
 
 def test_stage2_trains_every_part_of_the_decoder_but_the_denoiser():

@@ -88,8 +88,9 @@ def test_text_to_codec_training_reaches_the_byte_embedding(spelled):
     model.zero_grad(set_to_none=True)
 
 
-def test_streamed_speech_equals_generate_and_the_table_survives_saving(spelled, tmp_path):
-    model, processor = spelled
+@pytest.mark.parametrize("decoder_type, seed", [("autoregressive", 4), ("ctc", 0)])  # seeds whose speech is not empty
+def test_streamed_speech_equals_generate_and_the_decoder_survives_saving(decoder_type, seed, tmp_path):
+    model, processor = build_random_echox("tiny", seed=seed, echo_spelling_length=SPELLING, echo_decoder_type=decoder_type)
     rng = np.random.default_rng(0)
     inputs = processor(audio=(0.05 * rng.standard_normal(SR * 2)).astype(np.float32), sampling_rate=SR)
     tokenizer = processor.tokenizer
@@ -99,7 +100,8 @@ def test_streamed_speech_equals_generate_and_the_table_survives_saving(spelled, 
     assert [chunk.unit_ids for chunk in chunks] == reference.segment_unit_ids[0]
     model.save_pretrained(tmp_path)
     loaded = EchoXForSpeechToSpeech.from_pretrained(tmp_path).eval()
-    assert loaded.config.echo_spelling_length == SPELLING
+    assert loaded.config.echo_spelling_length == SPELLING and loaded.config.echo_decoder_type == decoder_type
+    assert hasattr(loaded.echo_decoder, "unit_embedding") == (decoder_type == "autoregressive")  # CTC writes no units back
     assert torch.equal(loaded.echo_decoder.token_spelling, model.echo_decoder.token_spelling)
     again = loaded.generate(**inputs, tokenizer=tokenizer, segmentation_mode="fast", max_new_tokens=24)
     assert again.segment_unit_ids == reference.segment_unit_ids

@@ -69,10 +69,10 @@ def text_to_unit_language(
     (`first_segment[i]`: segment i opens a response, so its prefix has no quirk id; default: the first of the list).
     """
     table = model.text_table
-    segments = [nn.functional.embedding(torch.tensor(ids, dtype=torch.long, device=table.device), table) for ids in id_lists]
+    token_ids = [torch.tensor(ids, dtype=torch.long, device=table.device) for ids in id_lists]
+    segments = [nn.functional.embedding(ids, table) for ids in token_ids]
     first_segment = [i == 0 for i in range(len(id_lists))] if first_segment is None else first_segment
     quirks = [not first for first in first_segment]
-    token_ids = [torch.tensor(ids, dtype=torch.long, device=table.device) for ids in id_lists]
     echo_ids = model.echo_decoder.generate(
         segments, table, max_new_tokens=max_new_tokens, denoise=False, quirk_flags=quirks, token_ids=token_ids
     )
