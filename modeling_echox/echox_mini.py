@@ -42,9 +42,10 @@ DEFAULT_VOCODER = {"generator_type": "istft", "unit_embed_dim": 128, "istft_dim"
 # Derived from the base at build time, never stored: the CTC head starts as (and stays, frozen) the LLM's output
 # table, so adapter frames are pushed towards the text embeddings of what was said.
 DERIVED = {"speech_adapter.ctc_head.weight": "language_model.lm_head.weight"}
-# A spelling echo decoder (`echo_spelling_length` > 0; EchoX-mini's is 0, see MODEL_CARD.md) has its spelling table
-# made from the tokenizer at build time, never stored.
-ECHO_SPELLING_LENGTH = 0
+# EchoX-mini's echo decoder reads each segment in one bidirectional pass (CTC, each input position repeated 3 times)
+# from spelled input (16 byte positions per text token); see MODEL_CARD.md for why. Its spelling table is made from
+# the tokenizer at build time, never stored.
+ECHO_DECODER = {"echo_decoder_type": "ctc", "echo_ctc_upsample": 3, "echo_spelling_length": 16}
 FROM_TOKENIZER = ("echo_decoder.token_spelling",)
 
 
@@ -57,8 +58,11 @@ def _base_parts():
 
 
 def mini_config(llm_config, audio_config, tokenizer, num_units: int, unit_vocab_size: int, unit_max_piece_length: int,
-                vocoder: dict | None = None, echo_spelling_length: int = ECHO_SPELLING_LENGTH) -> EchoXConfig:
-    """The `EchoXConfig` of EchoX-mini for a unit language of `unit_vocab_size` tokens over `num_units` units."""
+                vocoder: dict | None = None, echo_decoder: dict | None = None) -> EchoXConfig:
+    """
+    The `EchoXConfig` of EchoX-mini for a unit language of `unit_vocab_size` tokens over `num_units` units;
+    `echo_decoder` overrides options of `ECHO_DECODER` (e.g. `{"echo_decoder_type": "autoregressive"}`).
+    """
     vocab = tokenizer.get_vocab()
     eot = vocab["<|im_end|>"]
     speaker_header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids
@@ -87,7 +91,7 @@ def mini_config(llm_config, audio_config, tokenizer, num_units: int, unit_vocab_
         echo_units_only_head=True,
         echo_eos_token_id=eot,
         echo_max_new_tokens=400,
-        echo_spelling_length=echo_spelling_length,
+        **{**ECHO_DECODER, **(echo_decoder or {})},
         segment_boundary_token_id=tokenizer(".", add_special_tokens=False).input_ids[-1],
         fast_first_segment_tokens=1,
         fast_first_segment_whole_words=False,
@@ -112,18 +116,18 @@ def build_mini_base(
     vocoder: dict | None = None,
     system_prompt: str = SYSTEM_PROMPT,
     seed: int = 0,
-    echo_spelling_length: int = ECHO_SPELLING_LENGTH,
+    echo_decoder: dict | None = None,
 ) -> tuple[EchoXForSpeechToSpeech, EchoXProcessor]:
     """
     EchoX-mini before training: Whisper tiny.en (10 s window) and SmolLM2-135M-Instruct loaded, the CTC head set to
     the LLM's output table, the unit table from `unit_vocabulary`, the echo decoder's spelling table from the
     tokenizer; everything else randomly initialised (`seed`).
-    `config` (e.g. a trained model's) replaces the one `mini_config` would make (with `echo_spelling_length`).
+    `config` (e.g. a trained model's) replaces the one `mini_config` would make (with `echo_decoder`).
     """
     llm, tokenizer, encoder, feature_extractor = _base_parts()
     if config is None:
         config = mini_config(llm.config, encoder.config, tokenizer, num_units, len(unit_vocabulary),
-                             unit_vocabulary.to_unit_table(num_units).shape[1], vocoder, echo_spelling_length)
+                             unit_vocabulary.to_unit_table(num_units).shape[1], vocoder, echo_decoder)
     torch.manual_seed(seed)
     model = EchoXForSpeechToSpeech(config)
     model.audio_tower.load_state_dict(encoder.state_dict())

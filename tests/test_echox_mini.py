@@ -24,7 +24,7 @@ from modeling_echox.unit_vocabulary import EchoXUnitVocabulary
 def trained(tmp_path_factory):
     """A 'trained' EchoX-mini: random EchoX parts plus a rank-4 change of two LLM projections, exported."""
     vocabulary = EchoXUnitVocabulary(["0", "1", "2", "▁3_4", "5"] + [str(u) for u in range(6, 20)] + ["3", "4"])
-    model, processor = build_mini_base(vocabulary, 20, seed=3, echo_spelling_length=16)  # a spelling echo decoder
+    model, processor = build_mini_base(vocabulary, 20, seed=3)
     generator = torch.Generator().manual_seed(0)
     changed = ["language_model.model.layers.0.self_attn.q_proj.weight", "language_model.model.layers.5.self_attn.v_proj.weight"]
     with torch.no_grad():
