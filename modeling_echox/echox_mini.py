@@ -58,11 +58,8 @@ def _base_parts():
 
 
 def mini_config(llm_config, audio_config, tokenizer, num_units: int, unit_vocab_size: int, unit_max_piece_length: int,
-                vocoder: dict | None = None, echo_decoder: dict | None = None) -> EchoXConfig:
-    """
-    The `EchoXConfig` of EchoX-mini for a unit language of `unit_vocab_size` tokens over `num_units` units;
-    `echo_decoder` overrides options of `ECHO_DECODER` (e.g. `{"echo_decoder_type": "autoregressive"}`).
-    """
+                vocoder: dict | None = None) -> EchoXConfig:
+    """The `EchoXConfig` of EchoX-mini for a unit language of `unit_vocab_size` tokens over `num_units` units."""
     vocab = tokenizer.get_vocab()
     eot = vocab["<|im_end|>"]
     speaker_header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids
@@ -91,7 +88,7 @@ def mini_config(llm_config, audio_config, tokenizer, num_units: int, unit_vocab_
         echo_units_only_head=True,
         echo_eos_token_id=eot,
         echo_max_new_tokens=400,
-        **{**ECHO_DECODER, **(echo_decoder or {})},
+        **ECHO_DECODER,
         segment_boundary_token_id=tokenizer(".", add_special_tokens=False).input_ids[-1],
         fast_first_segment_tokens=1,
         fast_first_segment_whole_words=False,
@@ -116,18 +113,17 @@ def build_mini_base(
     vocoder: dict | None = None,
     system_prompt: str = SYSTEM_PROMPT,
     seed: int = 0,
-    echo_decoder: dict | None = None,
 ) -> tuple[EchoXForSpeechToSpeech, EchoXProcessor]:
     """
     EchoX-mini before training: Whisper tiny.en (10 s window) and SmolLM2-135M-Instruct loaded, the CTC head set to
     the LLM's output table, the unit table from `unit_vocabulary`, the echo decoder's spelling table from the
     tokenizer; everything else randomly initialised (`seed`).
-    `config` (e.g. a trained model's) replaces the one `mini_config` would make (with `echo_decoder`).
+    `config` (e.g. a trained model's) replaces the one `mini_config` would make.
     """
     llm, tokenizer, encoder, feature_extractor = _base_parts()
     if config is None:
         config = mini_config(llm.config, encoder.config, tokenizer, num_units, len(unit_vocabulary),
-                             unit_vocabulary.to_unit_table(num_units).shape[1], vocoder, echo_decoder)
+                             unit_vocabulary.to_unit_table(num_units).shape[1], vocoder)
     torch.manual_seed(seed)
     model = EchoXForSpeechToSpeech(config)
     model.audio_tower.load_state_dict(encoder.state_dict())
