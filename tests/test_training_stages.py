@@ -306,6 +306,35 @@ def test_chain_outputs_are_loadable_checkpoints(chain):
     assert not torch.equal(s2.echo_decoder.lm_head.weight, start.echo_decoder.lm_head.weight)
 
 
+def test_ctc_warmup_trains_reloads_and_refuses_a_foreign_file(tmp_path, data):
+    """The warm-up's saved adapter weights are reused on a rerun, and a file that does not fit the wrapped adapter
+    (e.g. saved from an adapter outside peft) is refused instead of silently loading nothing."""
+    from safetensors.torch import load_file, save_file
+
+    from training.stages.common import apply_lora
+
+    config = stage_config(stage1_s2t, "stage1", tmp_path, data)
+    model, processor = load_model(config)
+    collator = EchoXDataCollator(processor, model.config, stage="s2t")
+    model = apply_lora(model, config["lora"], config["trainable_modules"]).get_base_model()
+    dataset = load_dialogue_dataset(data)
+    settings = {"steps": 3, "learning_rate": 1e-2, "batch_size": 2}
+    out = str(tmp_path / "warm")
+    summary = stage1_s2t.ctc_warmup(model, collator, dataset, settings, out)
+    assert summary["ctc_warmup"] == 3 and summary["path"].endswith("ctc_warmup.safetensors")
+    saved = load_file(os.path.join(out, "ctc_warmup.safetensors"))
+    with torch.no_grad():
+        for parameter in model.speech_adapter.parameters():
+            parameter.zero_()
+    assert stage1_s2t.ctc_warmup(model, collator, dataset, settings, out)["ctc_warmup"] == "loaded"
+    trained = dict(model.speech_adapter.named_parameters())
+    assert all(torch.equal(trained[name], tensor) for name, tensor in saved.items())
+    save_file({name.replace("modules_to_save.default.", ""): t for name, t in saved.items()},
+              os.path.join(out, "ctc_warmup.safetensors"))
+    with pytest.raises(ValueError, match="not a warm-up of this model"):
+        stage1_s2t.ctc_warmup(model, collator, dataset, settings, out)
+
+
 def test_stage_resumes_from_its_last_checkpoint(tmp_path, data):
     """Two runs of stage II: the second (larger max_steps) continues from checkpoint-4, like a re-run after a kill."""
     config = stage_config(stage2_t2c, "stage2", tmp_path, data, training_args={"max_steps": 4, "save_steps": 2, "logging_steps": 1})

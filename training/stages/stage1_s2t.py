@@ -57,7 +57,13 @@ def ctc_warmup(model, collator, dataset, settings: dict, output_dir: str, seed: 
     adapter = model.speech_adapter
     trainable = {name: p for name, p in adapter.named_parameters() if p.requires_grad}
     if os.path.isfile(path):
-        adapter.load_state_dict(load_file(path), strict=False)
+        saved = load_file(path)
+        if set(saved) != set(trainable):  # e.g. saved from an adapter not wrapped by peft: nothing would load
+            raise ValueError(
+                f"{path} holds {sorted(set(saved) - set(trainable))[:3]}... where the adapter's trainable weights are "
+                f"{sorted(set(trainable) - set(saved))[:3]}...: it is not a warm-up of this model; delete it to rerun."
+            )
+        adapter.load_state_dict(saved, strict=False)
         return {"ctc_warmup": "loaded", "path": path}
     optimizer = torch.optim.AdamW(trainable.values(), lr=settings.get("learning_rate", 1e-3), weight_decay=0.0)
     rng = random.Random(seed)
