@@ -5,9 +5,11 @@ training resumes from its last checkpoint):
     python -m training.echox_mini [--work build] [--until STEP] [--export] [--carry-over PARTS_DIR [--carry STEPS]]
 
 Steps (outputs under `--work`):
-    qa          data/qa.jsonl                     spoken-QA text, split by country (training.data.spoken_qa)
-    speech      data/speech/{train,dev,test}.jsonl questions in 6 training voices (augmented) / 2 held-out voices,
-                                                   answers in the answer voice (training.data.synthesize)
+    qa          data/qa.jsonl                     spoken-QA text, split by country (capitals, continents) and by
+                                                   phrasing (days, months, arithmetic) (training.data.spoken_qa)
+    speech      data/speech/{train,dev,test}.jsonl questions in 6 training voices (augmented; 2 per question, all 6
+                                                   for days and months) / 2 held-out voices, answers in the answer
+                                                   voice (training.data.synthesize)
     reading     data/speech/reading.jsonl          extra read speech in the answer voice (training.data.reading)
     fragments   data/speech/fragments.jsonl        answer pieces in the answer voice, for stage II (training.data.fragments)
     general     data/speech/general.jsonl          general English in the answer voice, for the vocoder and stage II
@@ -239,8 +241,9 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
         _log(work, name, time.time() - start, **extra)
 
     qa = os.path.join(data, "qa.jsonl")
-    step("qa", qa, lambda: spoken_qa.main(["--out", qa]))
-    step("speech", os.path.join(speech, "test.jsonl"), lambda: synthesize.main(["--qa", qa, "--out", speech]))
+    step("qa", qa, lambda: spoken_qa.main(["--out", qa, "--closed-split", "phrasing"]))
+    step("speech", os.path.join(speech, "test.jsonl"),
+         lambda: synthesize.main(["--qa", qa, "--out", speech, "--voices-per-kind", "day=6,month=6"]))
     step("reading", os.path.join(speech, "reading.jsonl"), lambda: reading.main(["--qa", qa, "--out", speech]))
     step("fragments", os.path.join(speech, "fragments.jsonl"), lambda: fragments.main(["--qa", qa, "--out", speech]))
     step("general", os.path.join(speech, "general.jsonl"), lambda: general_reading.main(["--qa", qa, "--out", speech]))
