@@ -80,16 +80,15 @@ def test_closed_split_by_phrasing_holds_out_one_phrasing():
 
 def test_closed_split_by_item_holds_out_whole_items(records):
     by_item = collections.defaultdict(set)
-    old = records  # the default
-    assert spoken_qa.generate_qa(seed=0, closed_split="item") == records
-    for record in old:
+    assert spoken_qa.generate_qa(seed=0, closed_split="item") == records  # the default
+    for record in records:
         by_item[record["item"]].add(record["split"])
     assert all(len(splits) == 1 for splits in by_item.values())
     for kind in ("day", "month", "arithmetic"):
-        assert {"train", "test"} <= {r["split"] for r in old if r["kind"] == kind}, kind
+        assert {"train", "test"} <= {r["split"] for r in records if r["kind"] == kind}, kind
     # the country split is the same under both rules
     by_phrasing = spoken_qa.generate_qa(seed=0, closed_split="phrasing")
-    assert [r for r in old if spoken_qa.country_of(r)] == [r for r in by_phrasing if spoken_qa.country_of(r)]
+    assert [r for r in records if spoken_qa.country_of(r)] == [r for r in by_phrasing if spoken_qa.country_of(r)]
     with pytest.raises(ValueError, match="closed_split"):
         spoken_qa.generate_qa(closed_split="voice")
 

@@ -155,6 +155,13 @@ def load_countries() -> list[dict]:
     return [rows[key] for key in sorted(rows)]
 
 
+def _held_out_sizes(count: int, test_fraction: float, dev_fraction: float) -> tuple[int, int]:
+    """How many of `count` items (countries of a continent, items of a kind) go to test (at least one when
+    `test_fraction` > 0) and to dev."""
+    n_test = max(1, round(count * test_fraction)) if test_fraction > 0 else 0
+    return n_test, round(count * dev_fraction)
+
+
 def split_countries(countries: list[dict], seed: int, test_fraction: float, dev_fraction: float) -> dict[str, str]:
     """country → split, stratified by continent (each continent contributes its share to test and dev)."""
     rng = random.Random(f"countries-{seed}")
@@ -165,8 +172,7 @@ def split_countries(countries: list[dict], seed: int, test_fraction: float, dev_
     for continent in sorted(by_continent):
         names = sorted(by_continent[continent])
         rng.shuffle(names)
-        n_test = max(1, round(len(names) * test_fraction)) if test_fraction > 0 else 0
-        n_dev = round(len(names) * dev_fraction)
+        n_test, n_dev = _held_out_sizes(len(names), test_fraction, dev_fraction)
         for index, name in enumerate(names):
             split[name] = "test" if index < n_test else "dev" if index < n_test + n_dev else "train"
     return split
@@ -176,8 +182,7 @@ def _split_items(keys: list[str], seed: int, kind: str, test_fraction: float, de
     rng = random.Random(f"{kind}-{seed}")
     keys = sorted(keys)
     rng.shuffle(keys)
-    n_test = max(1, round(len(keys) * test_fraction)) if test_fraction > 0 else 0
-    n_dev = round(len(keys) * dev_fraction)
+    n_test, n_dev = _held_out_sizes(len(keys), test_fraction, dev_fraction)
     return {key: "test" if i < n_test else "dev" if i < n_test + n_dev else "train" for i, key in enumerate(keys)}
 
 
@@ -191,8 +196,7 @@ def _split_phrasings(
     keys = sorted(keys)
     order = keys[:]
     rng.shuffle(order)
-    n_test = max(1, round(len(keys) * test_fraction)) if test_fraction > 0 else 0
-    n_dev = round(len(keys) * dev_fraction)
+    n_test, n_dev = _held_out_sizes(len(keys), test_fraction, dev_fraction)
     test_items = set(order[:n_test])
     dev_items = set((order[n_test:] or order)[:n_dev])
     splits = {}

