@@ -20,7 +20,10 @@ Steps (outputs under `--work`):
     units       runs/mini_units/                   stage 0: Whisper tiny.en (10 s window) k-means, unit language
     vocoder     runs/mini_vocoder/generator/       the iSTFT unit vocoder (training/configs/mini_vocoder.json)
     base        runs/mini_base/                    EchoX-mini before training (echox_mini.build_mini_base)
-    stage1      runs/mini_stage1/final/            speech → text (LoRA + adapter), on STAGE1_DATA
+    stage1      runs/mini_stage1/final/            speech → text (LoRA on q/k/v + adapter), on STAGE1_DATA
+    stage1_refine runs/mini_stage1_refine/final/   a second stage-I pass from it: a fresh LoRA on every linear layer
+                                                   of the LLM (mini_stage1_refine.json); the stage-I model of the
+                                                   later steps
     stage2      runs/mini_stage2/final/            text → unit language (echo decoder), every answer-voice clip; then
                                                    its read-back check on the dev answers (training.read_back_check)
     stage3      runs/mini_stage3/final/            Echo training (the stage-I model's answers, labelled by the answer
@@ -31,7 +34,8 @@ With `--carry-over PARTS_DIR` (e.g. `modeling_echox/mini_parts`) the steps named
 `units,vocoder`; `stage1` may be added) take their result from those exported parts instead of training again:
 `units` keeps the parts' k-means (stage 0 only encodes the speech and refits the deterministic unit language, which
 must come out equal to the parts' one), `vocoder` keeps the parts' vocoder (only its resynthesis check runs), `stage1`
-keeps the parts' adapter and LLM change. The later steps train anew (stages II and III on a fresh echo decoder).
+keeps the parts' adapter and LLM change (both stage-I passes: `stage1_refine`'s result is rebuilt from the parts).
+The later steps train anew (stages II and III on a fresh echo decoder).
 The stage configs are `training/configs/mini_*.json`; `--set stage1.training_args.max_steps=10` style overrides
 are not offered here: edit the JSON (it is the record of what trained the committed parts).
 """
@@ -42,8 +46,8 @@ import os
 import random
 import time
 
-STEPS = ("qa", "speech", "reading", "fragments", "general", "listening", "units", "vocoder", "base", "stage1", "stage2",
-         "stage3")
+STEPS = ("qa", "speech", "reading", "fragments", "general", "listening", "units", "vocoder", "base", "stage1",
+         "stage1_refine", "stage2", "stage3")
 # The speech stage I trains on: the training questions. "listening" (general sentences to repeat, which would teach
 # the adapter words no question holds) is the next version's; a stage I on it ran at 15 s/step while sharing the
 # machine with another training (MODEL_CARD.md), too slow to train alongside this version.
@@ -331,18 +335,24 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     from .stages import stage1_s2t, stage2_t2c, stage3_echo
 
     stage1, stage2, stage3 = (os.path.join(runs, f"mini_stage{i}") for i in (1, 2, 3))
+    stage1_refine = os.path.join(runs, "mini_stage1_refine")
+    stage1_model = os.path.join(stage1_refine, "final")  # what stages II and III build on
     cache = os.path.join(runs, "encoder_cache")
+    stage1_data = [manifests.get(name) for name in STAGE1_DATA]
     if "stage1" in carried:
-        def stage1_action():
-            carry_over_stage1(carry_over, base, os.path.join(stage1, "final"))
+        step("stage1_refine", os.path.join(stage1_model, "model.safetensors"),
+             lambda: carry_over_stage1(carry_over, base, stage1_model))
     else:
-        stage1_action = stage_step("stage1", stage1_s2t, model=base, output_dir=stage1, feature_cache_dir=cache,
-                                   train_manifest=[manifests.get(name) for name in STAGE1_DATA])
-    step("stage1", os.path.join(stage1, "final", "model.safetensors"), stage1_action)
+        step("stage1", os.path.join(stage1, "final", "model.safetensors"), stage_step(
+            "stage1", stage1_s2t, model=base, output_dir=stage1, feature_cache_dir=cache, train_manifest=stage1_data))
+        first_pass = os.path.join(stage1, "final")
+        step("stage1_refine", os.path.join(stage1_model, "model.safetensors"), stage_step(
+            "stage1_refine", stage1_s2t, model=first_pass, output_dir=stage1_refine, feature_cache_dir=cache,
+            train_manifest=stage1_data), inputs=[os.path.join(first_pass, "model.safetensors")])
     t2c = os.path.join(data, "stages", "t2c_train.jsonl")
     if _done(os.path.join(units, "vocoder_units.jsonl")):
         t2c_manifest(units, t2c)
-    train_stage2 = stage_step("stage2", stage2_t2c, model=os.path.join(stage1, "final"), output_dir=stage2,
+    train_stage2 = stage_step("stage2", stage2_t2c, model=stage1_model, output_dir=stage2,
                               train_manifest=t2c)
 
     def stage2_action():
@@ -366,7 +376,7 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
         read_aloud = read_aloud_manifest(t2c, speech, os.path.join(data, "stages", "read_aloud.jsonl"))
         stage3_paths["read_aloud"] = {"manifest": read_aloud}
     step("stage3", os.path.join(stage3, "final", "model.safetensors"), stage_step(
-        "stage3", stage3_echo, model=os.path.join(stage1, "final"), echo_decoder_from=os.path.join(stage2, "final"),
+        "stage3", stage3_echo, model=stage1_model, echo_decoder_from=os.path.join(stage2, "final"),
         output_dir=stage3, train_manifest=manifests.get("train"), feature_cache_dir=cache, **stage3_paths))
 
     if export:
