@@ -335,6 +335,7 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     from .stages import stage1_s2t, stage2_t2c, stage3_echo
 
     stage1, stage2, stage3 = (os.path.join(runs, f"mini_stage{i}") for i in (1, 2, 3))
+    first_pass = os.path.join(stage1, "final")
     stage1_refine = os.path.join(runs, "mini_stage1_refine")
     stage1_model = os.path.join(stage1_refine, "final")  # what stages II and III build on
     cache = os.path.join(runs, "encoder_cache")
@@ -343,9 +344,8 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
         step("stage1_refine", os.path.join(stage1_model, "model.safetensors"),
              lambda: carry_over_stage1(carry_over, base, stage1_model))
     else:
-        step("stage1", os.path.join(stage1, "final", "model.safetensors"), stage_step(
+        step("stage1", os.path.join(first_pass, "model.safetensors"), stage_step(
             "stage1", stage1_s2t, model=base, output_dir=stage1, feature_cache_dir=cache, train_manifest=stage1_data))
-        first_pass = os.path.join(stage1, "final")
         step("stage1_refine", os.path.join(stage1_model, "model.safetensors"), stage_step(
             "stage1_refine", stage1_s2t, model=first_pass, output_dir=stage1_refine, feature_cache_dir=cache,
             train_manifest=stage1_data), inputs=[os.path.join(first_pass, "model.safetensors")])
