@@ -151,3 +151,11 @@ def test_recipe_carries_over_only_units_vocoder_and_stage1(tmp_path):
     with pytest.raises(ValueError, match="stage2"):
         run(str(tmp_path), carry_over=str(tmp_path), carry=("units", "stage2"))
     assert not os.listdir(tmp_path)
+
+
+def test_recipe_refuses_unknown_steps_to_skip(tmp_path):
+    from training.echox_mini import run
+
+    with pytest.raises(ValueError, match="stage9"):
+        run(str(tmp_path), skip=("stage2", "stage9"))
+    assert not os.listdir(tmp_path)

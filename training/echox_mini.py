@@ -3,6 +3,11 @@ The whole EchoX-mini training recipe in one command, every step resumable (a fin
 training resumes from its last checkpoint):
 
     python -m training.echox_mini [--work build] [--until STEP] [--export] [--carry-over PARTS_DIR [--carry STEPS]]
+                                  [--skip STEPS]
+
+On 2 cores stage II may train beside stage I, one thread each (two 2-thread trainings on 2 cores slow each other
+down more than tenfold): `OMP_NUM_THREADS=1 python -m training.echox_mini --until stage2` and
+`OMP_NUM_THREADS=1 python -m training.echox_mini --skip stage2 --until stage1_refine`, then the plain command.
 
 Steps (outputs under `--work`):
     qa          data/qa.jsonl                     spoken-QA text, split by country (capitals, continents) and by
@@ -20,12 +25,14 @@ Steps (outputs under `--work`):
     units       runs/mini_units/                   stage 0: Whisper tiny.en (10 s window) k-means, unit language
     vocoder     runs/mini_vocoder/generator/       the iSTFT unit vocoder (training/configs/mini_vocoder.json)
     base        runs/mini_base/                    EchoX-mini before training (echox_mini.build_mini_base)
+    stage2      runs/mini_stage2/final/            text → unit language (echo decoder), every answer-voice clip, from
+                                                   the base (it reads only the LLM's frozen text table, which stage I
+                                                   leaves as it is, so `--until stage2` may run beside stage I); then
+                                                   its read-back check on the dev answers (training.read_back_check)
     stage1      runs/mini_stage1/final/            speech → text (LoRA on q/k/v + adapter), on STAGE1_DATA
     stage1_refine runs/mini_stage1_refine/final/   a second stage-I pass from it: a fresh LoRA on every linear layer
                                                    of the LLM (mini_stage1_refine.json); the stage-I model of the
                                                    later steps
-    stage2      runs/mini_stage2/final/            text → unit language (echo decoder), every answer-voice clip; then
-                                                   its read-back check on the dev answers (training.read_back_check)
     stage3      runs/mini_stage3/final/            Echo training (the stage-I model's answers, labelled by the answer
                                                    voice's TTS or by the stage-II echo decoder, + read-aloud general
                                                    sentences: mini_stage3.json)
@@ -46,8 +53,8 @@ import os
 import random
 import time
 
-STEPS = ("qa", "speech", "reading", "fragments", "general", "listening", "units", "vocoder", "base", "stage1",
-         "stage1_refine", "stage2", "stage3")
+STEPS = ("qa", "speech", "reading", "fragments", "general", "listening", "units", "vocoder", "base", "stage2",
+         "stage1", "stage1_refine", "stage3")
 # The speech stage I trains on: the training questions. "listening" (general sentences to repeat, which would teach
 # the adapter words no question holds) is the next version's; a stage I on it ran at 15 s/step while sharing the
 # machine with another training (MODEL_CARD.md), too slow to train alongside this version.
@@ -224,11 +231,17 @@ CARRIABLE = ("units", "vocoder", "stage1")
 
 
 def run(work: str = "build", until: str = "stage3", export: bool = False, carry_over: str | None = None,
-        carry: tuple[str, ...] = ("units", "vocoder")) -> None:
-    """Run the recipe's steps up to `until` (inclusive) in `work` (`carry_over`, `carry`: see the module docstring)."""
+        carry: tuple[str, ...] = ("units", "vocoder"), skip: tuple[str, ...] = ()) -> None:
+    """
+    Run the recipe's steps up to `until` (inclusive) in `work` (`carry_over`, `carry`: see the module docstring).
+    The steps in `skip` are left to another process (e.g. stage II while this one trains stage I); a later step that
+    needs one of them stops with an error until it has finished.
+    """
     unknown = set(carry) - set(CARRIABLE)
     if unknown:
         raise ValueError(f"Only {CARRIABLE} can be carried over, not {sorted(unknown)}.")
+    if set(skip) - set(STEPS):
+        raise ValueError(f"Unknown steps to skip: {sorted(set(skip) - set(STEPS))}; the steps are {STEPS}.")
     carried = set(carry) if carry_over else set()
     from .data import fragments, general_reading, listening, reading, spoken_qa, synthesize
 
@@ -239,6 +252,9 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
 
     def step(name, output, action, inputs=()):
         if STEPS.index(name) > last or _done(output, inputs):
+            return
+        if name in skip:
+            print(f"[echox-mini] {name} skipped (left to another process)", flush=True)
             return
         start = time.time()
         extra = action() or {}
@@ -337,23 +353,15 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     stage1, stage2, stage3 = (os.path.join(runs, f"mini_stage{i}") for i in (1, 2, 3))
     first_pass = os.path.join(stage1, "final")
     stage1_refine = os.path.join(runs, "mini_stage1_refine")
-    stage1_model = os.path.join(stage1_refine, "final")  # what stages II and III build on
+    stage1_model = os.path.join(stage1_refine, "final")  # what stage III builds on
     cache = os.path.join(runs, "encoder_cache")
     stage1_data = [manifests.get(name) for name in STAGE1_DATA]
-    if "stage1" in carried:
-        step("stage1_refine", os.path.join(stage1_model, "model.safetensors"),
-             lambda: carry_over_stage1(carry_over, base, stage1_model))
-    else:
-        step("stage1", os.path.join(first_pass, "model.safetensors"), stage_step(
-            "stage1", stage1_s2t, model=base, output_dir=stage1, feature_cache_dir=cache, train_manifest=stage1_data))
-        step("stage1_refine", os.path.join(stage1_model, "model.safetensors"), stage_step(
-            "stage1_refine", stage1_s2t, model=first_pass, output_dir=stage1_refine, feature_cache_dir=cache,
-            train_manifest=stage1_data), inputs=[os.path.join(first_pass, "model.safetensors")])
     t2c = os.path.join(data, "stages", "t2c_train.jsonl")
     if _done(os.path.join(units, "vocoder_units.jsonl")):
         t2c_manifest(units, t2c)
-    train_stage2 = stage_step("stage2", stage2_t2c, model=stage1_model, output_dir=stage2,
-                              train_manifest=t2c)
+    # Stage II reads only the LLM's frozen text table, which stage I leaves as it is, so it builds on the base and
+    # needs no stage I: `--until stage2` can run it beside stage I.
+    train_stage2 = stage_step("stage2", stage2_t2c, model=base, output_dir=stage2, train_manifest=t2c)
 
     def stage2_action():
         from . import read_back_check
@@ -365,6 +373,15 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
         return {**summary, "read_back_wer_dev": result["wer"]}
 
     step("stage2", os.path.join(stage2, "final", "model.safetensors"), stage2_action)
+    if "stage1" in carried:
+        step("stage1_refine", os.path.join(stage1_model, "model.safetensors"),
+             lambda: carry_over_stage1(carry_over, base, stage1_model))
+    else:
+        step("stage1", os.path.join(first_pass, "model.safetensors"), stage_step(
+            "stage1", stage1_s2t, model=base, output_dir=stage1, feature_cache_dir=cache, train_manifest=stage1_data))
+        step("stage1_refine", os.path.join(stage1_model, "model.safetensors"), stage_step(
+            "stage1_refine", stage1_s2t, model=first_pass, output_dir=stage1_refine, feature_cache_dir=cache,
+            train_manifest=stage1_data), inputs=[os.path.join(first_pass, "model.safetensors")])
     # Paths of the stage-III options that mini_stage3.json switches on. TTS pseudo labels: stage 0's k-means and unit
     # language, and its units of the answer-voice speech already made, so that only new texts are spoken. Read-aloud
     # examples: the general sentences of stage II's manifest.
@@ -375,6 +392,8 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     if stage3_config.get("read_aloud") and _done(t2c):
         read_aloud = read_aloud_manifest(t2c, speech, os.path.join(data, "stages", "read_aloud.jsonl"))
         stage3_paths["read_aloud"] = {"manifest": read_aloud}
+    if STEPS.index("stage3") <= last and not _done(os.path.join(stage2, "final", "model.safetensors")):
+        raise SystemExit(f"Stage III needs stage II's echo decoder, and {stage2}/final does not hold it yet.")
     step("stage3", os.path.join(stage3, "final", "model.safetensors"), stage_step(
         "stage3", stage3_echo, model=stage1_model, echo_decoder_from=os.path.join(stage2, "final"),
         output_dir=stage3, train_manifest=manifests.get("train"), feature_cache_dir=cache, **stage3_paths))
@@ -405,8 +424,11 @@ def main(argv=None):
                         help="take the results of the --carry steps from these exported parts instead of training them")
     parser.add_argument("--carry", default="units,vocoder",
                         help=f"comma-separated steps to carry over, of {','.join(CARRIABLE)} (default: units,vocoder)")
+    parser.add_argument("--skip", default="", help="comma-separated steps left to another process (e.g. stage2, run "
+                        "beside stage I as `--until stage2`)")
     args = parser.parse_args(argv)
-    run(args.work, args.until, args.export, args.carry_over, tuple(filter(None, args.carry.split(","))))
+    run(args.work, args.until, args.export, args.carry_over, tuple(filter(None, args.carry.split(","))),
+        tuple(filter(None, args.skip.split(","))))
 
 
 if __name__ == "__main__":
