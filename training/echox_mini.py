@@ -31,8 +31,8 @@ Steps (outputs under `--work`):
                                                    its read-back check on the dev answers (training.read_back_check)
     stage1      runs/mini_stage1/final/            speech → text (LoRA on q/k/v + adapter), on STAGE1_DATA
     stage1_refine runs/mini_stage1_refine/final/   a second stage-I pass from it: a fresh LoRA on every linear layer
-                                                   of the LLM (mini_stage1_refine.json); the stage-I model of the
-                                                   later steps
+                                                   of the LLM (mini_stage1_refine.json); the stage-I model of
+                                                   stage III
     stage3      runs/mini_stage3/final/            Echo training (the stage-I model's answers, labelled by the answer
                                                    voice's TTS or by the stage-II echo decoder, + read-aloud general
                                                    sentences: mini_stage3.json)
@@ -392,11 +392,16 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     if stage3_config.get("read_aloud") and _done(t2c):
         read_aloud = read_aloud_manifest(t2c, speech, os.path.join(data, "stages", "read_aloud.jsonl"))
         stage3_paths["read_aloud"] = {"manifest": read_aloud}
-    if STEPS.index("stage3") <= last and not _done(os.path.join(stage2, "final", "model.safetensors")):
-        raise SystemExit(f"Stage III needs stage II's echo decoder, and {stage2}/final does not hold it yet.")
-    step("stage3", os.path.join(stage3, "final", "model.safetensors"), stage_step(
-        "stage3", stage3_echo, model=stage1_model, echo_decoder_from=os.path.join(stage2, "final"),
-        output_dir=stage3, train_manifest=manifests.get("train"), feature_cache_dir=cache, **stage3_paths))
+    train_stage3 = stage_step("stage3", stage3_echo, model=stage1_model, echo_decoder_from=os.path.join(stage2, "final"),
+                              output_dir=stage3, train_manifest=manifests.get("train"), feature_cache_dir=cache,
+                              **stage3_paths)
+
+    def stage3_action():
+        if not _done(os.path.join(stage2, "final", "model.safetensors")):  # e.g. still training under --skip stage2
+            raise SystemExit(f"Stage III needs stage II's echo decoder, and {stage2}/final does not hold it yet.")
+        return train_stage3()
+
+    step("stage3", os.path.join(stage3, "final", "model.safetensors"), stage3_action)
 
     if export:
         from modeling_echox.echox_mini import MINI_PARTS_DIR, export_mini_parts
