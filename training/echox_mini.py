@@ -351,6 +351,8 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     from .stages import stage1_s2t, stage2_t2c, stage3_echo
 
     stage1, stage2, stage3 = (os.path.join(runs, f"mini_stage{i}") for i in (1, 2, 3))
+    stage2_final = os.path.join(stage2, "final")
+    stage2_weights = os.path.join(stage2_final, "model.safetensors")  # stage II's output, which stage III waits for
     first_pass = os.path.join(stage1, "final")
     stage1_refine = os.path.join(runs, "mini_stage1_refine")
     stage1_model = os.path.join(stage1_refine, "final")  # what stage III builds on
@@ -368,11 +370,11 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
 
         summary = train_stage2()
         # How well the new echo decoder reads text it never trained on: the dev split's answers (held-out countries).
-        result = read_back_check.main(["--model", os.path.join(stage2, "final"), "--texts",
+        result = read_back_check.main(["--model", stage2_final, "--texts",
                                        os.path.join(speech, "dev.jsonl"), "--out", os.path.join(stage2, "read_back.json")])
         return {**summary, "read_back_wer_dev": result["wer"]}
 
-    step("stage2", os.path.join(stage2, "final", "model.safetensors"), stage2_action)
+    step("stage2", stage2_weights, stage2_action)
     if "stage1" in carried:
         step("stage1_refine", os.path.join(stage1_model, "model.safetensors"),
              lambda: carry_over_stage1(carry_over, base, stage1_model))
@@ -392,13 +394,13 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     if stage3_config.get("read_aloud") and _done(t2c):
         read_aloud = read_aloud_manifest(t2c, speech, os.path.join(data, "stages", "read_aloud.jsonl"))
         stage3_paths["read_aloud"] = {"manifest": read_aloud}
-    train_stage3 = stage_step("stage3", stage3_echo, model=stage1_model, echo_decoder_from=os.path.join(stage2, "final"),
+    train_stage3 = stage_step("stage3", stage3_echo, model=stage1_model, echo_decoder_from=stage2_final,
                               output_dir=stage3, train_manifest=manifests.get("train"), feature_cache_dir=cache,
                               **stage3_paths)
 
     def stage3_action():
-        if not _done(os.path.join(stage2, "final", "model.safetensors")):  # e.g. still training under --skip stage2
-            raise SystemExit(f"Stage III needs stage II's echo decoder, and {stage2}/final does not hold it yet.")
+        if not _done(stage2_weights):  # e.g. still training under --skip stage2
+            raise SystemExit(f"Stage III needs stage II's echo decoder, and {stage2_final} does not hold it yet.")
         return train_stage3()
 
     step("stage3", os.path.join(stage3, "final", "model.safetensors"), stage3_action)
