@@ -510,6 +510,27 @@ def test_istft_training_run(data_dir, tmp_path):
         assert torch.equal(value, state["generator"][name]), name
 
 
+def test_gan_phase_after_a_gan_free_run(data_dir, tmp_path):
+    """`adversarial` switched on for the later steps of a GAN-free run: it resumes the generator, builds a fresh
+    discriminator of the sizes the config now gives, and trains with the GAN losses from then on."""
+    settings = {"vocoder": TINY_ISTFT_VOCODER, "stft_loss_weight": 1.0, "eval_manifest": None, "max_steps": 2}
+    train(_config(data_dir, tmp_path / "phases", adversarial=False, **settings))
+    discriminator = {"periods": [2, 3], "mpd_channels": [4, 8], "msd_scales": 1,
+                     "msd_channels": [16, 16, 16, 16, 16, 16, 16]}
+    summary = train(_config(data_dir, tmp_path / "phases", adversarial=True, discriminator=discriminator,
+                            **{**settings, "max_steps": 4}))
+    assert summary["resumed_from"] == 2 and summary["step"] == 4
+    state = torch.load(os.path.join(summary["checkpoint"], STATE_FILE), weights_only=False)
+    assert state["config"]["discriminator"] == discriminator and state["discriminator"] is not None
+    records = [r for r in read_log(os.path.join(tmp_path / "phases", "train_log.jsonl")) if r["event"] == "train"]
+    assert ["loss_adv" in r for r in records] == [False, False, True, True]
+
+    changed = {**discriminator, "mpd_channels": [4, 4]}
+    with pytest.raises(ValueError, match="architecture"):
+        train(_config(data_dir, tmp_path / "phases", adversarial=True, discriminator=changed,
+                      **{**settings, "max_steps": 5}))
+
+
 # ------------------------------------------------------------------------------------------------ resynthesis check
 
 

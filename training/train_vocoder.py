@@ -334,6 +334,9 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
     if checkpoint is not None:
         state = torch.load(os.path.join(checkpoint, STATE_FILE), map_location="cpu", weights_only=False)
         for key in _ARCHITECTURE_KEYS:
+            # a GAN-free checkpoint holds no discriminator, so a GAN phase may pick its discriminator's sizes
+            if key == "discriminator" and state.get("discriminator") is None:
+                continue
             if state["config"][key] != config[key]:
                 raise ValueError(
                     f"{checkpoint} was trained with {key}={state['config'][key]}, the config now says {config[key]}: "
