@@ -89,8 +89,10 @@ DEFAULTS: dict[str, Any] = {
     "keep_checkpoints": 3,  # newest checkpoints kept (0: keep all)
     "seed": 1234,
 }
-# config fields that shape the weights: a resumed run must use the same ones
-_ARCHITECTURE_KEYS = ("vocoder", "discriminator")
+# config fields that shape the weights → the checkpoint entry holding those weights: a resumed run must use the same
+# fields wherever the checkpoint holds the weights (a GAN-free one holds no discriminator, so a GAN phase after it may
+# choose its discriminator's sizes)
+_ARCHITECTURE_KEYS = {"vocoder": "generator", "discriminator": "discriminator"}
 _CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "training_state.pt"
 
@@ -333,11 +335,8 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is not None:
         state = torch.load(os.path.join(checkpoint, STATE_FILE), map_location="cpu", weights_only=False)
-        for key in _ARCHITECTURE_KEYS:
-            # a GAN-free checkpoint holds no discriminator, so a GAN phase may pick its discriminator's sizes
-            if key == "discriminator" and state.get("discriminator") is None:
-                continue
-            if state["config"][key] != config[key]:
+        for key, weights in _ARCHITECTURE_KEYS.items():
+            if state.get(weights) is not None and state["config"][key] != config[key]:
                 raise ValueError(
                     f"{checkpoint} was trained with {key}={state['config'][key]}, the config now says {config[key]}: "
                     "use a new output_dir to change the architecture."
