@@ -476,6 +476,23 @@ def test_istft_config_file_builds_without_discriminator():
     assert not any("parametrizations" in name for name, _ in generator.named_parameters())
 
 
+def test_mini_vocoder_config_matches_the_shipped_vocoder():
+    """EchoX-mini's vocoder recipe: the architecture of the committed parts' vocoder, GAN-free first, then a GAN phase
+    with narrow discriminators (what makes it affordable on 2 cores)."""
+    # training/echox_mini.py fills in the paths
+    config = load_config(os.path.join(REPO, "training/configs/mini_vocoder.json"),
+                         {"train_manifest": "units.jsonl", "output_dir": "run"})
+    with open(os.path.join(REPO, "modeling_echox/mini_parts/config.json"), encoding="utf-8") as handle:
+        shipped = json.load(handle)["vocoder_config"]
+    for key, value in config["vocoder"].items():
+        assert shipped[key] == value, key
+    assert config["adversarial"] is True and 0 < config["disc_start_step"] < config["max_steps"]
+    generator, discriminator = build_models(config)
+    assert discriminator is not None
+    # 2.9 M, about the generator's size; HiFi-GAN's own discriminators (vocoder_full.json) have 70.7 M
+    assert sum(p.numel() for p in discriminator.parameters()) < 4e6
+
+
 def test_istft_training_run(data_dir, tmp_path):
     """A few GAN-free steps of the iSTFT generator: finite mel / STFT / duration losses, checkpoints without a
     discriminator, a loadable generator, and a resume."""
