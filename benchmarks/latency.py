@@ -125,8 +125,8 @@ def main() -> None:
     parser.add_argument("--compare-speculation", action="store_true",
                         help='also measure "fast" with its first segment voiced ahead of its cut (key "fast_speculative")')
     parser.add_argument("--compare-core-split", action="store_true",
-                        help="also measure both modes with the LLM and the voicing sharing all threads "
-                        '(split_cores=False; keys "faithful_shared_cores", "fast_shared_cores")')
+                        help="also measure both modes with the LLM decoding on one thread and the voicing on another "
+                        '(split_cores=True; keys "faithful_split_cores", "fast_split_cores")')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,8 +146,8 @@ def main() -> None:
         if args.compare_speculation:
             variants["fast_speculative"] = ("fast", {"speculate_first_segment": True})
         if args.compare_core_split:
-            variants["faithful_shared_cores"] = ("faithful", {"split_cores": False})
-            variants["fast_shared_cores"] = ("fast", {"split_cores": False})
+            variants["faithful_split_cores"] = ("faithful", {"split_cores": True})
+            variants["fast_split_cores"] = ("fast", {"split_cores": True})
         records = {name: [] for name in variants}
         # Every clip goes through all variants in turn, so that the machine's drift in speed hits them alike.
         for clip in clips:

@@ -48,11 +48,12 @@ class EchoXAudioStreamer(BaseStreamer):
     dropped and the segment is voiced when it really ends. The audio is the same either way. It pays only when the
     cores have room beside the LLM: on the 2-core CPU it made EchoX-mini's first audio later (MODEL_CARD.md).
 
-    `split_cores` (default): `generate` encodes and prefills the prompt on as many torch threads as the thread that
-    made the streamer has, then decodes on one while the voicing threads use one each (the last segment is voiced on
-    all of them again). Token-by-token decoding of a small LLM is bound by memory, not compute: one thread decodes
-    nearly as fast as two, and the voicing no longer fights the LLM for the cores. `generate`'s thread gets its own
-    count back when it is done, and torch's default for new threads is left as it was.
+    `split_cores` (off by default): `generate` encodes and prefills the prompt on as many torch threads as the thread
+    that made the streamer has, then decodes on one while the voicing threads use one each (the last segment is voiced
+    on all of them again), so that the voicing does not fight the LLM for the cores. `generate`'s thread gets its own
+    count back when it is done, and torch's default for new threads is left as it was. On the 2-core CPUs measured it
+    was no faster for "fast" and up to 130 ms slower to the first audio for "faithful", whose one segment waits for the
+    whole answer decoded on one thread (MODEL_CARD.md, latency); it was the default until then.
 
     ```python
     streamer = EchoXAudioStreamer(model, processor.tokenizer)
@@ -71,7 +72,7 @@ class EchoXAudioStreamer(BaseStreamer):
         timeout: float | None = None,
         voice_first_segment_now: bool = True,
         speculate_first_segment: bool = False,
-        split_cores: bool = True,
+        split_cores: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer

@@ -222,7 +222,8 @@ def test_decoding_and_voicing_split_the_cores(tiny, split):
 def test_split_cores_leaves_the_thread_count_of_new_threads(tiny, mode):
     model, processor, inputs = tiny
     torch.set_num_threads(2)
-    streamer = EchoXAudioStreamer(model, processor.tokenizer, segmentation_mode=mode, voice_first_segment_now=False)
+    streamer = EchoXAudioStreamer(model, processor.tokenizer, segmentation_mode=mode, voice_first_segment_now=False,
+                                  split_cores=True)
     after = _generate_in_a_thread(model, {**inputs, "tokenizer": processor.tokenizer, "segmentation_mode": mode,
                                           "streamer": streamer, "max_new_tokens": 24, "min_new_tokens": 24})
     assert after == [2]
@@ -238,7 +239,7 @@ def test_split_cores_gives_the_threads_back_when_generate_fails(tiny):
             if len(self._tokens) == 3:
                 raise RuntimeError("stop here")
 
-    streamer = Failing(model, processor.tokenizer, segmentation_mode="fast")
+    streamer = Failing(model, processor.tokenizer, segmentation_mode="fast", split_cores=True)
     after = _generate_in_a_thread(model, {**inputs, "tokenizer": processor.tokenizer, "streamer": streamer,
                                           "segmentation_mode": "fast", "max_new_tokens": 24, "min_new_tokens": 24},
                                   3, consume=False)
