@@ -14,7 +14,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from modeling_echox.configuration_echox import EchoXVocoderConfig
+from modeling_echox.configuration_echox import EchoXConfig, EchoXVocoderConfig
+from modeling_echox.echox_mini import MINI_PARTS_DIR
 from modeling_echox.vocoder import EchoXCodeHifiGan
 from modeling_echox.text_metrics import normalize_text, word_error_rate, word_errors
 from training.train_vocoder import (
@@ -482,10 +483,9 @@ def test_mini_vocoder_config_matches_the_shipped_vocoder():
     # training/echox_mini.py fills in the paths
     config = load_config(os.path.join(REPO, "training/configs/mini_vocoder.json"),
                          {"train_manifest": "units.jsonl", "output_dir": "run"})
-    with open(os.path.join(REPO, "modeling_echox/mini_parts/config.json"), encoding="utf-8") as handle:
-        shipped = json.load(handle)["vocoder_config"]
+    shipped = EchoXConfig.from_pretrained(MINI_PARTS_DIR).vocoder_config
     for key, value in config["vocoder"].items():
-        assert shipped[key] == value, key
+        assert getattr(shipped, key) == value, key
     assert config["adversarial"] is True and 0 < config["disc_start_step"] < config["max_steps"]
     generator, discriminator = build_models(config)
     assert discriminator is not None
