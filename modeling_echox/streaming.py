@@ -52,8 +52,9 @@ class EchoXAudioStreamer(BaseStreamer):
     that made the streamer has, then decodes on one while the voicing threads use one each (the last segment is voiced
     on all of them again), so that the voicing does not fight the LLM for the cores. `generate`'s thread gets its own
     count back when it is done, and torch's default for new threads is left as it was. On the 2-core CPUs measured it
-    was no faster for "fast" and up to 130 ms slower to the first audio for "faithful", whose one segment waits for the
-    whole answer decoded on one thread (MODEL_CARD.md, latency); it was the default before session 19.
+    was level for "fast", and for "faithful", whose one segment waits for the whole answer decoded on one thread, it
+    ranged from 20 ms sooner to 144 ms later to the first audio (MODEL_CARD.md, latency); it was the default before
+    session 19.
 
     ```python
     streamer = EchoXAudioStreamer(model, processor.tokenizer)
