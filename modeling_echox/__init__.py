@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMultimodalLM, AutoPr
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_echox import EchoXConfig, EchoXVocoderConfig
+from .echox_mini import ensure_mini
 from .modeling_echox import EchoXForSpeechToSpeech, EchoXGenerationOutput, EchoXOutput, EchoXPreTrainedModel
 from .pipeline_echox import SpeechToSpeechPipeline
 from .processing_echox import EchoXProcessor
@@ -45,6 +46,7 @@ __all__ = [
     "EchoXUnitKMeans",
     "EchoXUnitLanguage",
     "EchoXUnitVocabulary",
+    "ensure_mini",
     "fit_kmeans",
     "train_unit_language",
     "EchoXVocoderConfig",

@@ -8,6 +8,7 @@ import time
 
 import soundfile
 
+MODEL_HELP = "EchoX checkpoint directory (default: $ECHOX_MODEL, else EchoX-mini, built once into the user cache)"
 INT8_HELP = "quantize the LLM layers to int8 for CPU inference (faster, but lossy: MODEL_CARD.md gives its accuracy)"
 
 
@@ -19,22 +20,23 @@ def _init_random(args) -> None:
 
 
 def _default_model(model: str | None) -> str:
-    """`model`, or the EchoX-mini checkpoint (built from the installed base weights and the shipped parts if needed)."""
-    if model:
-        return model
-    from .echox_mini import DEFAULT_MINI_DIR, build_mini, mini_is_built
+    """`model`, else `$ECHOX_MODEL`, else the EchoX-mini checkpoint in the user cache (built once, see `ensure_mini`)."""
+    if model or os.environ.get("ECHOX_MODEL"):
+        return model or os.environ["ECHOX_MODEL"]
+    from .echox_mini import ensure_mini
 
-    if not mini_is_built(DEFAULT_MINI_DIR):
-        print(f"Building EchoX-mini in {DEFAULT_MINI_DIR} (once) ...", file=sys.stderr)
-        build_mini(DEFAULT_MINI_DIR)
-    return DEFAULT_MINI_DIR
+    return ensure_mini()
 
 
 def _build_mini(args) -> None:
-    from .echox_mini import build_mini
+    from .echox_mini import build_mini, default_mini_dir, mini_is_built
 
     started = time.perf_counter()
-    out = build_mini(args.out)
+    out = os.path.abspath(args.out or default_mini_dir())
+    if not args.force and mini_is_built(out):
+        print(f"EchoX-mini is already built from these parts in {out}")
+        return
+    build_mini(out)
     print(f"Built EchoX-mini in {out} ({time.perf_counter() - started:.1f} s)")
 
 
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     speak = commands.add_parser("speak", help="answer a spoken question in text and speech")
     speak.add_argument("input", help="audio file with the question")
     speak.add_argument("-o", "--output", required=True, help="where to write the spoken answer (wav)")
-    speak.add_argument("--model", default=None, help="EchoX checkpoint directory (default: EchoX-mini, built if needed)")
+    speak.add_argument("--model", default=None, help=MODEL_HELP)
     speak.add_argument("--prompt", default="", help="text that goes with the audio in the user turn")
     speak.add_argument("--max-new-tokens", type=int, default=None)
     speak.add_argument("--stream", action="store_true", help="write the answer as it is spoken, segment by segment")
@@ -180,11 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.set_defaults(run=_convert_original)
     mini = commands.add_parser("build-mini", help="assemble EchoX-mini from the installed base weights + shipped parts")
-    mini.add_argument("--out", default=os.path.join("build", "echox-mini"), help="output directory (default: build/echox-mini)")
+    mini.add_argument("--out", default=None,
+                      help="output directory (default: the user cache, keyed by the parts' hash; see README)")
+    mini.add_argument("--force", action="store_true", help="rebuild even if OUT already holds these parts' build")
     mini.set_defaults(run=_build_mini)
 
     evaluate = commands.add_parser("eval", help="spoken-QA accuracy in text and speech (+ ASR WER of the speech)")
-    evaluate.add_argument("--model", default=None, help="EchoX checkpoint directory (default: EchoX-mini)")
+    evaluate.add_argument("--model", default=None, help=MODEL_HELP)
     evaluate.add_argument("--manifest", required=True, help='JSONL: {"id", "audio", "answers": [...], "question"?}')
     evaluate.add_argument("--out", required=True, help="result JSON (summary + per-item records)")
     evaluate.add_argument("--asr-model", default=None, help="CTranslate2 Whisper dir for the spoken answers (default: tiny.en)")
@@ -201,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the Gradio speech-to-speech demo (spaces_demo/app.py)")
     demo.add_argument(
         "--model",
-        default=os.environ.get("ECHOX_MODEL"),
-        help="EchoX checkpoint directory (default: $ECHOX_MODEL, else EchoX-mini, built if needed)",
+        default=None,
+        help=MODEL_HELP,
     )
     demo.add_argument("--port", type=int, default=None, help="server port (default: 7860)")
     demo.add_argument("--host", default="127.0.0.1", help="server address (default: 127.0.0.1; 0.0.0.0 to share)")

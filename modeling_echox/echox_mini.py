@@ -12,11 +12,17 @@ Only the trained parts are committed (`modeling_echox/mini_parts/`, a few tens o
     unit_kmeans.*             the k-means of the speech units (over the same audio tower)
 
 `build_mini(out_dir)` rebuilds the whole checkpoint: the base (`build_mini_base`) with the parts loaded over it.
+`ensure_mini()` returns the built checkpoint's directory, building it once: `default_mini_dir()` is keyed by the
+parts' content hash under the user cache (`$ECHOX_CACHE`, else `$XDG_CACHE_HOME/echox`, else `~/.cache/echox`), so
+it does not depend on the working directory and a new version of the parts never reuses an old build.
 """
 
+import hashlib
 import json
 import os
 import shutil
+import sys
+import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,7 +34,6 @@ from .processing_echox import EchoXProcessor
 from .unit_vocabulary import EchoXUnitVocabulary
 
 MINI_PARTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mini_parts")
-DEFAULT_MINI_DIR = os.path.join("build", "echox-mini")
 WINDOW_SECONDS = 10
 SYSTEM_PROMPT = "You are a helpful assistant. Answer the question in one short sentence."
 PARTS_FILE = "trained_parts.safetensors"
@@ -231,31 +236,80 @@ def load_mini_parts(parts_dir: str = MINI_PARTS_DIR) -> tuple[EchoXForSpeechToSp
     return model.eval(), processor
 
 
-def build_mini(out_dir: str = DEFAULT_MINI_DIR, parts_dir: str = MINI_PARTS_DIR) -> str:
-    """Assemble the full EchoX-mini checkpoint (model, processor, unit k-means) in `out_dir`; returns `out_dir`."""
+def parts_hash(parts_dir: str = MINI_PARTS_DIR) -> str:
+    """SHA-256 over the names and contents of every file in `parts_dir` (what identifies a version of the parts)."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(parts_dir)):
+        path = os.path.join(parts_dir, name)
+        if not os.path.isfile(path):
+            continue
+        digest.update(name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def default_mini_dir(parts_dir: str = MINI_PARTS_DIR) -> str:
+    """Where `ensure_mini` keeps the checkpoint built from `parts_dir`: `<cache>/echox-mini-<first 12 hex of its hash>`."""
+    from .base_weights import default_cache_dir
+
+    return os.path.join(default_cache_dir(), f"echox-mini-{parts_hash(parts_dir)[:12]}")
+
+
+def build_mini(out_dir: str, parts_dir: str = MINI_PARTS_DIR) -> str:
+    """
+    Assemble the full EchoX-mini checkpoint (model, processor, unit k-means) in `out_dir`; returns `out_dir`.
+    The checkpoint is written to a temporary sibling folder and moved into place when complete, so an interrupted
+    build never leaves a partial checkpoint at `out_dir`; an existing `out_dir` is replaced.
+    """
     model, processor = load_mini_parts(parts_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    for name in os.listdir(parts_dir):
-        if name.startswith("unit_kmeans"):
-            shutil.copy(os.path.join(parts_dir, name), out_dir)
-    with open(os.path.join(parts_dir, PARTS_INFO), encoding="utf-8") as handle:
-        metadata = json.load(handle)["metadata"]
-    with open(os.path.join(out_dir, BUILD_MARKER), "w", encoding="utf-8") as handle:
-        json.dump({"base_llm": "SmolLM2-135M-Instruct", "audio_tower": f"Whisper tiny.en ({WINDOW_SECONDS} s window)",
-                   "parts": os.path.abspath(parts_dir), **metadata}, handle, indent=2)
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}-", dir=parent)
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        for name in os.listdir(parts_dir):
+            if name.startswith("unit_kmeans"):
+                shutil.copy(os.path.join(parts_dir, name), staging)
+        with open(os.path.join(parts_dir, PARTS_INFO), encoding="utf-8") as handle:
+            metadata = json.load(handle)["metadata"]
+        with open(os.path.join(staging, BUILD_MARKER), "w", encoding="utf-8") as handle:
+            json.dump({"base_llm": "SmolLM2-135M-Instruct",
+                       "audio_tower": f"Whisper tiny.en ({WINDOW_SECONDS} s window)",
+                       "parts_sha256": parts_hash(parts_dir), **metadata}, handle, indent=2)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
     return out_dir
 
 
-def mini_is_built(out_dir: str = DEFAULT_MINI_DIR) -> bool:
-    """Whether `out_dir` holds a complete checkpoint built from the current parts."""
+def mini_is_built(out_dir: str, parts_dir: str = MINI_PARTS_DIR) -> bool:
+    """Whether `out_dir` holds a complete checkpoint built from the parts now in `parts_dir` (same content hash)."""
     from .loading import check_checkpoint_dir
 
     try:
         check_checkpoint_dir(out_dir)
+        with open(os.path.join(out_dir, BUILD_MARKER), encoding="utf-8") as handle:
+            built_from = json.load(handle).get("parts_sha256")
     except (FileNotFoundError, ValueError, OSError):
         return False
-    stamp = os.path.join(MINI_PARTS_DIR, PARTS_FILE)
-    marker = os.path.join(out_dir, BUILD_MARKER)
-    return os.path.isfile(stamp) and os.path.isfile(marker) and os.path.getmtime(marker) >= os.path.getmtime(stamp)
+    return built_from == parts_hash(parts_dir)
+
+
+def ensure_mini(out_dir: str | None = None, parts_dir: str = MINI_PARTS_DIR, quiet: bool = False) -> str:
+    """
+    The directory of the EchoX-mini checkpoint built from `parts_dir`: `out_dir` (default `default_mini_dir()`),
+    built there first unless it already holds a build of these exact parts. Returns the directory.
+    """
+    out_dir = os.path.abspath(out_dir or default_mini_dir(parts_dir))
+    if not mini_is_built(out_dir, parts_dir):
+        if not quiet:
+            print(f"Building EchoX-mini in {out_dir} (once for this version of the parts) ...", file=sys.stderr)
+        build_mini(out_dir, parts_dir)
+    return out_dir
