@@ -2,6 +2,7 @@
 
 import math
 import os
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,16 +44,90 @@ def _check_rate(rate: Any, what: str) -> int:
     return int(rate)
 
 
+def _riff_data_chunk(path: str, size: int) -> tuple[int, int] | None:
+    """
+    `(declared, present)` byte counts of the sample-data chunk of a WAV (RIFF / RIFX) or AIFF / AIFF-C file, or `None`
+    for other files, when the chunk is absent, or when its size field says "unknown" (0 or 0xFFFFFFFF, as streaming
+    writers leave it).
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+        if len(head) < 12:
+            return None
+        if head[:4] in (b"RIFF", b"RIFX") and head[8:12] == b"WAVE":
+            order, data_id, skip = ("<" if head[:4] == b"RIFF" else ">"), b"data", 0
+        elif head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+            order, data_id, skip = ">", b"SSND", 8  # SSND data starts with 8 bytes of offset and block size
+        else:
+            return None
+        position = 12
+        while position + 8 <= size:
+            handle.seek(position)
+            chunk_id, chunk_size = struct.unpack(order + "4sI", handle.read(8))
+            if chunk_id == data_id:
+                if chunk_size in (0, 0xFFFFFFFF):
+                    return None
+                return chunk_size - skip, size - (position + 8 + skip)
+            position += 8 + chunk_size + (chunk_size & 1)  # chunks are padded to an even length
+    return None
+
+
+def _ogg_is_complete(path: str, size: int) -> bool:
+    """True when the Ogg pages tile the file exactly and the last one carries the end-of-stream flag."""
+    position, flags = 0, 0
+    with open(path, "rb") as handle:
+        while position < size:
+            handle.seek(position)
+            header = handle.read(27)
+            if len(header) < 27 or header[:4] != b"OggS":
+                return False
+            lacing = handle.read(header[26])
+            if len(lacing) < header[26]:
+                return False
+            flags = header[5]
+            position += 27 + len(lacing) + sum(lacing)
+    return position == size and bool(flags & 0x04)
+
+
+def _check_complete(path: str, info: sf.SoundFile, frames_read: int) -> None:
+    """Refuse a file holding less audio than its header declares (a cut-off download or copy); see `load_audio`."""
+    present_seconds = frames_read / info.samplerate
+    if frames_read < info.frames:
+        raise ValueError(
+            f"The audio file {path} is truncated: its header declares {info.frames} frames "
+            f"({info.frames / info.samplerate:.2f} s) but only {frames_read} ({present_seconds:.2f} s) could be read."
+        )
+    size = os.path.getsize(path)
+    if info.format in ("WAV", "WAVEX", "AIFF"):
+        chunk = _riff_data_chunk(path, size)
+        if chunk is not None and chunk[0] > chunk[1]:
+            declared, present = chunk[0], max(chunk[1], 0)
+            seconds = (
+                f" ({present_seconds:.2f} s of {present_seconds * declared / present:.2f} s)" if frames_read else ""
+            )
+            raise ValueError(
+                f"The audio file {path} is truncated: its header declares {declared} bytes of audio data but only "
+                f"{present} are present{seconds}."
+            )
+    elif info.format == "OGG" and not _ogg_is_complete(path, size):
+        raise ValueError(
+            f"The audio file {path} is truncated: its Ogg stream stops before the end-of-stream page "
+            f"({present_seconds:.2f} s present)."
+        )
+
+
 def _read_file(path: str) -> tuple[np.ndarray, int]:
     if not os.path.exists(path):
         raise OSError(f"Audio file not found: {path}")
     if not os.path.isfile(path):
         raise OSError(f"Audio path is not a file: {path}")
     try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)
+        with sf.SoundFile(path) as handle:
+            data = handle.read(dtype="float32", always_2d=True)
     except Exception as error:  # soundfile raises LibsndfileError / RuntimeError / TypeError on undecodable files
         raise OSError(f"Could not read audio file {path}: not a readable audio file ({error}).") from error
-    return data, int(rate)  # data is [samples, channels]
+    _check_complete(path, handle, len(data))
+    return data, int(handle.samplerate)  # data is [samples, channels]
 
 
 def _to_float(samples: np.ndarray) -> np.ndarray:
@@ -116,9 +191,16 @@ def load_audio(
         target_rate: output sample rate; other rates are resampled with `scipy.signal.resample_poly`.
         max_seconds: longest accepted clip (`None`: no limit). Longer clips are refused, never truncated.
 
+    A file holding less audio than its header declares (a cut-off download or copy) is refused, never read as if
+    whole: a WAV or AIFF file whose sample-data chunk is shorter than its declared size, an Ogg (Vorbis / Opus) file
+    whose last page is cut or lacks the end-of-stream flag, and any file of which fewer frames decode than its header
+    declares (e.g. an MP3 with a Xing header). A cut FLAC file fails to decode and is refused as unreadable. Formats
+    that declare no length (an MP3 without a Xing header, a WAV whose data size is left unknown) cannot be checked.
+
     Raises:
         OSError: missing or unreadable file.
-        ValueError: missing sample rate, empty / non-finite / silent / too long audio, > 2-D, bool or complex dtype.
+        ValueError: truncated file; missing sample rate, empty / non-finite / silent / too long audio, > 2-D, bool or
+            complex dtype.
         TypeError: unsupported source type.
     """
     target_rate = _check_rate(target_rate, "target_rate")

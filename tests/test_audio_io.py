@@ -284,3 +284,91 @@ def test_no_global_state_between_calls(tmp_path):
     first = load_audio(path)
     load_audio(_sine(48000, 0.5), sampling_rate=48000)
     np.testing.assert_array_equal(load_audio(os.fspath(path)), first)
+
+
+# ---------------------------------------------------------------------------------------------- truncated files
+
+_FORMATS = {  # extension, soundfile subtype
+    "wav16": ("wav", "PCM_16"),
+    "wavfloat": ("wav", "FLOAT"),
+    "aiff": ("aiff", "PCM_16"),
+    "ogg": ("ogg", "VORBIS"),
+    "opus": ("ogg", "OPUS"),
+    "mp3": ("mp3", "MPEG_LAYER_III"),
+    "flac": ("flac", "PCM_16"),
+}
+
+
+def _write_whole(tmp_path, kind: str, seconds: float = 3.0) -> Path:
+    extension, subtype = _FORMATS[kind]
+    if extension.upper() not in sf.available_formats() and not (kind == "mp3" and "MP3" in sf.available_formats()):
+        pytest.skip(f"libsndfile here cannot write {extension}")
+    rate = 48000 if subtype == "OPUS" else 16000
+    noise = 0.05 * np.random.default_rng(0).standard_normal(int(rate * seconds)).astype(np.float32)
+    path = tmp_path / f"whole-{kind}.{extension}"
+    sf.write(path, _sine(rate, seconds, amplitude=0.3) + noise, rate, subtype=subtype)
+    return path
+
+
+def _cut(path: Path, keep: int) -> Path:
+    cut = path.with_name(f"cut-{keep}-{path.name}")
+    cut.write_bytes(path.read_bytes()[:keep])
+    return cut
+
+
+@pytest.mark.parametrize("kind", list(_FORMATS))
+def test_whole_files_of_every_format_are_accepted(tmp_path, kind):
+    out = load_audio(_write_whole(tmp_path, kind))
+    assert len(out) == 48000
+
+
+@pytest.mark.parametrize("kind", ["wav16", "wavfloat", "aiff", "ogg", "opus", "mp3"])
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9, -10])
+def test_truncated_files_are_refused_naming_the_file(tmp_path, kind, fraction):
+    whole = _write_whole(tmp_path, kind)
+    size = whole.stat().st_size
+    keep = size + fraction if fraction < 0 else max(int(size * fraction), 1000)
+    cut = _cut(whole, keep)
+    with pytest.raises((ValueError, OSError), match=f"cut-{keep}-whole-{kind}") as info:
+        load_audio(cut)
+    if info.type is ValueError:
+        assert "truncated" in str(info.value)
+    else:  # cut inside the first pages: libsndfile cannot even open it
+        assert kind in ("ogg", "opus") and "not a readable audio file" in str(info.value)
+
+
+@pytest.mark.parametrize("keep", [1000, 30000])
+def test_truncated_wav_message_gives_declared_and_present_length(tmp_path, keep):
+    whole = tmp_path / "long.wav"
+    sf.write(whole, _sine(16000, 3.0), 16000, subtype="PCM_16")  # 44-byte header + 96000 bytes of samples
+    with pytest.raises(ValueError) as info:
+        load_audio(_cut(whole, keep))
+    message = str(info.value)
+    assert f"cut-{keep}-long.wav is truncated" in message
+    assert f"declares 96000 bytes of audio data but only {keep - 44} are present" in message
+    assert f"({(keep - 44) / 32000:.2f} s of 3.00 s)" in message
+
+
+def test_truncated_flac_is_refused(tmp_path):
+    whole = _write_whole(tmp_path, "flac")
+    with pytest.raises(OSError, match="cut-.*flac: not a readable audio file"):
+        load_audio(_cut(whole, whole.stat().st_size // 2))
+
+
+def test_wav_with_unknown_data_size_or_extra_chunks_is_accepted(tmp_path):
+    """Streaming writers leave the data size at 0xFFFFFFFF; other chunks may follow the samples (padded to even)."""
+    wave = _sine(16000, 0.5)[:7999]
+    path = tmp_path / "stream.wav"
+    sf.write(path, wave, 16000, subtype="PCM_16")
+    raw = bytearray(path.read_bytes())
+    data_at = raw.index(b"data")
+    raw[data_at + 4 : data_at + 8] = (0xFFFFFFFF).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    assert len(load_audio(path)) == 7999
+
+    path = tmp_path / "list.wav"
+    sf.write(path, wave, 16000, subtype="PCM_U8")  # 7999 one-byte samples: an odd-sized data chunk and a pad byte
+    assert path.stat().st_size == 44 + 7999 + 1
+    with open(path, "ab") as handle:
+        handle.write(b"LIST" + (4).to_bytes(4, "little") + b"INFO")
+    assert len(load_audio(path)) == 7999
