@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -13,10 +14,14 @@ from modeling_echox.echox_mini import (
     PARTS_FILE,
     build_mini,
     build_mini_base,
+    default_mini_dir,
+    ensure_mini,
     export_mini_parts,
     load_mini_parts,
+    mini_is_built,
 )
 from modeling_echox.loading import load_echox
+from modeling_echox.processing_echox import EchoXProcessor
 from modeling_echox.unit_vocabulary import EchoXUnitVocabulary
 
 
@@ -71,6 +76,47 @@ def test_build_writes_a_loadable_checkpoint(trained, tmp_path):
     assert os.path.isfile(os.path.join(out, BUILD_MARKER))
     model, processor = load_echox(out)
     assert model.config.num_units == 20 and processor.prompt_format == "chat_template"
+
+
+def test_ensure_mini_builds_once_per_version_of_the_parts(trained, tmp_path, monkeypatch):
+    parts = tmp_path / "parts"
+    shutil.copytree(trained[2], parts)
+    from modeling_echox.base_weights import default_cache_dir
+
+    (tmp_path / "cache").mkdir()
+    if os.path.isdir(os.path.join(default_cache_dir(), "smollm2")):  # reuse the converted base LLM
+        os.symlink(os.path.join(default_cache_dir(), "smollm2"), tmp_path / "cache" / "smollm2")
+    monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    first = default_mini_dir(str(parts))
+    assert first.startswith(str(tmp_path / "cache")) and os.path.basename(first).startswith("echox-mini-")
+    monkeypatch.chdir(parts)
+    assert default_mini_dir(str(parts)) == first  # does not depend on the working directory
+
+    assert ensure_mini(parts_dir=str(parts)) == first and mini_is_built(first, str(parts))
+    marker = os.path.getmtime(os.path.join(first, BUILD_MARKER))
+    assert ensure_mini(parts_dir=str(parts)) == first
+    assert os.path.getmtime(os.path.join(first, BUILD_MARKER)) == marker  # reused, not rebuilt
+
+    with open(parts / "parts.json", "a", encoding="utf-8") as handle:
+        handle.write("\n")  # a new version of the parts
+    assert not mini_is_built(first, str(parts))
+    second = ensure_mini(parts_dir=str(parts))
+    assert second != first and mini_is_built(second, str(parts))
+    builds = [name for name in os.listdir(tmp_path / "cache") if name.startswith("echox-mini-")]
+    assert sorted(builds) == sorted([os.path.basename(first), os.path.basename(second)])
+
+
+def test_interrupted_build_leaves_no_checkpoint(trained, tmp_path, monkeypatch):
+    out = tmp_path / "mini"
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(EchoXProcessor, "save_pretrained", fail)
+    with pytest.raises(KeyboardInterrupt):
+        build_mini(str(out), parts_dir=trained[2])
+    assert not out.exists() and os.listdir(tmp_path) == []
 
 
 def test_export_refuses_untracked_base_changes(trained, tmp_path):
