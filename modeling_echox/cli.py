@@ -40,6 +40,13 @@ def _build_mini(args) -> None:
     print(f"Built EchoX-mini in {out} ({time.perf_counter() - started:.1f} s)")
 
 
+# The figures `echox eval` prints for each kind and each voice (one line each) and, with the all-words accuracies,
+# overall.
+EVAL_ROW_KEYS = ("n", "s2t_accuracy", "s2s_accuracy", "text_llm_accuracy", "speech_text_wer", "text_llm_right",
+                 "s2t_retention", "s2s_retention", "probes", "s2t_hearing", "s2s_hearing", "text_llm_hearing",
+                 "dictation_wer", "question_asr_wer")
+
+
 def _eval(args) -> None:
     from .evaluation import run_eval
 
@@ -50,8 +57,18 @@ def _eval(args) -> None:
         progress=lambda message: print(message, file=sys.stderr, flush=True),
     )
     keys = ("n", "s2t_accuracy", "s2s_accuracy", "text_llm_accuracy", "s2t_accuracy_all_words",
-            "s2s_accuracy_all_words", "text_llm_accuracy_all_words", "speech_text_wer", "segmentation_mode", "seconds")
-    print(json.dumps({key: result[key] for key in keys if key in result}, indent=1))
+            "s2s_accuracy_all_words", "text_llm_accuracy_all_words", *EVAL_ROW_KEYS[4:], "segmentation_mode", "seconds")
+    summary = json.dumps({key: result[key] for key in keys if key in result}, indent=1)
+    groups = [(name, result[name]) for name in ("by_kind", "by_voice") if name in result]
+    for name, rows in groups:  # one line per kind / voice, the figures rounded
+        lines = ",\n".join(
+            f"  {json.dumps(group)}: "
+            + json.dumps({key: round(row[key], 3) if isinstance(row[key], float) else row[key]
+                          for key in EVAL_ROW_KEYS if row.get(key) is not None})
+            for group, row in rows.items()
+        )
+        summary = f'{summary[:-2]},\n "{name}": {{\n{lines}\n }}\n}}'
+    print(summary)
     print(f"-> {args.out}", file=sys.stderr)
 
 
@@ -189,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="spoken-QA accuracy in text and speech (+ ASR WER of the speech)")
     evaluate.add_argument("--model", default=None, help=MODEL_HELP)
-    evaluate.add_argument("--manifest", required=True, help='JSONL: {"id", "audio", "answers": [...], "question"?}')
+    evaluate.add_argument("--manifest", required=True,
+                          help='JSONL: {"id", "audio", "answers": [...], "question"?, "kind"?, "voice"?, "probe"?}')
     evaluate.add_argument("--out", required=True, help="result JSON (summary + per-item records)")
     evaluate.add_argument("--asr-model", default=None, help="CTranslate2 Whisper dir for the spoken answers (default: tiny.en)")
     evaluate.add_argument("--mode", choices=["faithful", "fast"], default=None, help="segmentation rule (default: config)")
