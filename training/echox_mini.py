@@ -22,6 +22,9 @@ Steps (outputs under `--work`):
     listening   data/speech/listening.jsonl        general English in the training voices, "repeat what I said"
                                                    examples for stage I (training.data.listening; only built when
                                                    STAGE1_DATA names it)
+    open_eval   data/open_eval/open_eval.jsonl     the open evaluation set (everyday questions, small talk, name and
+                                                   held-out-country probes) in the reserved voices, checked against
+                                                   the training texts above (training.data.open_questions)
     units       runs/mini_units/                   stage 0: Whisper tiny.en (10 s window) k-means, unit language
     vocoder     runs/mini_vocoder/generator/       the iSTFT unit vocoder (training/configs/mini_vocoder.json)
     base        runs/mini_base/                    EchoX-mini before training (echox_mini.build_mini_base)
@@ -53,8 +56,8 @@ import os
 import random
 import time
 
-STEPS = ("qa", "speech", "reading", "fragments", "general", "listening", "units", "vocoder", "base", "stage2",
-         "stage1", "stage1_refine", "stage3")
+STEPS = ("qa", "speech", "reading", "fragments", "general", "listening", "open_eval", "units", "vocoder", "base",
+         "stage2", "stage1", "stage1_refine", "stage3")
 # The speech stage I trains on: the training questions. "listening" (general sentences to repeat, which would teach
 # the adapter words no question holds) is the next version's; a stage I on it ran at 15 s/step while sharing the
 # machine with another training (MODEL_CARD.md), too slow to train alongside this version.
@@ -243,7 +246,7 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     if set(skip) - set(STEPS):
         raise ValueError(f"Unknown steps to skip: {sorted(set(skip) - set(STEPS))}; the steps are {STEPS}.")
     carried = set(carry) if carry_over else set()
-    from .data import fragments, general_reading, listening, reading, spoken_qa, synthesize
+    from .data import fragments, general_reading, listening, open_questions, reading, spoken_qa, synthesize
 
     last = STEPS.index(until)
     data, runs = os.path.join(work, "data"), os.path.join(work, "runs")
@@ -269,6 +272,12 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     step("general", os.path.join(speech, "general.jsonl"), lambda: general_reading.main(["--qa", qa, "--out", speech]))
     if "listening" in STAGE1_DATA:
         step("listening", os.path.join(speech, "listening.jsonl"), lambda: listening.main(["--qa", qa, "--out", speech]))
+    # Read sentences may share words with the open set, never its facts (open_questions' rules): rebuilt on a change.
+    read_texts = [os.path.join(speech, f"{name}.jsonl") for name in ("reading", "fragments", "general", "listening")]
+    open_eval = os.path.join(data, "open_eval")
+    step("open_eval", os.path.join(open_eval, "open_eval.jsonl"), lambda: open_questions.main(
+        ["--out", open_eval, "--qa", qa, "--texts", *[path for path in read_texts if os.path.exists(path)]]),
+        inputs=[qa, *read_texts])
     manifests = {}
     if _done(os.path.join(speech, "test.jsonl")):
         manifests = stage_manifests(speech, os.path.join(data, "stages"))
