@@ -87,7 +87,8 @@ def test_checker_refuses_a_word_shared_with_a_training_prompt():
     shared = _record("what is the capital of the moon", ["none"])  # "capital"
     plural = _record("how many continents are there", ["seven"])  # "continents" = "continent"
     problems = open_questions.check_open_set([clean, shared, plural], prompts, prompts)
-    assert len(problems) == 2 and "['capital']" in problems[0] and "['continent']" in problems[1]
+    assert [problem["rule"] for problem in problems] == [1, 1]
+    assert "['capital']" in problems[0]["problem"] and "['continent']" in problems[1]["problem"]
 
 
 def test_checker_refuses_a_fact_read_aloud_but_not_its_words():
@@ -95,25 +96,41 @@ def test_checker_refuses_a_fact_read_aloud_but_not_its_words():
     heard_words = ["the spider climbed on my legs"]  # the words, not the answer: allowed
     assert open_questions.check_open_set([question], [], heard_words) == []
     taught = ["every spider has eight hairy legs"]
-    assert "answered by the training text" in open_questions.check_open_set([question], [], taught)[0]
+    assert open_questions.check_open_set([question], [], taught) == [
+        {"id": "animals-x", "rule": 2, "problem": f"{question['question']!r} is answered by the training text "
+                                                  f"{taught[0]!r}"}]
 
 
 def test_checker_refuses_probe_names_heard_in_training():
     probe = _record("who was socrates", ["philosopher"], "probe_person", "socrates")
     assert open_questions.check_open_set([probe], [], ["a man sat down"]) == []
-    assert "every word" in open_questions.check_open_set([probe], [], ["socrates said hello"])[0]
+    assert open_questions.check_open_set([probe], [], ["socrates said hello"])[0]["rule"] == 3
     name = _record("where is the eiffel tower", ["paris"], "probe_place", "eiffel tower")
     assert open_questions.check_open_set([name], [], ["the tower fell"]) == []  # "eiffel" is unheard
-    assert "every word" in open_questions.check_open_set([name], [], ["eiffel built a tower"])[0]
+    assert open_questions.check_open_set([name], [], ["eiffel built a tower"])[0]["rule"] == 3
 
 
-def test_open_set_raises_with_every_problem(tmp_path, qa_records):
-    table = {"animals": [{"question": "what is the capital of the moon", "answers": ["none"]},
-                         {"question": "which continent has penguins", "answers": ["antarctica"]}]}
-    path = tmp_path / "questions.json"
-    path.write_text(json.dumps(table))
-    with pytest.raises(ValueError, match="2 open-set question"):
-        open_questions.open_set(qa_records, questions_file=str(path))
+def test_open_set_leaves_out_what_training_holds(tmp_path, qa_records, monkeypatch):
+    table = {"animals": [{"question": "how many legs does a spider have", "answers": ["eight"]},
+                         {"question": "what is the capital of the moon", "answers": ["none"]},  # rule 1
+                         {"question": "who wrote romeo and juliet", "answers": ["shakespeare"], "probe": "romeo"}],
+             "probe_person": [{"question": "who was socrates", "answers": ["philosopher"], "probe": "socrates"},
+                              {"question": "who was hatshepsut", "answers": ["pharaoh"], "probe": "hatshepsut"}]}
+    questions = tmp_path / "questions.json"
+    questions.write_text(json.dumps(table))
+    texts = tmp_path / "read.jsonl"
+    texts.write_text(json.dumps({"text": "socrates met romeo"}) + "\n")
+    monkeypatch.setattr(open_questions, "MIN_EVERYDAY", 2)
+    monkeypatch.setattr(open_questions, "MIN_KINDS", 1)
+    kept, refused = open_questions.open_set(qa_records, [str(texts)], questions_file=str(questions))
+    assert [(p["id"], p["rule"]) for p in refused] == [("animals-01", 1), ("animals-02", 3), ("probe_person-00", 3)]
+    hand_written = [record for record in kept if record["kind"] in ("animals", "probe_person")]
+    assert [record["id"] for record in hand_written] == ["animals-00", "animals-02", "probe_person-01"]
+    assert "probe" not in hand_written[1]  # the question stays, its heard name is no probe
+    assert len(kept) == 3 + len(open_questions.country_probes(qa_records))
+    monkeypatch.setattr(open_questions, "MIN_EVERYDAY", 3)
+    with pytest.raises(ValueError, match="Only 2 everyday questions over 1 kinds"):
+        open_questions.open_set(qa_records, [str(texts)], questions_file=str(questions))
 
 
 @pytest.mark.parametrize(

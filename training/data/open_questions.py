@@ -13,26 +13,30 @@ Questions:
   self-introduction, a joke's "why"/"because"), so the text LLM's own replies score right and a training template
   ("zero plus two is two") scores wrong. `echox eval`'s result keeps every answer for the side-by-side table.
 - hearing probes, `probe` = the name: `probe_person`, `probe_place`, `probe_animal` (hand-written: "who was
-  socrates", "where is timbuktu", "what is a pangolin"), and `probe_capital` / `probe_continent`: the spoken QA's
+  hatshepsut", "where is timbuktu", "what is a capybara": names outside the listening corpus' vocabulary), and `probe_capital` / `probe_continent`: the spoken QA's
   test-split countries (held out of every training step by `training.data.spoken_qa`), one seeded phrasing per
   question. These two keep the training phrasings on purpose: only the country is new.
 
-What no training data may hold (`check_open_set`; a refused question stops the build). Content words are the
-normalized words that are not in `STOP_WORDS`, plurals folded ("legs" = "leg"):
+What no training data may hold (`check_open_set`). Content words are the normalized words that are not in
+`STOP_WORDS`, plurals folded ("legs" = "leg"):
 1. an open question shares no content word with any training PROMPT (the questions of qa.jsonl's train split, and
    the prompts or transcripts of `--prompts` manifests);
 2. no other training TEXT (read sentences such as the listening and general sentences, training answers) holds all
    content words of an open question together with one of its gold answers, i.e. the fact is never read aloud
    (small talk has no fact to teach and is not checked);
 3. a probe's name has a word that no training text holds.
+A question that breaks rule 1 or 2, and a probe kind's question whose name breaks rule 3, is left out of the set; an
+everyday question whose name breaks rule 3 stays, without its `probe`. `<out>/refused.jsonl` lists every problem; the
+build stops when fewer than `MIN_EVERYDAY` everyday questions over `MIN_KINDS` topics remain.
 Read sentences get rule 2 rather than rule 1 because they exist to teach hearing of everyday words (issue 26): the
-2 × 2000 general and listening sentences of the recipe already share a content word with 353 of the 426 hand-written
-questions, and a broad listening corpus with nearly all. Rule 1 against them would leave no everyday question.
+recipe's 2000 general sentences alone share a content word with 341 of the 432 hand-written questions, the listening
+corpus (`training.data.listening`) with 393. Rule 1 against them would leave almost no everyday question.
 
     python -m training.data.open_questions --out build/data/open_eval [--qa build/data/qa.jsonl]
         [--texts build/data/speech/general.jsonl ...] [--prompts MANIFEST ...] [--voices festival_ked,...]
 
-Writes `<out>/open_eval.jsonl`, one line per (question, voice), audio paths relative to `<out>`:
+Writes `<out>/open_eval.jsonl`, one line per (question, voice), audio paths relative to `<out>`, and
+`<out>/refused.jsonl` (`{"id", "rule", "problem"}`):
 
     {"id", "audio", "answers", "question", "kind", "voice", "probe"?, "duration"}
 """
@@ -48,6 +52,9 @@ from .synthesize import RESERVED_VOICES, VOICES, _chunks, run_synthesis, voice_a
 QUESTIONS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "open_questions.json")
 SMALL_TALK = "small_talk"
 COUNTRY_PROBE_KINDS = {"capital": "probe_capital", "continent": "probe_continent"}
+PROBE_KINDS = ("probe_person", "probe_place", "probe_animal", *COUNTRY_PROBE_KINDS.values())
+# The least the set may hold once refused questions are left out (issue 26: >= 300 questions over >= 30 topics).
+MIN_EVERYDAY, MIN_KINDS = 300, 30
 # Function words only: a word that carries what a question is about (a noun, verb, adjective, number) is a content word.
 STOP_WORDS = frozenset("""
     a an the this that these those some any each every all both no not
@@ -152,16 +159,15 @@ def training_texts(qa_records: list[dict], manifests=(), prompt_manifests=()) ->
     return prompts, texts
 
 
-def check_open_set(records: list[dict], prompts: list[str], texts: list[str]) -> list[str]:
+def check_open_set(records: list[dict], prompts: list[str], texts: list[str]) -> list[dict]:
     """
-    The problems of `records` under the rules of the module docstring (empty: the set is clean). Country probes
-    (`probe_capital`, `probe_continent`) keep training phrasings and are checked by rule 3 only.
+    Every broken rule of the module docstring, as `{"id", "rule": 1 | 2 | 3, "problem"}` (empty: the set is clean).
+    Country probes (`probe_capital`, `probe_continent`) keep training phrasings and are checked by rule 3 only.
     """
     prompt_words = set().union(*(content_words(prompt) for prompt in prompts))
-    text_words = [words(text) for text in texts]
     holding: dict[str, set[int]] = {}  # word → the texts holding it
-    for index, text in enumerate(text_words):
-        for word in text:
+    for index, text in enumerate(texts):
+        for word in words(text):
             holding.setdefault(word, set()).add(index)
 
     def holding_all(phrase_words) -> set[int]:
@@ -174,32 +180,46 @@ def check_open_set(records: list[dict], prompts: list[str], texts: list[str]) ->
         if kind not in COUNTRY_PROBE_KINDS.values():
             shared = content_words(question) & prompt_words
             if shared:
-                problems.append(f"{record['id']} {question!r} shares {sorted(shared)} with training prompts")
+                problems.append({"id": record["id"], "rule": 1,
+                                 "problem": f"{question!r} shares {sorted(shared)} with training prompts"})
             if kind != SMALL_TALK:
                 with_question = holding_all(content_words(question))
                 for answer in record["answers"]:
                     teaching = sorted(with_question & holding_all(words(answer)))
                     if teaching:
-                        problems.append(f"{record['id']} {question!r} is answered by the training text "
-                                        f"{texts[teaching[0]]!r}")
+                        problems.append({"id": record["id"], "rule": 2, "problem": f"{question!r} is answered by "
+                                         f"the training text {texts[teaching[0]]!r}"})
                         break
         probe = record.get("probe")
-        if probe:
-            name = words(probe)
-            if all(word in holding for word in name):
-                problems.append(f"{record['id']}: every word of the probe {probe!r} is in training texts")
+        if probe and all(word in holding for word in words(probe)):
+            problems.append({"id": record["id"], "rule": 3,
+                             "problem": f"every word of the probe {probe!r} is in training texts"})
     return problems
 
 
 def open_set(qa_records: list[dict], manifests=(), prompt_manifests=(), seed: int = 0,
-             questions_file: str = QUESTIONS_FILE) -> list[dict]:
-    """The hand-written questions plus the country probes, checked (`ValueError` listing every refused question)."""
+             questions_file: str = QUESTIONS_FILE) -> tuple[list[dict], list[dict]]:
+    """
+    (the open set, the refused questions): the hand-written questions and the country probes, checked against the
+    training data (`training_texts`). A question that breaks rule 1 or 2, or a probe kind's question whose name
+    breaks rule 3, is refused (left out); an everyday question whose name breaks rule 3 stays, without its `probe`.
+    `refused`: `check_open_set`'s problems. `ValueError` when fewer than `MIN_EVERYDAY` everyday questions over
+    `MIN_KINDS` kinds remain.
+    """
     records = load_open_questions(questions_file) + country_probes(qa_records, seed)
     prompts, texts = training_texts(qa_records, manifests, prompt_manifests)
-    problems = check_open_set(records, prompts, texts)
-    if problems:
-        raise ValueError(f"{len(problems)} open-set question(s) overlap the training data:\n  " + "\n  ".join(problems))
-    return records
+    refused = check_open_set(records, prompts, texts)
+    kind_of = {record["id"]: record["kind"] for record in records}
+    dropped = {p["id"] for p in refused if p["rule"] in (1, 2) or kind_of[p["id"]] in PROBE_KINDS}
+    unheard = {p["id"] for p in refused if p["rule"] == 3}
+    kept = [{key: value for key, value in record.items() if key != "probe" or record["id"] not in unheard}
+            for record in records if record["id"] not in dropped]
+    everyday = [record for record in kept if record["kind"] not in (SMALL_TALK, *PROBE_KINDS)]
+    if len(everyday) < MIN_EVERYDAY or len({record["kind"] for record in everyday}) < MIN_KINDS:
+        raise ValueError(f"Only {len(everyday)} everyday questions over {len({r['kind'] for r in everyday})} kinds "
+                         f"pass the checks (at least {MIN_EVERYDAY} over {MIN_KINDS} are needed):\n  "
+                         + "\n  ".join(f"{p['id']} (rule {p['rule']}): {p['problem']}" for p in refused))
+    return kept, refused
 
 
 def synthesize_open_set(records: list[dict], out_dir: str, voices=RESERVED_VOICES, workers: int = 2) -> str:
@@ -241,11 +261,17 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     qa_records = read_jsonl(args.qa) if args.qa else generate_qa(closed_split="phrasing")
-    records = open_set(qa_records, args.texts, args.prompts, args.seed)
+    records, refused = open_set(qa_records, args.texts, args.prompts, args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "refused.jsonl"), "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(problem) + "\n" for problem in refused)
+    for problem in refused:
+        print(f"refused {problem['id']} (rule {problem['rule']}): {problem['problem']}")
     voices = tuple(voice for voice in args.voices.split(",") if voice)
     path = synthesize_open_set(records, args.out, voices, args.workers)
     kinds = sorted({record["kind"] for record in records})
-    print(f"{len(records)} questions over {len(kinds)} kinds × {len(voices)} voices → {path}")
+    print(f"{len(records)} questions over {len(kinds)} kinds × {len(voices)} voices → {path} "
+          f"({len(refused)} problems: {args.out}/refused.jsonl)")
 
 
 if __name__ == "__main__":
