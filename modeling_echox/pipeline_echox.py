@@ -11,7 +11,7 @@ from transformers.pipelines.audio_utils import ffmpeg_read
 from .streaming import EchoXAudioStreamer
 
 # The parameters a call may pass directly to `generate()`: the same set `Pipeline.__init__` sets aside at construction.
-GENERATION_PARAMETERS = frozenset(
+_GENERATION_PARAMETERS = frozenset(
     {key for key in vars(GenerationConfig()) if not key.startswith("_")} | {"generation_config"}
 )
 # The `generate()` arguments the pipeline sets itself: it always decodes the text and speaks the answer.
@@ -56,7 +56,7 @@ class SpeechToSpeechPipeline(Pipeline):
     def _sanitize_parameters(
         self, sampling_rate=None, prompt=None, segmentation_mode=None, generate_kwargs=None, **kwargs
     ):
-        unknown = sorted(set(kwargs) - GENERATION_PARAMETERS)
+        unknown = sorted(set(kwargs) - _GENERATION_PARAMETERS)
         if unknown:
             raise ValueError(
                 f"Unknown arguments for the speech-to-speech pipeline: {unknown}. Generation parameters go by their "
