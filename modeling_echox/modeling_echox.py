@@ -119,11 +119,37 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, with the speech encoder frozen again (loading re-creates parameters)."""
+        """
+        `PreTrainedModel.from_pretrained`, with the speech encoder frozen again (loading re-creates parameters); a
+        checkpoint with a NaN or infinite weight is refused (`check_finite_weights`).
+        """
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
         model.audio_tower.requires_grad_(False)
+        model.check_finite_weights(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
         return loaded
+
+    def check_finite_weights(self, source) -> None:
+        """
+        Raise `ValueError` naming `source` (the checkpoint) and the first weight (parameter or persistent buffer) that
+        holds NaN or infinite values: such a model would answer with empty text and silence. One pass per
+        floating-point tensor (tied weights once): NaN and infinities propagate into its sum, and only a sum that is
+        not finite (a poisoned tensor, or an overflow) is checked element by element. Tensors not materialized (on the
+        meta device) are skipped.
+        """
+        seen = set()
+        for name, tensor in self.state_dict().items():
+            if not tensor.is_floating_point() or tensor.is_meta or tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            if torch.isfinite(tensor.sum()):
+                continue
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ValueError(
+                    f"The EchoX checkpoint {source} is damaged: its weight {name} holds {bad} NaN or infinite "
+                    f"value(s) (of {tensor.numel()})."
+                )
 
     def save_pretrained(self, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`; refused for a model quantized with `quantize_int8` (inference only)."""
