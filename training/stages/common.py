@@ -426,12 +426,16 @@ def save_final(trainer: Trainer, model, processor, config: dict) -> str:
 
 
 def run_trainer(
-    model, processor, config: dict, train_dataset, collator, label_names: list[str], stage: str, s_align: dict | None = None
+    model, processor, config: dict, train_dataset, collator, label_names: list[str], stage: str, s_align: dict | None = None,
+    trainer_class=EchoXTrainer,
 ) -> dict:
-    """Train (resuming from the newest complete checkpoint), plot the losses, save `final/`; returns a summary."""
+    """
+    Train (resuming from the newest complete checkpoint), plot the losses, save `final/`; returns a summary.
+    `trainer_class`: `EchoXTrainer` or a callable building one of its subclasses from the same arguments.
+    """
     output_dir = config["output_dir"]
     args = training_arguments(config, label_names)
-    trainer = EchoXTrainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_dataset,
