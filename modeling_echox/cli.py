@@ -50,6 +50,7 @@ EVAL_ROW_KEYS = ("n", "s2t_accuracy", "s2s_accuracy", "text_llm_accuracy", "spee
 def _eval(args) -> None:
     from .evaluation import run_eval
 
+    _prepare_output(args.out)  # before any model work: a bad --out would otherwise fail after the whole evaluation
     result = run_eval(
         _default_model(args.model), args.manifest, args.out, asr_model=args.asr_model, text_only=args.text_only,
         text_llm=None if args.text_llm == "none" else args.text_llm, segmentation_mode=args.mode,
@@ -72,11 +73,39 @@ def _eval(args) -> None:
     print(f"-> {args.out}", file=sys.stderr)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _prepare_output(path: str) -> None:
+    """Before any model work: refuse an output `path` that is a folder or cannot be written; create its folder."""
+    if os.path.isdir(path):
+        raise ValueError(f"The output path {path} is a folder; give a file name.")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        reason = "a file has that name" if isinstance(error, FileExistsError) else error.strerror or error
+        raise OSError(f"Cannot create the output folder {folder}: {reason}.") from error
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise OSError(f"Cannot write the output file {path}: permission denied.")
+
+
 def _speak(args) -> None:
     import torch
 
+    from .audio_io import load_audio
     from .loading import load_echox
 
+    # A bad output name or question is refused before any model work (the output's missing folders are created).
+    if not soundfile.check_format(os.path.splitext(args.output)[1][1:].upper(), "PCM_16" if args.stream else None):
+        ends = ".wav, .flac or .aiff (--stream writes 16-bit PCM)" if args.stream else ".wav, .flac, .ogg or the like"
+        raise ValueError(f"The output {args.output} is not an audio file name: it must end in {ends}.")
+    load_audio(args.input, max_seconds=None)  # the processor checks the length against the model's limit
+    _prepare_output(args.output)
     model, processor = load_echox(_default_model(args.model), int8=args.int8)
     started = time.perf_counter()
     inputs = processor(audio=args.input, text=args.prompt)
@@ -165,7 +194,10 @@ def _demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="echox", description="EchoX speech-to-speech LLM")
+    parser = argparse.ArgumentParser(
+        prog="echox", description="EchoX speech-to-speech LLM",
+        epilog="A user error ends with one line 'echox: error: ...' and exit code 2 (ECHOX_DEBUG=1: its traceback).",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     init = commands.add_parser("init-random", help="write a randomly initialised checkpoint")
@@ -176,10 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     speak = commands.add_parser("speak", help="answer a spoken question in text and speech")
     speak.add_argument("input", help="audio file with the question")
-    speak.add_argument("-o", "--output", required=True, help="where to write the spoken answer (wav)")
+    speak.add_argument("-o", "--output", required=True,
+                       help="where to write the spoken answer (.wav; missing folders are created)")
     speak.add_argument("--model", default=None, help=MODEL_HELP)
     speak.add_argument("--prompt", default="", help="text that goes with the audio in the user turn")
-    speak.add_argument("--max-new-tokens", type=int, default=None)
+    speak.add_argument("--max-new-tokens", type=_positive_int, default=None)
     speak.add_argument("--stream", action="store_true", help="write the answer as it is spoken, segment by segment")
     speak.add_argument("--mode", choices=["faithful", "fast"], default=None, help="segmentation rule (default: config)")
     speak.add_argument("--int8", action="store_true", help=INT8_HELP)
@@ -208,15 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default=None, help=MODEL_HELP)
     evaluate.add_argument("--manifest", required=True,
                           help='JSONL: {"id", "audio", "answers": [...], "question"?, "kind"?, "voice"?, "probe"?}')
-    evaluate.add_argument("--out", required=True, help="result JSON (summary + per-item records)")
+    evaluate.add_argument("--out", required=True,
+                          help="result JSON (summary + per-item records; missing folders are created)")
     evaluate.add_argument("--asr-model", default=None, help="CTranslate2 Whisper dir for the spoken answers (default: tiny.en)")
     evaluate.add_argument("--mode", choices=["faithful", "fast"], default=None, help="segmentation rule (default: config)")
     evaluate.add_argument("--int8", action="store_true", help=INT8_HELP)
     evaluate.add_argument("--text-llm", choices=["auto", "smollm2", "model", "none"], default="auto",
                           help="text-LLM baseline on the `question` field (default auto: SmolLM2 for EchoX-mini)")
     evaluate.add_argument("--text-only", action="store_true", help="no speech output (s2t only)")
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset of N questions")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=8)
+    evaluate.add_argument("--limit", type=_positive_int, default=None,
+                          help="evaluate a seeded random subset of N questions")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(run=_eval)
 
@@ -233,12 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """
+    Run one `echox` command. A user error (a missing or damaged file, bad audio, a bad checkpoint or option: `OSError`
+    / `ValueError`) ends with one line `echox: error: ...` on stderr and exit code 2, or with its traceback when
+    `ECHOX_DEBUG=1`; any other exception is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except (OSError, ValueError) as error:
-        print(f"echox: error: {error}", file=sys.stderr)
+        if os.environ.get("ECHOX_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"echox: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("echox: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
