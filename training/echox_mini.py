@@ -22,6 +22,11 @@ Steps (outputs under `--work`):
     listening   data/speech/listening.jsonl        general English in the training voices, "repeat what I said"
                                                    examples for stage I (training.data.listening; only built when
                                                    STAGE1_DATA names it)
+    behaviour_prompts data/behaviour/prompts.jsonl  questions and requests over many topics, none sharing a content
+                                                   word with the open set (training.data.behaviour_prompts; this and
+                                                   the next two only with BEHAVIOUR_STAGE1)
+    behaviour_answers data/behaviour/answers.jsonl  the text LLM's own greedy answer to each prompt (resumable)
+    behaviour_speech  data/speech/behaviour.jsonl   the prompts spoken by the training voices (augmented)
     open_eval   data/open_eval/open_eval.jsonl     the open evaluation set (everyday questions, small talk, name and
                                                    held-out-country probes) in the reserved voices, checked against
                                                    the training texts above (training.data.open_questions)
@@ -35,6 +40,11 @@ Steps (outputs under `--work`):
     stage1      runs/mini_stage1/final/            speech → text (LoRA on q/k/v + adapter), on STAGE1_DATA
     stage1_refine runs/mini_stage1_refine/final/   a second stage-I pass from it: a fresh LoRA on every linear layer
                                                    of the LLM (mini_stage1_refine.json); the stage-I model of
+                                                   stage III
+    stage1_behaviour runs/mini_stage1_behaviour/final/ with BEHAVIOUR_STAGE1, instead of stage1 and stage1_refine:
+                                                   from the hearing stage's adapter, the spoken prompts with the text
+                                                   LLM's answers as targets + KL to the text LLM, taught facts a
+                                                   minority (training.stages.stage1_behaviour); the stage-I model of
                                                    stage III
     stage3      runs/mini_stage3/final/            Echo training (the stage-I model's answers, labelled by the answer
                                                    voice's TTS or by the stage-II echo decoder, + read-aloud general
@@ -56,12 +66,17 @@ import os
 import random
 import time
 
-STEPS = ("qa", "speech", "reading", "fragments", "general", "listening", "open_eval", "units", "vocoder", "base",
-         "stage2", "stage1", "stage1_refine", "stage3")
+STEPS = ("qa", "speech", "reading", "fragments", "general", "listening", "behaviour_prompts", "behaviour_answers",
+         "behaviour_speech", "open_eval", "units", "vocoder", "base", "stage2", "stage1", "stage1_refine",
+         "stage1_behaviour", "stage3")
 # The speech stage I trains on: the training questions. "listening" (general sentences to repeat, which would teach
 # the adapter words no question holds) is the next version's; a stage I on it ran at 15 s/step while sharing the
 # machine with another training (MODEL_CARD.md), too slow to train alongside this version.
 STAGE1_DATA = ("train",)
+# The next version's stage I (issue 26): behaviour-aligned, from the hearing stage's adapter (runs/mini_hearing). Off
+# until its full run is measured (docs/experiments/behaviour-alignment.md): then stage1 and stage1_refine give way to
+# stage1_behaviour, and stage III builds on it.
+BEHAVIOUR_STAGE1 = False
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -233,6 +248,36 @@ def carry_over_stage1(parts_dir: str, base_dir: str, final_dir: str) -> None:
 CARRIABLE = ("units", "vocoder", "stage1")
 
 
+def _answer_all(behaviour_dir: str) -> dict:
+    """The text LLM's answers to every behaviour prompt (resuming), then `answers_done.json` with their counts."""
+    from .data import behaviour_prompts
+    from .data.spoken_qa import read_jsonl
+
+    prompts = [item["prompt"] for item in read_jsonl(os.path.join(behaviour_dir, "prompts.jsonl"))]
+    behaviour_prompts.answer_prompts(prompts, os.path.join(behaviour_dir, "answers.jsonl"))
+    answers = behaviour_prompts.read_answers(os.path.join(behaviour_dir, "answers.jsonl"))
+    done = [answers[behaviour_prompts.prompt_key(prompt)] for prompt in prompts]
+    summary = {"prompts": len(done), "finished": sum(a["finished"] for a in done),
+               "mean_tokens": round(sum(len(a["ids"]) for a in done) / max(1, len(done)), 1)}
+    with open(os.path.join(behaviour_dir, "answers_done.json"), "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2)
+    return summary
+
+
+def _behaviour_manifest(qa: str, behaviour_dir: str, speech_dir: str, out_path: str) -> str:
+    """Stage I's behaviour manifest: the spoken prompts with their finished answers that the open-set guard passes."""
+    from .data import behaviour_prompts
+    from .data.spoken_qa import read_jsonl
+    from .stages.data import write_manifest
+
+    guard = behaviour_prompts.OpenSetGuard(read_jsonl(qa))
+    records, left_out = behaviour_prompts.stage_records(
+        os.path.join(speech_dir, "behaviour.jsonl"),
+        behaviour_prompts.read_answers(os.path.join(behaviour_dir, "answers.jsonl")), guard)
+    print(f"[echox-mini] behaviour manifest: {len(records)} examples, left out {left_out}", flush=True)
+    return write_manifest(out_path, records)
+
+
 def run(work: str = "build", until: str = "stage3", export: bool = False, carry_over: str | None = None,
         carry: tuple[str, ...] = ("units", "vocoder"), skip: tuple[str, ...] = ()) -> None:
     """
@@ -246,7 +291,9 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     if set(skip) - set(STEPS):
         raise ValueError(f"Unknown steps to skip: {sorted(set(skip) - set(STEPS))}; the steps are {STEPS}.")
     carried = set(carry) if carry_over else set()
-    from .data import fragments, general_reading, listening, open_questions, reading, spoken_qa, synthesize
+    from .data import (behaviour_prompts, fragments, general_reading, listening, open_questions, reading, spoken_qa,
+                       synthesize)
+    from .data.spoken_qa import read_jsonl
 
     last = STEPS.index(until)
     data, runs = os.path.join(work, "data"), os.path.join(work, "runs")
@@ -272,12 +319,23 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     step("general", os.path.join(speech, "general.jsonl"), lambda: general_reading.main(["--qa", qa, "--out", speech]))
     if "listening" in STAGE1_DATA:
         step("listening", os.path.join(speech, "listening.jsonl"), lambda: listening.main(["--qa", qa, "--out", speech]))
+    behaviour = os.path.join(data, "behaviour")
+    behaviour_prompts_path = os.path.join(behaviour, "prompts.jsonl")
+    if BEHAVIOUR_STAGE1:
+        step("behaviour_prompts", behaviour_prompts_path, lambda: behaviour_prompts.write_prompts(qa, behaviour),
+             inputs=[qa])
+        step("behaviour_answers", os.path.join(behaviour, "answers_done.json"), lambda: _answer_all(behaviour),
+             inputs=[behaviour_prompts_path])
+        step("behaviour_speech", os.path.join(speech, "behaviour.jsonl"), lambda: {
+            "manifest": behaviour_prompts.speak_prompts(read_jsonl(behaviour_prompts_path), speech)},
+             inputs=[behaviour_prompts_path])
     # Read sentences may share words with the open set, never its facts (open_questions' rules): rebuilt on a change.
     read_texts = [os.path.join(speech, f"{name}.jsonl") for name in ("reading", "fragments", "general", "listening")]
+    prompt_sets = [behaviour_prompts_path] if BEHAVIOUR_STAGE1 else []  # questions the model learns to answer
     open_eval = os.path.join(data, "open_eval")
     step("open_eval", os.path.join(open_eval, "open_eval.jsonl"), lambda: open_questions.main(
-        ["--out", open_eval, "--qa", qa, "--texts", *[path for path in read_texts if os.path.exists(path)]]),
-        inputs=[qa, *read_texts])
+        ["--out", open_eval, "--qa", qa, "--texts", *[path for path in read_texts if os.path.exists(path)],
+         *(["--prompts", *prompt_sets] if prompt_sets else [])]), inputs=[qa, *read_texts, *prompt_sets])
     manifests = {}
     if _done(os.path.join(speech, "test.jsonl")):
         manifests = stage_manifests(speech, os.path.join(data, "stages"))
@@ -364,7 +422,9 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     stage2_weights = os.path.join(stage2_final, "model.safetensors")  # stage II's output, which stage III waits for
     first_pass = os.path.join(stage1, "final")
     stage1_refine = os.path.join(runs, "mini_stage1_refine")
-    stage1_model = os.path.join(stage1_refine, "final")  # what stage III builds on
+    stage1_behaviour_dir = os.path.join(runs, "mini_stage1_behaviour")
+    # what stage III builds on
+    stage1_model = os.path.join(stage1_behaviour_dir if BEHAVIOUR_STAGE1 else stage1_refine, "final")
     cache = os.path.join(runs, "encoder_cache")
     stage1_data = [manifests.get(name) for name in STAGE1_DATA]
     t2c = os.path.join(data, "stages", "t2c_train.jsonl")
@@ -385,8 +445,25 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
 
     step("stage2", stage2_weights, stage2_action)
     if "stage1" in carried:
-        step("stage1_refine", os.path.join(stage1_model, "model.safetensors"),
-             lambda: carry_over_stage1(carry_over, base, stage1_model))
+        step("stage1_behaviour" if BEHAVIOUR_STAGE1 else "stage1_refine",
+             os.path.join(stage1_model, "model.safetensors"), lambda: carry_over_stage1(carry_over, base, stage1_model))
+    elif BEHAVIOUR_STAGE1:
+        from .stages import stage1_behaviour
+
+        hearing_adapter = os.path.join(runs, "mini_hearing", "final", "hearing_adapter.safetensors")
+        behaviour_manifest = os.path.join(data, "stages", "s2t_behaviour.jsonl")
+        train_behaviour = stage_step("stage1_behaviour", stage1_behaviour, model=base, output_dir=stage1_behaviour_dir,
+                                     feature_cache_dir=cache, train_manifest=behaviour_manifest,
+                                     taught_manifest=manifests.get("train"), init_adapter=hearing_adapter)
+
+        def behaviour_action():
+            if not os.path.isfile(hearing_adapter):
+                raise SystemExit(f"stage1_behaviour starts from the hearing stage's adapter, and {hearing_adapter} "
+                                 "does not exist yet (training.stages.hearing).")
+            _behaviour_manifest(qa, behaviour, speech, behaviour_manifest)
+            return train_behaviour()
+
+        step("stage1_behaviour", os.path.join(stage1_model, "model.safetensors"), behaviour_action)
     else:
         step("stage1", os.path.join(first_pass, "model.safetensors"), stage_step(
             "stage1", stage1_s2t, model=base, output_dir=stage1, feature_cache_dir=cache, train_manifest=stage1_data))
