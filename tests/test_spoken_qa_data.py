@@ -218,27 +218,6 @@ def test_recipe_step_reruns_when_an_input_is_newer(tmp_path):
     assert _done(str(output), [str(source), str(tmp_path / "missing.jsonl")])
 
 
-def test_listening_plan_and_stage_records(tmp_path, records):
-    from training.data import listening
-    from training.data.general_reading import general_sentences
-    from training.data.reading import held_out_words
-
-    sentences = general_sentences(60, held_out_words(records), seed=listening.SENTENCE_SEED_OFFSET)
-    jobs = listening.plan_listening(sentences, seed=0)
-    assert jobs == listening.plan_listening(sentences, seed=0) != listening.plan_listening(sentences, seed=1)
-    assert [job["text"] for job in jobs] == sentences
-    assert {job["voice"] for job in jobs} <= set(synthesize.TRAIN_VOICES) and len({job["voice"] for job in jobs}) > 2
-    assert all(job["augment"] is not None and job["audio"].startswith("listening/") for job in jobs)
-    assert len({job["audio"] for job in jobs}) == len(jobs)
-    with pytest.raises(ValueError, match="Unknown voices"):
-        listening.plan_listening(sentences, voices=("nobody",))
-    manifest = tmp_path / "listening.jsonl"
-    manifest.write_text("".join(json.dumps({**job, "duration": 1.0}) + "\n" for job in jobs[:3]))
-    rows = listening.stage_records(str(manifest))
-    assert [r["transcript"] for r in rows] == [r["response"] for r in rows] == sentences[:3]
-    assert all(r["prompt"] == listening.LISTEN_PROMPT and os.path.isabs(r["audio"]) for r in rows)
-
-
 def test_t2c_manifest_holds_every_answer_voice_clip(tmp_path):
     from modeling_echox.unit_language import train_unit_language
     from training.echox_mini import t2c_manifest

@@ -72,6 +72,9 @@ def fortune_sentences(excluded: set[str] = frozenset(), directory: str = FORTUNE
     return sorted(sentences)
 
 
+_INFLECTIONS = ("", "s", "es", "ed", "er", "ers", "ing", "y")  # a flagged word's inflections are flagged too
+
+
 def _profane() -> set[str]:
     import better_profanity
 
@@ -83,7 +86,8 @@ def _profane() -> set[str]:
 def vocabulary(size: int = 40000, excluded: set[str] = frozenset(), dictionary: str = DICTIONARY) -> list[str]:
     """
     The English words of `wordfreq`'s `size` most frequent, most frequent first, that are plain lowercase letters,
-    appear in `dictionary` (any case), are not flagged by `better_profanity` and are not in `excluded`.
+    appear in `dictionary` (any case), are not flagged by `better_profanity` (nor inflections of a flagged word) and
+    are not in `excluded`.
     """
     import wordfreq
 
@@ -91,11 +95,12 @@ def vocabulary(size: int = 40000, excluded: set[str] = frozenset(), dictionary: 
         raise FileNotFoundError(f"{dictionary} is missing: install the Debian package `wamerican`.")
     with open(dictionary, encoding="utf-8", errors="ignore") as handle:
         known = {line.strip().lower() for line in handle}
-    banned = _profane() | set(excluded)
+    profane = _profane()
     return [
         word for word in wordfreq.top_n_list("en", size)
         if re.fullmatch(r"[a-z]+", word) and (len(word) > 1 or word in ("a", "i")) and word in known
-        and word not in banned
+        and word not in excluded and not any(word.endswith(end) and word[: len(word) - len(end)] in profane
+                                             for end in _INFLECTIONS)
     ]
 
 
