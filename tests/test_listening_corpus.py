@@ -58,6 +58,15 @@ def test_plan_holds_out_sentences_for_the_reserved_voices():
     assert [job["source"] for job in train] != sorted(job["source"] for job in train)  # shuffled: a prefix mixes
     with pytest.raises(ValueError, match="reserved"):
         listening.plan_corpus(by_source, voices=("flite_slt", "festival_ked"))
+    # a probe's unheard word leaves training (plurals too), the rest keeps its order and the held-out set stays
+    kept, same_heldout = listening.plan_corpus(by_source, held_out=10, unheard={"town"}, seed=0)
+    assert same_heldout == heldout and kept == [job for job in train if "town" not in job["text"].split()]
+    assert len(kept) < len(train)
+
+
+def test_unheard_probe_words_are_the_rarest_word_of_each_probe():
+    words = listening.unheard_probe_words()
+    assert {"capybara", "timbuktu", "pooh"} <= words and not {"the", "winnie", "harry"} & words
 
 
 def test_corpus_text():

@@ -3,7 +3,8 @@ The listening corpus: broad read English (`training.data.listening_text`: tens o
 by every TRAINING voice the machine offers, with tempo, pitch, room and noise augmentation, for the adapter's
 dictation ("hearing first", `training.stages.hearing`) and stage I. A few hundred sentences are held out of it and
 spoken, clean, by every voice reserved for evaluation (`synthesize.RESERVED_VOICES`): the held-out read sentences
-of the dictation WER. No training clip is ever spoken by a reserved voice (checked at import and when planning).
+of the dictation WER. No training clip is ever spoken by a reserved voice (checked at import and when planning), and
+none says the rarest word of a hearing probe of the open evaluation set (`unheard_probe_words`).
 
     python -m training.data.listening --qa build/data/qa.jsonl --out build/data/speech [--max-clips 4000]
 
@@ -107,12 +108,24 @@ def _audio_name(kind: str, voice: str, text: str) -> str:
     return os.path.join("listening", kind, voice, hashlib.sha1(text.encode()).hexdigest()[:16] + ".wav")
 
 
+def unheard_probe_words() -> set[str]:
+    """The rarest word (plural-folded, `training.data.open_questions.words`) of each hearing probe of the open
+    evaluation set: no training clip may say it, so each probe stays a name the model never heard."""
+    import wordfreq
+
+    from .open_questions import load_open_questions, words
+
+    return {min(words(record["probe"]), key=lambda word: wordfreq.zipf_frequency(word, "en"))
+            for record in load_open_questions() if record.get("probe")}
+
+
 def plan_corpus(by_source: dict[str, list[str]], held_out: int = 300, voices=LISTENING_VOICES,
-                reserved=RESERVED_VOICES, seed: int = 0) -> tuple[list[dict], list[dict]]:
+                reserved=RESERVED_VOICES, unheard: set[str] = frozenset(), seed: int = 0) -> tuple[list[dict], list[dict]]:
     """
     (training jobs, held-out jobs). `held_out` sentences of `HELD_OUT_SOURCES` (seeded) are taken out of training and
-    spoken, clean, by each `reserved` voice; every other sentence gets one training voice (seeded by the sentence)
-    and augmentation. Training jobs come in a seeded order, so any prefix is a sample of every source and voice.
+    spoken, clean, by each `reserved` voice; every other sentence without an `unheard` word (plural-folded) gets one
+    training voice (seeded by the sentence) and augmentation. Training jobs come in a seeded order, so any prefix is
+    a sample of every source and voice; dropping `unheard` words keeps the order of the others.
     """
     check_training_voices(voices)
     if set(voices) & set(reserved):
@@ -130,6 +143,10 @@ def plan_corpus(by_source: dict[str, list[str]], held_out: int = 300, voices=LIS
                           "voice": voice, "source": source, "audio": _audio_name("train", voice, text),
                           "augment": draw_listening_augmentation(synthesize._rng(seed, "listening", text, voice))})
     rng.shuffle(train)
+    if unheard:
+        from .open_questions import words
+
+        train = [job for job in train if not unheard & set(words(job["text"]))]
     for text in sorted(chosen):
         for voice in reserved:
             heldout.append({"id": f"heldout-{hashlib.sha1(text.encode()).hexdigest()[:12]}-{voice}", "text": text,
@@ -237,7 +254,7 @@ def build_corpus(qa_path: str, out_dir: str, max_clips: int | None = None, held_
     """Plan, speak (resuming) and write the manifests and stats (see the module docstring); returns the stats."""
     excluded = held_out_words(read_jsonl(qa_path))
     by_source = listening_sentences(excluded, vocabulary_size, repeats, seed=seed)
-    train, heldout = plan_corpus(by_source, held_out, seed=seed)
+    train, heldout = plan_corpus(by_source, held_out, unheard=unheard_probe_words(), seed=seed)
     train = train[:max_clips] if max_clips else train
     heldout_lines = speak(heldout, out_dir, "heldout", workers)
     train_lines = speak(train, out_dir, "train", workers)
