@@ -19,9 +19,13 @@ Steps (outputs under `--work`):
     fragments   data/speech/fragments.jsonl        answer pieces in the answer voice, for stage II (training.data.fragments)
     general     data/speech/general.jsonl          general English in the answer voice, for the vocoder and stage II
                                                    (training.data.general_reading)
-    listening   data/speech/listening.jsonl        general English in the training voices, "repeat what I said"
-                                                   examples for stage I (training.data.listening; only built when
-                                                   STAGE1_DATA names it)
+    listening   data/speech/listening.jsonl        the listening corpus: tens of hours of read English (tens of
+                                                   thousands of words) in every training voice, augmented; held-out
+                                                   read sentences in the reserved voices (listening_heldout.jsonl)
+                                                   (training.data.listening)
+    hearing     runs/mini_hearing/final/           hearing first: the adapter's CTC dictation trained on the listening
+                                                   corpus without the LLM's layers (training.stages.hearing,
+                                                   mini_hearing.json); its adapter is where stage1_behaviour starts
     behaviour_prompts data/behaviour/prompts.jsonl  questions and requests over many topics, none sharing a content
                                                    word with the open set (training.data.behaviour_prompts; this and
                                                    the next two only with BEHAVIOUR_STAGE1)
@@ -66,9 +70,9 @@ import os
 import random
 import time
 
-STEPS = ("qa", "speech", "reading", "fragments", "general", "listening", "behaviour_prompts", "behaviour_answers",
-         "behaviour_speech", "open_eval", "units", "vocoder", "base", "stage2", "stage1", "stage1_refine",
-         "stage1_behaviour", "stage3")
+STEPS = ("qa", "speech", "reading", "fragments", "general", "listening", "hearing", "behaviour_prompts",
+         "behaviour_answers", "behaviour_speech", "open_eval", "units", "vocoder", "base", "stage2", "stage1",
+         "stage1_refine", "stage1_behaviour", "stage3")
 # The speech stage I trains on: the training questions. "listening" (general sentences to repeat, which would teach
 # the adapter words no question holds) is the next version's; a stage I on it ran at 15 s/step while sharing the
 # machine with another training (MODEL_CARD.md), too slow to train alongside this version.
@@ -317,8 +321,23 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     step("reading", os.path.join(speech, "reading.jsonl"), lambda: reading.main(["--qa", qa, "--out", speech]))
     step("fragments", os.path.join(speech, "fragments.jsonl"), lambda: fragments.main(["--qa", qa, "--out", speech]))
     step("general", os.path.join(speech, "general.jsonl"), lambda: general_reading.main(["--qa", qa, "--out", speech]))
-    if "listening" in STAGE1_DATA:
-        step("listening", os.path.join(speech, "listening.jsonl"), lambda: listening.main(["--qa", qa, "--out", speech]))
+    step("listening", os.path.join(speech, "listening.jsonl"), lambda: listening.main(["--qa", qa, "--out", speech]))
+    hearing_run = os.path.join(runs, "mini_hearing")
+
+    def hearing_step():
+        from .stages import hearing
+        from .stages.common import load_config
+
+        config = load_config(os.path.join(CONFIGS, "mini_hearing.json"), hearing.DEFAULTS, extra={
+            "train_manifest": os.path.join(speech, "listening.jsonl"), "output_dir": hearing_run,
+            "eval_manifest": os.path.join(speech, "listening_heldout.jsonl")})
+        summary = hearing.main(config)
+        return {"global_step": summary["global_step"], "dictation_wer": summary["dictation"]["wer_full"],
+                "whisper_tiny_en_wer": summary["whisper_tiny_en"]["wer"]}
+
+    # A grown corpus (a newer listening.jsonl) resumes the run from its last checkpoint on every clip.
+    step("hearing", os.path.join(hearing_run, "final", "hearing.json"), hearing_step,
+         inputs=[os.path.join(speech, "listening.jsonl"), os.path.join(CONFIGS, "mini_hearing.json")])
     behaviour = os.path.join(data, "behaviour")
     behaviour_prompts_path = os.path.join(behaviour, "prompts.jsonl")
     if BEHAVIOUR_STAGE1:
