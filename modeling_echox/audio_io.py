@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -89,10 +90,28 @@ def _ogg_is_complete(path: str, size: int) -> bool:
     return position == size and bool(flags & 0x04)
 
 
+def _mp3_declares_length(path: str) -> bool:
+    """
+    True when an MP3 file's first frame carries a Xing / Info / VBRI tag: only then is its frame count exact (without
+    one, libsndfile estimates it from the file size).
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(10)
+        start = 0
+        if len(head) == 10 and head[:3] == b"ID3":  # skip an ID3v2 tag: syncsafe size, plus a footer if flagged
+            start = 10 + sum((byte & 0x7F) << shift for byte, shift in zip(head[6:10], (21, 14, 7, 0)))
+            start += 10 if head[5] & 0x10 else 0
+        handle.seek(start)
+        block = handle.read(4096)
+    sync = re.search(rb"\xff[\xe0-\xff]", block)
+    first = block[sync.start() : sync.start() + 48] if sync else b""  # the tags sit right after the side info
+    return any(tag in first for tag in (b"Xing", b"Info", b"VBRI"))
+
+
 def _check_complete(path: str, info: sf.SoundFile, frames_read: int) -> None:
     """Refuse a file holding less audio than its header declares (a cut-off download or copy); see `load_audio`."""
     present_seconds = frames_read / info.samplerate
-    if frames_read < info.frames:
+    if frames_read < info.frames and (info.format != "MP3" or _mp3_declares_length(path)):
         raise ValueError(
             f"The audio file {path} is truncated: its header declares {info.frames} frames "
             f"({info.frames / info.samplerate:.2f} s) but only {frames_read} ({present_seconds:.2f} s) could be read."
@@ -194,8 +213,8 @@ def load_audio(
     A file holding less audio than its header declares (a cut-off download or copy) is refused, never read as if
     whole: a WAV or AIFF file whose sample-data chunk is shorter than its declared size, an Ogg (Vorbis / Opus) file
     whose last page is cut or lacks the end-of-stream flag, and any file of which fewer frames decode than its header
-    declares (e.g. an MP3 with a Xing header). A cut FLAC file fails to decode and is refused as unreadable. Formats
-    that declare no length (an MP3 without a Xing header, a WAV whose data size is left unknown) cannot be checked.
+    declares (e.g. an MP3 with a Xing / Info header). A cut FLAC file fails to decode and is refused as unreadable.
+    Files that declare no length (an MP3 without such a header, a WAV whose data size is left unknown) are not checked.
 
     Raises:
         OSError: missing or unreadable file.
