@@ -12,7 +12,8 @@ Steps (each resumes): (1) the encoder states of every clip are computed once and
 (2) `transformers.Trainer` trains `HearingModel` on them (checkpoints, resume from the newest complete one); every
 `eval_steps` the dictation WER on the held-out read sentences is logged; (3) `final/` receives
 `hearing_adapter.safetensors` (the trained tensors under their EchoX names, `load_hearing_adapter`) and
-`hearing.json` (settings and the dictation WER, next to Whisper tiny.en's own WER on the same clips).
+`hearing.json` (settings and the dictation WER, next to Whisper tiny.en's own WER on the same clips, whose
+transcripts are kept in `<cache_dir>/whisper_tiny_en.jsonl`).
 
 Options (config fields): `unfrozen_encoder_layers` k > 0 caches the states before the encoder's last k layers and
 trains those layers and the final layer norm too ("partly unfrozen"); `ctc_vocabulary: "corpus"` restricts the CTC
@@ -267,12 +268,14 @@ class HearingModel(nn.Module):
 
     @torch.no_grad()
     def dictate(self, states, lengths, restricted: bool = True) -> list[list[int]]:
-        """CTC greedy transcripts as LLM token ids (argmax per frame, runs collapsed, blanks dropped)."""
-        out = self(states, lengths, restricted=restricted)
-        ids = out["logits"].argmax(-1)
+        """CTC greedy transcripts as LLM token ids (argmax per frame, runs collapsed, blanks dropped). Over the whole
+        table the argmax is the adapter's own (`ctc_argmax`, as at inference)."""
+        frames, counts = self.frames(states, lengths)
         if restricted and len(self.vocab_ids):
-            ids = self.vocab_ids[ids]
-        return [ctc_collapse(row[:count], self.blank_id) for row, count in zip(ids, out["counts"].tolist())]
+            ids = self.vocab_ids[(frames @ self.speech_adapter.ctc_head.weight[self.vocab_ids].T).argmax(-1)]
+        else:
+            ids = self.speech_adapter.ctc_argmax(frames.float())
+        return [ctc_collapse(row[:count], self.blank_id) for row, count in zip(ids, counts.tolist())]
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The trained tensors under their EchoX checkpoint names (the encoder layers as `audio_tower.layers.*`)."""
@@ -441,7 +444,7 @@ def main(config: dict) -> dict:
 
     save_file(model.trained_state(), os.path.join(final, "hearing_adapter.safetensors"))
     dictation = dictation_wer(model, eval_set, tokenizer)
-    whisper = whisper_wer(eval_lines, os.path.join(output_dir, "whisper_heldout.jsonl"))
+    whisper = whisper_wer(eval_lines, os.path.join(cache_dir, "whisper_tiny_en.jsonl"))
     summary = {
         "event": "end", "stage": "hearing", "global_step": trainer.state.global_step,
         "train_loss": result.training_loss, "seconds": round(time.time() - started, 1),
