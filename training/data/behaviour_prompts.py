@@ -1,7 +1,7 @@
 """
 The prompt set of EchoX-mini's behaviour-aligned stage I (`training.stages.stage1_behaviour`): thousands of spoken
 questions and requests over many topics, each answered by the text LLM itself (BLSP, DeSTA2: the model given the
-speech learns to behave as the text LLM given the transcript; `../shared/reference/behaviour-alignment.md`).
+speech learns to behave as the text LLM given the transcript; arXiv 2309.00916, 2409.20007).
 
 Prompts (`prompt_set`) come from templates over word lists and structured data that install offline: faker's English
 nouns, verbs, adjectives, jobs, first names, US states and currencies; `wordfreq`'s vocabulary
@@ -229,6 +229,7 @@ def _families(qa_records: list[dict], vocabulary_words: int, seed: int) -> dict[
     # wordfreq's words beyond the first thousand (those are mostly function words and faker's word classes)
     words = [w for w in vocabulary(vocabulary_words + 2000)[1000:] if w not in lorem and len(w) > 3]
     words = sorted(_rng(seed, "vocabulary").sample(words, min(vocabulary_words, len(words))))
+    names = sorted({normalize_text(name) for name in Person.first_names})
     numbers = sorted({number_words(n) for n in [*range(0, 101), *_rng(seed, "numbers").sample(range(101, 10000), 150)]})
     return {
         "nouns": (NOUN_TEMPLATES, sorted(set(pos["noun"]))),
@@ -241,8 +242,7 @@ def _families(qa_records: list[dict], vocabulary_words: int, seed: int) -> dict[
         "currencies": (CURRENCY_TEMPLATES, sorted({normalize_text(name) for _, name in Currency.currencies})),
         "jobs": (JOB_TEMPLATES, _job_titles()),
         "numbers": (NUMBER_TEMPLATES, numbers),
-        "names": (NAME_TEMPLATES, sorted(_rng(seed, "names").sample(sorted({normalize_text(n) for n in Person.first_names}),
-                                                                     350))),
+        "names": (NAME_TEMPLATES, sorted(_rng(seed, "names").sample(names, 350))),
         "animals": (ANIMAL_TEMPLATES, sorted(set(ANIMALS))),
         "foods": (FOOD_TEMPLATES, sorted(set(FOODS))),
         "pastimes": (PASTIME_TEMPLATES, sorted(set(PASTIMES))),
@@ -430,7 +430,9 @@ def speak_prompts(prompts: list[dict], speech_dir: str, workers: int = 2, seed: 
         digest = hashlib.sha1("|".join(job["id"] for job in chunk).encode()).hexdigest()[:8]
         tasks.append((speech_dir, f"behaviour-{index // CHUNK_SIZE:05d}-{digest}", chunk))
     started = time.perf_counter()
-    pool = get_context("spawn").Pool(workers, initializer=synthesize._init_worker, initargs=(1,)) if workers > 1 else None
+    pool = None
+    if workers > 1:
+        pool = get_context("spawn").Pool(workers, initializer=synthesize._init_worker, initargs=(1,))
     try:
         for number, name in enumerate((pool.imap if pool else map)(_speak_chunk, tasks), start=1):
             if verbose:

@@ -1,5 +1,5 @@
 """
-Stage I, behaviour-aligned (BLSP, BLSP-KD, DeSTA2; `../shared/reference/behaviour-alignment.md`): the model given
+Stage I, behaviour-aligned (BLSP, BLSP-KD, DeSTA2: arXiv 2309.00916, 2405.19041, 2409.20007): the model given
 the SPEECH of a prompt learns to answer as its text LLM answers the TRANSCRIPT.
 
     loss = CE(response) + 0.3 · CTC(transcript)      the model's own stage-I loss (`EchoXForSpeechToSpeech.forward`)
@@ -7,7 +7,8 @@ the SPEECH of a prompt learns to answer as its text LLM answers the TRANSCRIPT.
 
     python -m training.stages.stage1_behaviour --config training/configs/mini_stage1_behaviour.json \
         --set model=build/runs/mini_base --set output_dir=build/runs/mini_stage1_behaviour \
-        --set train_manifest=build/data/stages/s2t_behaviour.jsonl --set taught_manifest=build/data/stages/s2t_train.jsonl
+        --set train_manifest=build/data/stages/s2t_behaviour.jsonl \
+        --set taught_manifest=build/data/stages/s2t_train.jsonl
 
 - `train_manifest`: spoken prompts whose `response_ids` are the text LLM's own greedy answer to the transcript
   (`training.data.behaviour_prompts`). CE makes that answer the target; the KL term adds the text LLM's whole
@@ -188,8 +189,8 @@ def main(config: dict) -> dict:
         from .hearing import load_hearing_adapter
 
         loaded = load_hearing_adapter(model, config["init_adapter"])
-        log_event(config["output_dir"], {"event": "init_adapter", "path": config["init_adapter"], "tensors": len(loaded)},
-                  PartialState().is_main_process)
+        log_event(config["output_dir"], {"event": "init_adapter", "path": config["init_adapter"],
+                                         "tensors": len(loaded)}, PartialState().is_main_process)
     seed = config["training_args"].get("seed", 0)
     dataset = mixed_dataset(config["train_manifest"], config.get("taught_manifest"), config["taught_share"], seed)
     cache = build_feature_cache(model, processor, config, dataset)
