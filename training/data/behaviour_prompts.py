@@ -156,14 +156,13 @@ class OpenSetGuard:
     gives the country probes, its train split the texts that are taught anyway).
     """
 
-    def __init__(self, qa_records: list[dict], seed: int = 0, questions_file: str | None = None):
+    def __init__(self, qa_records: list[dict]):
         import wordfreq
 
         from . import open_questions
         from .reading import held_out_words
 
-        records = open_questions.load_open_questions(questions_file or open_questions.QUESTIONS_FILE)
-        records += open_questions.country_probes(qa_records, seed)
+        records = open_questions.load_open_questions() + open_questions.country_probes(qa_records)
         probe_kinds = set(open_questions.COUNTRY_PROBE_KINDS.values())
         self.prompt_words = set().union(*(open_questions.content_words(r["question"]) for r in records
                                           if r["kind"] not in probe_kinds))
@@ -182,7 +181,7 @@ class OpenSetGuard:
                          if w not in taught and w not in open_questions.STOP_WORDS]
                 if fresh:
                     self.probe_keys.add(min(fresh, key=lambda w: (wordfreq.zipf_frequency(w, "en"), w)))
-        self.held_out = {open_questions.fold(w) for w in held_out_words(qa_records)} | set(held_out_words(qa_records))
+        self.held_out = {open_questions.fold(word) for word in held_out_words(qa_records)}  # as `words` folds them
         self._words, self._content_words = open_questions.words, open_questions.content_words
 
     def prompt_problem(self, prompt: str) -> str | None:
@@ -260,7 +259,7 @@ def prompt_set(qa_records: list[dict], guard: OpenSetGuard | None = None, vocabu
     (prompts `{"id", "prompt", "source"}` in a seeded order, statistics). Every prompt passes `guard` (default: an
     `OpenSetGuard` of `qa_records`); the statistics count what each source kept and dropped.
     """
-    guard = guard or OpenSetGuard(qa_records, seed)
+    guard = guard or OpenSetGuard(qa_records)
     candidates = []
     for source, (templates, values) in _families(qa_records, vocabulary_words, seed).items():
         for value in values:
@@ -517,7 +516,7 @@ def main(argv=None):
     else:
         from training.stages.data import write_manifest
 
-        guard = OpenSetGuard(read_jsonl(args.qa), args.seed)
+        guard = OpenSetGuard(read_jsonl(args.qa))
         records, left_out = stage_records(os.path.join(args.speech, "behaviour.jsonl"),
                                           read_answers(os.path.join(args.out, "answers.jsonl")), guard)
         print(write_manifest(args.manifest, records), len(records), left_out)
