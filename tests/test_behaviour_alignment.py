@@ -130,8 +130,9 @@ def test_targets_are_the_text_llms_greedy_answers_cached_and_resumed(tmp_path):
         assert stored["answer"] == processor.tokenizer.decode(stored["ids"], skip_special_tokens=True).strip()
 
     # the stage-I records: finished answers that the guard lets through, their ids as the target
-    qa = [{"split": "test", "kind": "capital", "item": "capital-atlantis", "question": "what is the capital of atlantis",
-           "answer": "the capital of atlantis is poseidonia", "answers": ["poseidonia"], "phrasing": 0}]
+    qa = [{"split": "test", "kind": "capital", "item": "capital-atlantis",
+           "question": "what is the capital of atlantis", "answer": "the capital of atlantis is poseidonia",
+           "answers": ["poseidonia"], "phrasing": 0}]
     guard = behaviour_prompts.OpenSetGuard(qa)
     speech = write_manifest(str(tmp_path / "behaviour.jsonl"), [
         {"id": f"p{i}", "audio": f"behaviour/p{i}.wav", "text": text} for i, text in enumerate(prompts)])
