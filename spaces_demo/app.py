@@ -3,15 +3,19 @@ EchoX speech-to-speech demo (a Gradio Space).
 
 Ask a question out loud (microphone or an uploaded file) and EchoX answers in text and speech. The spoken answer
 streams: each segment is voiced while the model goes on writing the next one, and the player starts as soon as the
-first segment's audio arrives.
+first segment's audio arrives. When the answer is complete, the whole of it is also given as one 16-bit WAV file: the
+API endpoint `/respond` returns `(text, streamed audio playlist, status, answer.wav)`, so a `gradio_client` script
+gets a playable file.
 
 Run locally: `python spaces_demo/app.py --model DIR` or `echox demo --model DIR` (DIR is any EchoX checkpoint
-directory; default: `$ECHOX_MODEL`, else `build/echox-mini`).
+directory; default: `$ECHOX_MODEL`, else EchoX-mini, built once into the user cache by `ensure_mini`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import io
 import logging
 import os
@@ -23,6 +27,7 @@ import threading
 import time
 import wave
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +41,6 @@ from modeling_echox.streaming import EchoXStreamChunk  # noqa: E402
 
 logger = logging.getLogger("echox.space")
 
-DEFAULT_MODEL_DIR = "build/echox-mini"
 SAMPLING_RATE = 16000
 MODES = ("faithful", "fast")
 QUEUE_MAX_SIZE = 16
@@ -49,6 +53,12 @@ SILENCE_PEAK = 1e-4  # same threshold as modeling_echox.audio_io
 # NUDGE_INTERVAL_S, at most MAX_NUDGES times per segment, so that gradio collects the frames that are ready.
 NUDGE_INTERVAL_S = 0.25
 MAX_NUDGES = 8
+# Gradio keeps a `SessionState` (a copy of the page's component configs and last output values) for every session,
+# that is every page load or `gradio_client.Client`, up to the launch option `state_session_capacity` (10000 by
+# default: over 100 MB). The app keeps no state between requests, so only the most recent sessions are kept.
+SESSION_CAPACITY = 256
+# The whole-answer WAV files are written to gradio's cache: every hour, those older than an hour are deleted.
+CACHE_CLEANUP_S = 3600
 _END = object()
 
 # Spoken example questions, synthesized with flite at start-up (never committed).
@@ -76,6 +86,48 @@ def wav_bytes(audio: np.ndarray, sampling_rate: int = SAMPLING_RATE) -> bytes:
         writer.setframerate(int(sampling_rate))
         writer.writeframes(pcm.tobytes())
     return buffer.getvalue()
+
+
+def _find_malloc_trim():
+    """glibc's `malloc_trim`, or `None` where the C library has none (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """
+    Give the heap memory freed by a finished request back to the operating system. glibc serves the threads of a
+    request (the model's decoding and voicing threads, gradio's workers) from per-thread arenas and keeps what they
+    free for later; from request to request that memory fragments and the server's resident size creeps up (about
+    65 MB per 100 EchoX-mini requests without this; tests/test_space_soak.py). `malloc_trim(0)` returns the free
+    pages of every arena. A no-op where the C library has no `malloc_trim`.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+@contextmanager
+def one_torch_thread():
+    """
+    Run the block on one torch intra-op thread, then restore the thread's count. The Space's thread policy for a
+    request's Whisper features (a few ms on one thread): on more, this thread's idle torch workers keep spinning after
+    them and take the cores from the answer, generated in another thread. Requests run one at a time (the queue's
+    concurrency limit), so no other request changes the count meanwhile.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _decode_file(path: str) -> tuple[int, np.ndarray]:
@@ -200,30 +252,40 @@ class EchoXSpace:
         model, processor = load_echox(model_dir)
         return cls(model, processor)
 
-    def respond(self, audio, mode: str | None = None) -> Iterator[tuple[str, bytes | None, str]]:
+    def respond(self, audio, mode: str | None = None) -> Iterator[tuple[str, bytes | None, str, bytes | None]]:
         """
-        Answer one spoken question. Yields `(answer text so far, wav bytes of the new audio or None, status)` once
-        per voiced segment. Bad input and failures raise `gr.Error` with a friendly message (never a traceback).
+        Answer one spoken question. Yields `(answer text so far, wav bytes of the new audio or None, status, None)`
+        once per voiced segment (and the one-sample nudges, see `NUDGE_INTERVAL_S`), then, when the answer is
+        complete, `(answer text, None, "done …" status, the whole answer as one 16-bit wav file, or None if it has
+        no audio)`. Bad input and failures raise `gr.Error` with a friendly message (never a traceback). When the
+        request ends, however it ends, the memory it freed is returned to the system (`release_freed_memory`).
         """
+        try:
+            yield from self._respond(audio, mode)
+        finally:
+            release_freed_memory()
+
+    def _respond(self, audio, mode: str | None):
         started = time.perf_counter()
         mode = mode if mode in MODES else self.default_mode
         try:
             rate, samples = check_audio(audio, self.max_seconds)
-            inputs = self.processor(audio=samples, sampling_rate=rate)
+            with one_torch_thread():
+                inputs = self.processor(audio=samples, sampling_rate=rate)
         except InputError as error:
             raise gr.Error(str(error), print_exception=False) from None
         except (ValueError, OSError, TypeError) as error:  # the processor's own validation
             raise gr.Error(f"This audio cannot be used: {error}", print_exception=False) from None
 
         text, seconds, first_audio, segments, nudges, last_sample = "", 0.0, None, 0, 0, None
+        pieces, out_rate = [], SAMPLING_RATE  # the answer's audio, for the whole-answer wav
         try:
             for item in self._chunks(inputs, mode):
                 if item is None:  # no new segment for NUDGE_INTERVAL_S
                     if last_sample is not None and nudges < MAX_NUDGES:
                         nudges += 1  # see NUDGE_INTERVAL_S: release the audio gradio's encoder still holds
-                        yield text, wav_bytes(last_sample, SAMPLING_RATE), self._status(
-                            mode, segments, seconds, first_audio, started, False
-                        )
+                        status = self._status(mode, segments, seconds, first_audio, started, False)
+                        yield text, wav_bytes(last_sample, out_rate), status, None
                     continue
                 chunk = item
                 segments += 1
@@ -233,16 +295,21 @@ class EchoXSpace:
                     if first_audio is None:
                         first_audio = time.perf_counter() - started
                     seconds += chunk.audio.size / chunk.sampling_rate
-                    audio_out = wav_bytes(chunk.audio, chunk.sampling_rate)
+                    pieces.append(chunk.audio)
+                    out_rate = chunk.sampling_rate
+                    audio_out = wav_bytes(chunk.audio, out_rate)
                     last_sample, nudges = chunk.audio[-1:], 0
-                yield text, audio_out, self._status(mode, segments, seconds, first_audio, started, chunk.is_last)
+                yield text, audio_out, self._status(mode, segments, seconds, first_audio, started, False), None
         except gr.Error:
             raise
         except Exception:
             logger.exception("EchoX failed while answering")
             raise gr.Error("Sorry, something went wrong while answering. Please try again.", title="Error") from None
         if segments == 0:
-            yield "", None, "The model gave an empty answer."
+            yield "", None, "The model gave an empty answer.", None
+            return
+        whole = wav_bytes(np.concatenate(pieces), out_rate) if pieces else None
+        yield text, None, self._status(mode, segments, seconds, first_audio, started, True), whole
 
     def _chunks(self, inputs, mode: str) -> Iterator[EchoXStreamChunk | None]:
         """The model's chunks, made in a worker thread; `None` whenever none came for `NUDGE_INTERVAL_S`."""
@@ -268,7 +335,8 @@ class EchoXSpace:
             finally:
                 items.put(_END)
 
-        threading.Thread(target=pump, name="echox-space-stream", daemon=True).start()
+        worker = threading.Thread(target=pump, name="echox-space-stream", daemon=True)
+        worker.start()
         try:
             while True:
                 try:
@@ -277,12 +345,13 @@ class EchoXSpace:
                     yield None
                     continue
                 if item is _END:
-                    return
+                    break
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
             stop.set()
+        worker.join()  # it has put _END: the model's threads are done
 
     @staticmethod
     def _status(mode, segments, seconds, first_audio, started, done) -> str:
@@ -309,7 +378,10 @@ def build_demo(model_dir: str, space: EchoXSpace | None = None, examples_dir: st
     space = space or EchoXSpace.from_pretrained(model_dir)
     example_paths = synthesize_examples(examples_dir)
 
-    with gr.Blocks(title="EchoX speech-to-speech") as demo:
+    with gr.Blocks(
+        title="EchoX speech-to-speech",
+        delete_cache=(CACHE_CLEANUP_S, CACHE_CLEANUP_S),
+    ) as demo:
         gr.Markdown(
             DESCRIPTION.format(max_seconds=space.max_seconds, model_dir=os.path.basename(os.path.normpath(model_dir)))
         )
@@ -342,12 +414,20 @@ def build_demo(model_dir: str, space: EchoXSpace | None = None, examples_dir: st
                     elem_id="answer-audio",
                 )
                 answer_text = gr.Textbox(label="Answer", lines=4, interactive=False, elem_id="answer-text")
-                status = gr.Markdown("", elem_id="status")
+                status = gr.Markdown("", label="Status", elem_id="status")
+                # The whole answer as one wav file once it is complete: a playable file for API clients (the
+                # streamed output reaches them as an HLS playlist of AAC segments) and a download in the page.
+                answer_wav = gr.Audio(
+                    label="Whole answer (WAV)",
+                    format="wav",
+                    interactive=False,
+                    elem_id="answer-wav",
+                )
 
         speak.click(
             space.respond,
             inputs=[question, mode],
-            outputs=[answer_text, answer_audio, status],
+            outputs=[answer_text, answer_audio, status, answer_wav],
             api_name="respond",
         )
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
@@ -357,17 +437,26 @@ def build_demo(model_dir: str, space: EchoXSpace | None = None, examples_dir: st
 
 
 def launch_kwargs(demo: gr.Blocks) -> dict:
-    """Launch options every caller needs: the example folder must be servable."""
+    """Launch options every caller needs: the example folder must be servable; few sessions are kept (see above)."""
     folders = sorted({str(Path(p).parent) for p in getattr(demo, "echox_examples", [])})
-    return {"allowed_paths": folders, "ssr_mode": False}
+    return {"allowed_paths": folders, "ssr_mode": False, "state_session_capacity": SESSION_CAPACITY}
+
+
+def default_model_dir(model: str | None = None) -> str:
+    """`model`, else `$ECHOX_MODEL`, else the EchoX-mini checkpoint in the user cache (built first if needed)."""
+    if model or os.environ.get("ECHOX_MODEL"):
+        return model or os.environ["ECHOX_MODEL"]
+    from modeling_echox.echox_mini import ensure_mini
+
+    return ensure_mini()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="EchoX speech-to-speech Gradio demo")
     parser.add_argument(
         "--model",
-        default=os.environ.get("ECHOX_MODEL", DEFAULT_MODEL_DIR),
-        help="EchoX checkpoint directory (default: $ECHOX_MODEL, else build/echox-mini)",
+        default=None,
+        help="EchoX checkpoint directory (default: $ECHOX_MODEL, else EchoX-mini, built once into the user cache)",
     )
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
@@ -378,7 +467,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        demo = build_demo(args.model)
+        demo = build_demo(default_model_dir(args.model))
     except OSError as error:  # a missing or incomplete checkpoint directory
         raise SystemExit(f"echox demo: {error}") from None
     demo.launch(server_name=args.host, server_port=args.port, **launch_kwargs(demo))

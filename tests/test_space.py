@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import wave
 
@@ -23,6 +24,7 @@ from spaces_demo.app import (  # noqa: E402
     EXAMPLE_QUESTIONS,
     EchoXSpace,
     build_demo,
+    default_model_dir,
     launch_kwargs,
     synthesize_examples,
     wav_bytes,
@@ -102,6 +104,26 @@ def _wav_info(data: bytes) -> tuple[int, int, int, int]:
         return reader.getframerate(), reader.getnchannels(), reader.getsampwidth(), reader.getnframes()
 
 
+def _wav_pcm(data: bytes) -> np.ndarray:
+    with wave.open(io.BytesIO(data), "rb") as reader:
+        return np.frombuffer(reader.readframes(reader.getnframes()), dtype="<i2")
+
+
+def _generated(space, wav_path, mode) -> tuple[str, np.ndarray]:
+    """The model's non-streamed answer to the question in `wav_path`: its text, and its waveform as 16-bit PCM."""
+    samples, rate = soundfile.read(wav_path, dtype="float32")
+    inputs = space.processor(audio=samples, sampling_rate=rate)
+    output = space.model.generate(**inputs, tokenizer=space.processor.tokenizer, segmentation_mode=mode)
+    waveform = np.clip(output.waveforms[0].numpy(), -1.0, 1.0)
+    return output.text[0], np.round(waveform * 32767.0).astype(np.int16)
+
+
+def _same_pcm(got: np.ndarray, expected: np.ndarray) -> bool:
+    """Equal sample counts, and equal samples within one 16-bit step (rounding)."""
+    diff = np.abs(got.astype(np.int32) - expected.astype(np.int32))
+    return got.shape == expected.shape and (got.size == 0 or int(diff.max()) <= 1)
+
+
 # ---------------------------------------------------------------------------------------- no server: the generator
 def test_wav_bytes_is_16bit_pcm_and_clips():
     data = wav_bytes(np.array([0.0, 0.5, -1.5, 2.0, np.nan], dtype=np.float32))
@@ -115,11 +137,11 @@ def test_wav_bytes_is_16bit_pcm_and_clips():
 def test_respond_streams_growing_text_and_audio(space, question_wav, mode):
     outputs = list(space.respond(question_wav, mode))
     assert outputs, "no output at all"
-    texts = [text for text, _, _ in outputs]
+    texts = [text for text, _, _, _ in outputs]
     for before, after in zip(texts, texts[1:]):
         assert after.startswith(before)  # the answer only grows
     assert texts[-1].strip()
-    chunks = [audio for _, audio, _ in outputs if audio is not None]
+    chunks = [audio for _, audio, _, _ in outputs if audio is not None]
     assert chunks, "no audio chunk"
     frames = 0
     for chunk in chunks:
@@ -130,8 +152,19 @@ def test_respond_streams_growing_text_and_audio(space, question_wav, mode):
     assert frames > 0
     assert outputs[-1][2].startswith("done")
     assert f"`{mode}`" in outputs[-1][2]
+    assert not any(status.startswith("done") for _, _, status, _ in outputs[:-1])
     if mode == "fast":  # the tiny model's fast rule cuts its answer into more than one segment
         assert len(outputs) >= 2 and texts[0] != texts[-1]
+
+    # The last output: no new streamed audio, the whole answer as one wav (only there), equal to the streamed chunks
+    # joined and to the model's non-streamed answer.
+    assert outputs[-1][1] is None and all(whole is None for _, _, _, whole in outputs[:-1])
+    whole = outputs[-1][3]
+    assert _wav_info(whole)[:3] == (SR, 1, 2)
+    assert np.array_equal(_wav_pcm(whole), np.concatenate([_wav_pcm(chunk) for chunk in chunks]))
+    text, pcm = _generated(space, question_wav, mode)
+    assert texts[-1] == text
+    assert _same_pcm(_wav_pcm(whole), pcm)
 
 
 def _bad_inputs(tmp_path):
@@ -164,7 +197,7 @@ def test_bad_input_gives_a_friendly_error_then_a_good_input_works(space, questio
         assert "Traceback" not in message and "File \"" not in message
     assert "30 seconds" in str(_raise(space, (SR, (1000 * np.ones(31 * SR)).astype(np.int16))))
     outputs = list(space.respond(question_wav, "fast"))  # the space still answers after all that
-    assert outputs[-1][0].strip() and any(audio is not None for _, audio, _ in outputs)
+    assert outputs[-1][0].strip() and any(audio is not None for _, audio, _, _ in outputs)
 
 
 def _raise(space, audio):
@@ -203,12 +236,15 @@ def test_slow_segments_are_followed_by_one_sample_nudges(space, question_wav, mo
 
     monkeypatch.setattr(space.model, "stream", slow_stream)
     outputs = list(space.respond(question_wav, "fast"))
-    sizes = [_wav_info(audio)[3] for _, audio, _ in outputs if audio is not None]
+    sizes = [_wav_info(audio)[3] for _, audio, _, _ in outputs if audio is not None]
     assert sizes[0] == 800 and sizes[-1] == 800
-    nudges = [audio for _, audio, _ in outputs[1:-1] if audio is not None]
+    nudges = [audio for _, audio, _, _ in outputs[1:-2] if audio is not None]
     assert 1 <= len(nudges) <= 8 and all(_wav_info(n)[3] == 1 for n in nudges)
-    assert all(text == "Hello " for text, _, _ in outputs[1:-1])
+    assert all(text == "Hello " for text, _, _, _ in outputs[1:-2])
     assert outputs[-1][0] == "Hello world."
+    # the whole answer holds the two segments, not the nudges
+    expected = np.round(np.concatenate([first, np.full(800, 0.5, np.float32)]) * 32767.0).astype(np.int16)
+    assert np.array_equal(_wav_pcm(outputs[-1][3]), expected)
 
 
 def test_examples_are_synthesized_and_cached(tmp_path, monkeypatch):
@@ -241,13 +277,60 @@ def test_demo_layout_and_queue(checkpoint, space, tmp_path):
     assert len(fns) == 1 and fns[0].concurrency_limit == "default"
     assert demo._queue.default_concurrency_limit == 1  # one request at a time on the shared model
     assert demo._queue.max_size is not None
-    audios = [block for block in demo.blocks.values() if isinstance(block, gr.Audio)]
-    question = next(a for a in audios if not a.streaming)
-    answer = next(a for a in audios if a.streaming)
-    assert question.sources == ["microphone", "upload"]
-    assert answer.autoplay
+    audios = {block.elem_id: block for block in demo.blocks.values() if isinstance(block, gr.Audio)}
+    question, answer, whole = audios["question"], audios["answer-audio"], audios["answer-wav"]
+    assert question.sources == ["microphone", "upload"] and not question.streaming
+    assert answer.autoplay and answer.streaming
+    assert not whole.streaming and whole.format == "wav" and not whole.interactive
+    assert [block.elem_id for block in fns[0].outputs] == ["answer-text", "answer-audio", "status", "answer-wav"]
     radio = next(block for block in demo.blocks.values() if isinstance(block, gr.Radio))
     assert [choice[1] for choice in radio.choices] == ["faithful", "fast"]
+
+
+def test_each_request_gives_its_freed_memory_back(space, question_wav, monkeypatch):
+    """`release_freed_memory` runs once per request however it ends: answered, refused, or left by the listener."""
+    import spaces_demo.app as app
+
+    calls = []
+    monkeypatch.setattr(app, "release_freed_memory", lambda: calls.append(1))
+    list(space.respond(question_wav, "fast"))
+    assert len(calls) == 1
+    with pytest.raises(gr.Error):
+        list(space.respond(None, "fast"))
+    assert len(calls) == 2
+    answer = space.respond(question_wav, "fast")
+    next(answer)
+    assert len(calls) == 2
+    answer.close()  # the listener left after the first segment
+    assert len(calls) == 3
+    for thread in threading.enumerate():  # let the abandoned answer's worker finish before the model is used again
+        if thread.name == "echox-space-stream":
+            thread.join(timeout=60)
+
+
+def test_freed_memory_goes_back_with_glibc():
+    import platform
+
+    import spaces_demo.app as app
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    assert app._MALLOC_TRIM is not None
+    app.release_freed_memory()
+
+
+def test_default_model_is_the_argument_else_env_else_ensure_mini(monkeypatch, tmp_path):
+    import modeling_echox.echox_mini as echox_mini
+    import spaces_demo.app as app
+
+    monkeypatch.setattr(echox_mini, "ensure_mini", lambda: str(tmp_path / "mini"))
+    monkeypatch.delenv("ECHOX_MODEL", raising=False)
+    assert default_model_dir(None) == str(tmp_path / "mini")
+    assert default_model_dir("given/dir") == "given/dir"
+    monkeypatch.setenv("ECHOX_MODEL", "env/dir")
+    assert default_model_dir(None) == "env/dir"
+    assert default_model_dir("given/dir") == "given/dir"
+    assert app.build_parser().parse_args([]).model is None  # resolved at start-up, not when the parser is built
 
 
 def test_cli_has_demo_command():
@@ -268,9 +351,16 @@ def test_api_streams_text_and_audio(served, question_wav):
     job = client.submit(handle_file(question_wav), "fast", api_name="/respond")
     outputs = list(job)
     assert outputs, "the endpoint yielded nothing"
-    text, audio, status = job.outputs()[-1]
+    text, audio, status, whole = job.outputs()[-1]
     assert text.strip() and status.startswith("done")
     assert str(audio).endswith(".m3u8")  # streamed audio is an HLS playlist of AAC segments
+
+    # The whole answer as a wav file the client can play: the model's non-streamed answer, to 16-bit rounding.
+    assert str(whole).endswith(".wav") and os.path.isfile(whole)
+    pcm, rate = soundfile.read(whole, dtype="int16")
+    expected_text, expected_pcm = _generated(served.echox_space, question_wav, "fast")
+    assert rate == SR and text == expected_text
+    assert pcm.size > 0 and _same_pcm(pcm, expected_pcm)
 
     # The stream on the server: AAC segments that decode to audio.
     runs = served.pending_streams[client.session_hash]
@@ -297,8 +387,10 @@ def test_api_streams_text_and_audio(served, question_wav):
     # Bad input: a friendly error, and the next request still works.
     with pytest.raises(AppError, match="No question yet"):
         client.predict(None, "fast", api_name="/respond")
-    text, audio, status = client.predict(handle_file(question_wav), "faithful", api_name="/respond")
+    text, audio, status, whole = client.predict(handle_file(question_wav), "faithful", api_name="/respond")
     assert text.strip() and status.startswith("done")
+    pcm, rate = soundfile.read(whole, dtype="int16")
+    assert rate == SR and _same_pcm(pcm, _generated(served.echox_space, question_wav, "faithful")[1])
     client.close()
 
 
@@ -327,6 +419,13 @@ PLAYING = (
     "() => { const a = document.querySelector('#answer-audio audio'); return !!(a && a.src && a.currentTime > 0); }"
 )
 STATUS = "() => document.querySelector('#status')?.innerText || ''"
+# The whole-answer player draws a waveform (its <audio> element stays empty); its download link holds the file.
+WHOLE_ANSWER_LINK = "() => document.querySelector('#answer-wav a[download]')?.href?.endsWith('.wav') || false"
+# The first 4 bytes of the file that link serves, as text.
+WHOLE_ANSWER_MAGIC = """async () => {
+    const response = await fetch(document.querySelector('#answer-wav a[download]').href);
+    return String.fromCharCode(...new Uint8Array(await response.arrayBuffer()).slice(0, 4));
+}"""
 
 
 def _pick_example(page, question):
@@ -358,6 +457,8 @@ def test_browser_plays_the_streamed_answer(served, browser, shots):
             "() => (document.querySelector('#answer-text textarea')?.value || '').length > 0", timeout=30_000
         )
         _wait_done(page)
+        page.wait_for_function(WHOLE_ANSWER_LINK, timeout=30_000)  # the whole answer's wav, downloadable
+        assert page.evaluate(WHOLE_ANSWER_MAGIC) == "RIFF"
         path = shots / "echox-space-answer.png"
         page.screenshot(path=str(path), full_page=True)
         print(f"\nfirst audio playing {first_audio_s:.2f} s after the click; screenshot: {path}")
@@ -449,3 +550,26 @@ def test_browser_microphone_and_upload(served, browser, shots, question_wav, tmp
         _wait_done(page, before)
     finally:
         page.close()
+
+
+def test_features_are_computed_on_one_torch_thread_and_the_count_is_restored(space, question_wav, monkeypatch):
+    import torch
+
+    processor, seen = space.processor, []
+
+    class Recording:
+        def __call__(self, *args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return processor(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(processor, name)
+
+    monkeypatch.setattr(space, "processor", Recording())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        list(space.respond(question_wav, "fast"))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
