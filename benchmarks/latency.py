@@ -1,13 +1,17 @@
 """Streaming latency of an EchoX checkpoint on spoken questions, per segmentation mode; prints and writes JSON.
 
     python benchmarks/latency.py --model DIR --out latency.json [--questions N] [--manifest FILE.jsonl] [--int8]
-                                 [--compare-speculation] [--compare-core-split]
+                                 [--threads N] [--feature-threads N]
 
 Questions come from `--manifest` (`{"audio": path}` lines, as `echox eval` uses) or are spoken by flite. For each
 mode: first text token and first audio latency (from handing over the whole clip to the processor until the first
-token / first audio sample is ready), total time, real-time factor (compute seconds / seconds of audio produced),
-the peak RSS of the process, and the share of requests whose first segment was voiced ahead of its cut
-(`EchoXAudioStreamer.first_segment_speculated`; "fast" mode only). Each clip runs through every mode in turn.
+token / first audio sample is ready), total time, real-time factor (compute seconds / seconds of audio produced) and
+the peak RSS of the process. Each clip runs through every mode in turn.
+
+Threads are the caller's choice, as in any application: `--threads` sets torch's intra-op threads (the LLM decoding and
+the voicing share them), and the Whisper features of each clip are computed on `--feature-threads` (default 1, the
+caller's count restored afterwards): on more, the main thread's idle torch workers keep spinning after the features
+and take the cores from the generation, which runs in another thread.
 """
 
 import argparse
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from threading import Thread
 
 import numpy as np
@@ -66,14 +71,25 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def request(model, processor, clip: str, mode: str, max_new_tokens: int | None, streamer_options: dict) -> dict:
-    """One streamed answer (`streamer_options`: for `EchoXAudioStreamer`): its first token / first audio / total
-    times (ms), audio seconds, and whether its first segment was voiced ahead."""
+@contextmanager
+def torch_threads(count: int):
+    """Run the block on `count` torch intra-op threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def request(model, processor, clip: str, mode: str, max_new_tokens: int | None, feature_threads: int) -> dict:
+    """One streamed answer: its first token / first audio / total times (ms) and audio seconds."""
     kwargs = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
     audio, rate = soundfile.read(clip, dtype="float32")
     started = time.perf_counter()
-    inputs = processor(audio=audio, sampling_rate=rate)
-    streamer = EchoXAudioStreamer(model, processor.tokenizer, segmentation_mode=mode, **streamer_options)
+    with torch_threads(feature_threads):
+        inputs = processor(audio=audio, sampling_rate=rate)
+    streamer = EchoXAudioStreamer()
     worker = Thread(
         target=model.generate,
         kwargs={**inputs, "tokenizer": processor.tokenizer, "segmentation_mode": mode, "streamer": streamer, **kwargs},
@@ -91,7 +107,6 @@ def request(model, processor, clip: str, mode: str, max_new_tokens: int | None, 
         "first_audio": ((audio_ready or finished) - started) * 1000,
         "total": (finished - started) * 1000,
         "audio_seconds": samples / model.config.vocoder_config.sampling_rate,
-        "ahead": streamer.first_segment_speculated,
     }
 
 
@@ -109,7 +124,6 @@ def summarize(records: list[dict]) -> dict:
         "audio_seconds": produced,
         "rtf": compute / produced if produced else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "first_segment_voiced_ahead": sum(r["ahead"] for r in records) / len(records),
     }
 
 
@@ -121,13 +135,12 @@ def main() -> None:
     parser.add_argument("--manifest", default=None)
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--feature-threads", type=int, default=1,
+                        help="torch threads for each clip's Whisper features (default 1; the count is restored after)")
     parser.add_argument("--int8", action="store_true", help="quantize the LLM layers to int8 (modeling_echox.quantization)")
-    parser.add_argument("--compare-speculation", action="store_true",
-                        help='also measure "fast" with its first segment voiced ahead of its cut (key "fast_speculative")')
-    parser.add_argument("--compare-core-split", action="store_true",
-                        help="also measure both modes with the LLM decoding on one thread and the voicing on another "
-                        '(split_cores=True; keys "faithful_split_cores", "fast_split_cores")')
     args = parser.parse_args()
+    if args.feature_threads < 1:
+        parser.error("--feature-threads must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -145,19 +158,15 @@ def main() -> None:
             clips = [clips[i] for i in sorted(random.Random(0).sample(range(len(clips)), min(args.questions, len(clips))))]
         else:
             clips = spoken_questions(args.questions, directory)
-        request(model, processor, clips[0], "faithful", args.max_new_tokens, {})  # warm-up
-        variants = {"faithful": ("faithful", {}), "fast": ("fast", {})}
-        if args.compare_speculation:
-            variants["fast_speculative"] = ("fast", {"speculate_first_segment": True})
-        if args.compare_core_split:
-            variants["faithful_split_cores"] = ("faithful", {"split_cores": True})
-            variants["fast_split_cores"] = ("fast", {"split_cores": True})
-        records = {name: [] for name in variants}
-        # Every clip goes through all variants in turn, so that the machine's drift in speed hits them alike.
+        request(model, processor, clips[0], "faithful", args.max_new_tokens, args.feature_threads)  # warm-up
+        modes = ("faithful", "fast")
+        records = {mode: [] for mode in modes}
+        # Every clip goes through both modes in turn, so that the machine's drift in speed hits them alike.
         for clip in clips:
-            for name, (mode, options) in variants.items():
-                records[name].append(request(model, processor, clip, mode, args.max_new_tokens, options))
-        result = {"model": os.path.abspath(args.model), "int8": args.int8, "torch_threads": torch.get_num_threads()}
+            for mode in modes:
+                records[mode].append(request(model, processor, clip, mode, args.max_new_tokens, args.feature_threads))
+        result = {"model": os.path.abspath(args.model), "int8": args.int8, "torch_threads": torch.get_num_threads(),
+                  "feature_threads": args.feature_threads}
         result.update({name: summarize(rows) for name, rows in records.items()})
         result["fast_over_faithful_first_audio"] = result["fast"]["first_audio_ms_p50"] / result["faithful"]["first_audio_ms_p50"]
     text = json.dumps(result, indent=2)

@@ -3,8 +3,9 @@
 from transformers import AutoConfig, AutoModel, AutoModelForMultimodalLM, AutoProcessor
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .configuration_echox import EchoXConfig, EchoXVocoderConfig
+from .configuration_echox import EchoXConfig, EchoXEchoDecoderConfig, EchoXVocoderConfig
 from .echox_mini import ensure_mini
+from .generation_configuration_echox import EchoXGenerationConfig
 from .modeling_echox import EchoXForSpeechToSpeech, EchoXGenerationOutput, EchoXOutput, EchoXPreTrainedModel
 from .pipeline_echox import SpeechToSpeechPipeline
 from .processing_echox import EchoXProcessor
@@ -14,10 +15,12 @@ from .unit_vocabulary import EchoXUnitVocabulary
 from .units import EchoXUnitExtractor, EchoXUnitKMeans, fit_kmeans
 from .vocoder import EchoXCodeHifiGan
 from .vocoder_istft import EchoXIstftGenerator
+from .voicing import EchoXVoicer
 
 __version__ = "0.1.0"
 
 AutoConfig.register(EchoXConfig.model_type, EchoXConfig, exist_ok=True)
+AutoConfig.register(EchoXEchoDecoderConfig.model_type, EchoXEchoDecoderConfig, exist_ok=True)
 AutoConfig.register(EchoXVocoderConfig.model_type, EchoXVocoderConfig, exist_ok=True)
 AutoModel.register(EchoXConfig, EchoXForSpeechToSpeech, exist_ok=True)
 AutoModel.register(EchoXVocoderConfig, EchoXCodeHifiGan, exist_ok=True)
@@ -36,7 +39,9 @@ __all__ = [
     "SpeechToSpeechPipeline",
     "EchoXCodeHifiGan",
     "EchoXConfig",
+    "EchoXEchoDecoderConfig",
     "EchoXForSpeechToSpeech",
+    "EchoXGenerationConfig",
     "EchoXGenerationOutput",
     "EchoXIstftGenerator",
     "EchoXOutput",
@@ -46,6 +51,7 @@ __all__ = [
     "EchoXUnitKMeans",
     "EchoXUnitLanguage",
     "EchoXUnitVocabulary",
+    "EchoXVoicer",
     "ensure_mini",
     "fit_kmeans",
     "train_unit_language",

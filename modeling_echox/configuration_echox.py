@@ -1,10 +1,16 @@
-"""Configuration classes of EchoX: the composite `EchoXConfig` and the unit vocoder's `EchoXVocoderConfig`."""
+"""
+Configuration classes of EchoX: the composite `EchoXConfig`, the echo decoder's `EchoXEchoDecoderConfig` and the unit
+vocoder's `EchoXVocoderConfig`. Decoding-time choices (segmentation, echo-decoder output length) live in the
+generation config, `EchoXGenerationConfig`.
+"""
 
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig
+from transformers import AutoConfig, LlamaConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+from .generation_configuration_echox import ECHOX_GENERATION_FIELDS
 
 
 @strict
@@ -91,20 +97,120 @@ class EchoXVocoderConfig(PreTrainedConfig):
         return hop
 
 
-# Token ids of the released (Llama-3 based) EchoX; see `configuration_echox.EchoXConfig` docs.
+# Token ids of the released (Llama-3 based) EchoX.
 _LLAMA3_SPEAKER_HEADER = [128006, 128000, 65576, 128007, 128000, 198]  # <|start_header_id|> BOS "speaker" <|end_header_id|> BOS "\n"
 _LLAMA3_EOT = 128009
+
+
+@strict
+class EchoXEchoDecoderConfig(LlamaConfig):
+    r"""
+    Configuration of the echo decoder: a small Llama decoder (the [`LlamaConfig`] fields; the defaults are the released
+    EchoX's, 8 layers, 768 wide, 12 heads) that reads the LLM's hidden states of a text segment and writes its
+    unit-language tokens, and its denoising adapter.
+
+    Reading a segment:
+        prefix_ids / suffix_ids: text ids embedded before / after each segment's hidden states (`None`: the released
+            Llama-3 speaker header; eot + speaker header).
+        prefix_quirk_id: original quirk. At inference the released model appends id 12800 (a typo of 128000 in its
+            training code) to the prefix of every segment; `None` disables it.
+        spelling_length: `0` (released): each segment token is one input position. `N > 0`: each token is spelled out,
+            one position per byte of its lowercase text (at most `N` bytes), holding the token's vector plus a learned
+            byte embedding (needs training with it, and the tokenizer's spelling table:
+            `model.echo_decoder.set_token_spelling(tokenizer)`).
+        denoiser_intermediate_size: hidden width of the denoising adapter (`None` → the LLM's intermediate size).
+
+    Writing units:
+        decoder_type: `"autoregressive"` (released): the decoder writes unit tokens one by one after the segment.
+            `"ctc"`: it reads the segment once, with attention both ways, each input position repeated `ctc_upsample`
+            times, and every position gives a unit token or the blank (the eos row of the units-only head); repeats are
+            merged and blanks dropped (CTC). The alignment is monotonic by construction, and one forward pass voices a
+            segment (needs `units_only_head`, and training with it).
+        ctc_upsample: positions per input position of the CTC decoder (its output can be at most this many times as
+            long as its input).
+        units_only_head: `False` (released): the output layer spans the whole joint vocabulary (LLM text ids + unit
+            tokens), although it only ever emits unit tokens and the eos. `True`: it spans just those
+            (`unit_vocab_size + 1` rows), ~50× cheaper for a small LLM vocabulary (needs training with it).
+        unit_eos_token_id: the joint-vocabulary id that ends an echo-decoder run and every unit target (released:
+            128009 = `<|eot_id|>`).
+
+    `vocab_size` is 1 and the Llama's own special token ids are unset: the decoder embeds through the LLM's output
+    table and its own unit table, not a token table.
+    """
+
+    model_type = "echox_echo_decoder"
+
+    vocab_size: int = 1
+    hidden_size: int = 768
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 12
+    num_key_value_heads: int | None = 12
+    head_dim: int | None = 64
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    prefix_ids: list[int] | None = None
+    suffix_ids: list[int] | None = None
+    prefix_quirk_id: int | None = 12800
+    spelling_length: int = 0
+    denoiser_intermediate_size: int | None = None
+    decoder_type: Literal["autoregressive", "ctc"] = "autoregressive"
+    ctc_upsample: int = 3
+    units_only_head: bool = False
+    unit_eos_token_id: int = _LLAMA3_EOT
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.prefix_ids is None:
+            self.prefix_ids = list(_LLAMA3_SPEAKER_HEADER)
+        if self.suffix_ids is None:
+            self.suffix_ids = [_LLAMA3_EOT, *_LLAMA3_SPEAKER_HEADER]
+        if self.spelling_length < 0:
+            raise ValueError(f"EchoXEchoDecoderConfig: spelling_length must be >= 0, got {self.spelling_length}.")
+        if self.decoder_type not in ("autoregressive", "ctc"):
+            raise ValueError(
+                f"EchoXEchoDecoderConfig: decoder_type must be 'autoregressive' or 'ctc', got {self.decoder_type!r}."
+            )
+        if self.decoder_type == "ctc" and not self.units_only_head:
+            raise ValueError("EchoXEchoDecoderConfig: decoder_type='ctc' needs units_only_head=True (its eos row is the blank).")
+        if self.ctc_upsample < 1:
+            raise ValueError(f"EchoXEchoDecoderConfig: ctc_upsample must be >= 1, got {self.ctc_upsample}.")
+
+    def validate_token_ids(self):
+        """The echo decoder's ids are joint-vocabulary ids (LLM text, then units), not ids of its 1-row token table;
+        `EchoXConfig` checks them against the joint vocabulary."""
+
+
+# Fields of the first `config.json` layout: echo-decoder fields at the top level, renamed in `EchoXEchoDecoderConfig`.
+_TOP_LEVEL_ECHO_FIELDS = {
+    "echo_intermediate_size": "denoiser_intermediate_size",
+    "echo_prefix_ids": "prefix_ids",
+    "echo_suffix_ids": "suffix_ids",
+    "echo_prefix_quirk_id": "prefix_quirk_id",
+    "echo_units_only_head": "units_only_head",
+    "echo_spelling_length": "spelling_length",
+    "echo_decoder_type": "decoder_type",
+    "echo_ctc_upsample": "ctc_upsample",
+    "echo_eos_token_id": "unit_eos_token_id",
+}
+# ... and fields it had that nothing read (the processor owns the input length; the vocoder, the output rate).
+_UNREAD_FIELDS = ("sampling_rate", "max_audio_seconds")
 
 
 @strict
 class EchoXConfig(PreTrainedConfig):
     r"""
     Configuration of [`EchoXForSpeechToSpeech`]: speech encoder → speech adapter → LLM → echo decoder → unit vocoder.
+    Decoding-time choices (where the answer is cut into spoken segments, the echo decoder's output length) are in the
+    model's generation config, [`EchoXGenerationConfig`].
 
     Sub-configs:
         audio_config: a `WhisperConfig`; only its encoder part is used.
         text_config: the LLM, any causal LM config (`LlamaConfig`, `Qwen2Config`, ...).
-        echo_config: the echo decoder's transformer, a small `LlamaConfig` (released: 8 layers, 768 wide, 12 heads).
+        echo_config: the echo decoder, an [`EchoXEchoDecoderConfig`].
         vocoder_config: an [`EchoXVocoderConfig`].
 
     Speech adapter:
@@ -121,81 +227,36 @@ class EchoXConfig(PreTrainedConfig):
             `True`: the encoder still runs on the whole window, but each clip's adapter sees only that clip's real
             frames (+ 4, `AUDIO_CROP_MARGIN`), so answers do not depend on the batch and the adapter and its CTC head
             are several times cheaper on short questions (needs training with it: EchoX-mini does).
-        encoder_window: `"full"` (released): the speech encoder runs on the whole `max_audio_seconds` window, padding
-            included. `"clip"` (needs `crop_audio_padding`): it runs on each clip's cropped frames only (several times
-            faster on short questions; the frames then never attend to padding, so the adapter must be trained with
-            it: EchoX-mini is). Encoder states stay window-sized, zero after the frames that were encoded.
+        encoder_window: `"full"` (released): the speech encoder runs on its whole window (`audio_config`'s
+            `max_source_positions`), padding included. `"clip"` (needs `crop_audio_padding`): it runs on each clip's
+            cropped frames only (several times faster on short questions; the frames then never attend to padding, so
+            the adapter must be trained with it: EchoX-mini is). Encoder states stay window-sized, zero after the frames
+            that were encoded.
 
     Prompt:
         mask_eot_in_prompt: original quirk. The released model uses `<|eot_id|>` as padding and masks every eot of
             the prompt out of attention (positions still count).
         text_pad_token_id: the LLM pad id (released: 128009 = `<|eot_id|>`).
-        max_audio_seconds: longest input clip (the Whisper window); longer clips are refused, never truncated.
 
-    Units and the echo decoder:
-        num_units: size of the acoustic unit inventory (k-means K; released 1000). Decoded units ≥ K are dropped.
+    Units:
+        num_units: size of the acoustic unit inventory (k-means K; released 1000); must equal the vocoder's
+            `num_units`. Decoded units ≥ K are dropped.
         unit_vocab_size: number of unit-language tokens `<|unit_...|>`.
         unit_token_offset: id of the first unit-language token in the echo decoder's vocabulary; ids below it are LLM
             text ids (released: 128257 = LLM vocabulary size).
-        echo_intermediate_size: hidden width of the denoising adapter (`None` → LLM intermediate size).
-        echo_prefix_ids / echo_suffix_ids: text ids embedded before / after each segment's hidden states (speaker
-            header; eot + speaker header).
-        echo_prefix_quirk_id: original quirk. At inference the released model appends id 12800 (a typo of 128000
-            in its training code) to the prefix of every segment; `None` disables it.
-        echo_units_only_head: `False` (released): the echo decoder's output layer spans the whole joint vocabulary
-            (LLM text ids + unit tokens), although it only ever emits unit tokens and the eos. `True`: it spans just
-            those (`unit_vocab_size + 1` rows), ~50× cheaper for a small LLM vocabulary (needs training with it).
-        echo_spelling_length: `0` (released): each segment token is one input position of the echo decoder. `N > 0`:
-            each token is spelled out, one position per byte of its lowercase text (at most `N` bytes), holding the
-            token's vector plus a learned byte embedding (needs training with it, and the tokenizer's spelling table:
-            `model.echo_decoder.set_token_spelling(tokenizer)`).
-        echo_decoder_type: `"autoregressive"` (released): the echo decoder writes unit tokens one by one after the
-            segment. `"ctc"`: it reads the segment once, with attention both ways, each input position repeated
-            `echo_ctc_upsample` times, and every position gives a unit token or the blank (the eos row of the units-only
-            head); repeats are merged and blanks dropped (CTC). The alignment is monotonic by construction, and one
-            forward pass voices a segment (needs `echo_units_only_head`, and training with it).
-        echo_ctc_upsample: positions per input position of the CTC echo decoder (its output can be at most this many
-            times as long as its input).
-        echo_eos_token_id: id that ends an echo-decoder run (released: 128009).
-        echo_max_new_tokens: longest echo-decoder output per segment.
         unit_max_piece_length: most acoustic units in one unit-language piece (width of the model's unit table).
         denoise_loss_cap: the denoising loss is scaled down to at most this fraction of the echo CE loss.
 
-    Streaming rule (segmentation of the text into echo segments):
-        segment_boundary_token_id: the token whose output embedding the hidden states are compared with (".").
-        segment_lookahead: tokens looked ahead to confirm a peak of the cosine score.
-        segment_min_tokens / segment_score_threshold: cut at a peak above the threshold once a segment has this many tokens.
-        segment_max_tokens: cut at any peak once a segment has this many tokens.
-        segmentation_mode: the default rule, "faithful" (the above) or "fast" (word boundaries, see below).
-        fast_first_segment_tokens: the "fast" rule's first segment ends at the first word boundary after this many tokens.
-        fast_first_segment_whole_words: `True`: that boundary is confirmed by the next token (one LLM step later).
-            `False`: the first segment is exactly the first `fast_first_segment_tokens` tokens, voiced at once, even
-            when they end inside a word.
-        fast_min_segment_tokens / fast_max_segment_tokens: later "fast" segments end at punctuation once they hold
-            `min` tokens, or at any word boundary once they hold `max`.
+    A `config.json` in the first layout (echo-decoder fields `echo_*` at the top level, segmentation fields in the
+    model config) loads as the same model: the echo fields move into `echo_config`, and the segmentation fields become
+    the defaults of the model's generation config (`EchoXGenerationConfig.from_model_config`).
     """
 
     model_type = "echox"
     sub_configs_defaults = {
         "audio_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper"),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-        "echo_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="llama",
-            init_kwargs={
-                "hidden_size": 768,
-                "intermediate_size": 2048,
-                "num_hidden_layers": 8,
-                "num_attention_heads": 12,
-                "num_key_value_heads": 12,
-                "head_dim": 64,
-                "max_position_embeddings": 2048,
-                "vocab_size": 1,  # the echo decoder embeds through the LLM's and its own unit tables, not this one
-                "bos_token_id": None,
-                "eos_token_id": None,
-                "pad_token_id": None,
-            },
-        ),
+        "echo_config": SubConfigSpec(config_class=EchoXEchoDecoderConfig),
         "vocoder_config": SubConfigSpec(config_class=EchoXVocoderConfig),
     }
 
@@ -216,58 +277,40 @@ class EchoXConfig(PreTrainedConfig):
 
     mask_eot_in_prompt: bool = True
     text_pad_token_id: int | None = _LLAMA3_EOT
-    max_audio_seconds: float = 30.0
-    sampling_rate: int = 16000
 
     num_units: int = 1000
     unit_vocab_size: int = 1000
     unit_token_offset: int = 128257
-    echo_intermediate_size: int | None = None
-    echo_prefix_ids: list[int] | None = None
-    echo_suffix_ids: list[int] | None = None
-    echo_prefix_quirk_id: int | None = 12800
-    echo_units_only_head: bool = False
-    echo_spelling_length: int = 0
-    echo_decoder_type: Literal["autoregressive", "ctc"] = "autoregressive"
-    echo_ctc_upsample: int = 3
-    echo_eos_token_id: int = _LLAMA3_EOT
-    echo_max_new_tokens: int = 2048
     unit_max_piece_length: int = 1
     denoise_loss_cap: float = 0.2
-
-    segment_boundary_token_id: int = 13
-    segment_lookahead: int = 5
-    segment_min_tokens: int = 20
-    segment_score_threshold: float = 0.1
-    segment_max_tokens: int = 50
-    segmentation_mode: Literal["faithful", "fast"] = "faithful"
-    fast_first_segment_tokens: int = 3
-    fast_first_segment_whole_words: bool = True
-    fast_min_segment_tokens: int = 8
-    fast_max_segment_tokens: int = 24
 
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        self._generation_defaults = {name: kwargs.pop(name) for name in ECHOX_GENERATION_FIELDS if name in kwargs}
+        self._move_top_level_echo_fields(kwargs)
+        for name in _UNREAD_FIELDS:
+            kwargs.pop(name, None)
         super().__post_init__(**kwargs)
-        if self.echo_prefix_ids is None:
-            self.echo_prefix_ids = list(_LLAMA3_SPEAKER_HEADER)
-        if self.echo_suffix_ids is None:
-            self.echo_suffix_ids = [_LLAMA3_EOT, *_LLAMA3_SPEAKER_HEADER]
         if self.unit_token_offset != self.text_config.vocab_size:
             raise ValueError(
                 f"EchoXConfig: unit_token_offset ({self.unit_token_offset}) must equal the LLM vocabulary size "
                 f"(text_config.vocab_size = {self.text_config.vocab_size}): unit tokens follow the text ids."
             )
-        if self.echo_spelling_length < 0:
-            raise ValueError(f"EchoXConfig: echo_spelling_length must be >= 0, got {self.echo_spelling_length}.")
-        if self.echo_decoder_type not in ("autoregressive", "ctc"):
-            raise ValueError(f"EchoXConfig: echo_decoder_type must be 'autoregressive' or 'ctc', got {self.echo_decoder_type!r}.")
-        if self.echo_decoder_type == "ctc" and not self.echo_units_only_head:
-            raise ValueError("EchoXConfig: echo_decoder_type='ctc' needs echo_units_only_head=True (its eos row is the blank).")
-        if self.echo_ctc_upsample < 1:
-            raise ValueError(f"EchoXConfig: echo_ctc_upsample must be >= 1, got {self.echo_ctc_upsample}.")
+        if self.num_units != self.vocoder_config.num_units:
+            raise ValueError(
+                f"EchoXConfig: num_units ({self.num_units}) must equal the vocoder's (vocoder_config.num_units = "
+                f"{self.vocoder_config.num_units}): the vocoder voices exactly the units the unit table spells."
+            )
+        echo_ids = {"unit_eos_token_id": [self.echo_config.unit_eos_token_id], "prefix_ids": self.echo_config.prefix_ids,
+                    "suffix_ids": self.echo_config.suffix_ids}
+        for name, ids in echo_ids.items():
+            if any(not 0 <= i < self.echo_vocab_size for i in ids):
+                raise ValueError(
+                    f"EchoXConfig: echo_config.{name} {ids} holds ids outside the echo decoder's vocabulary "
+                    f"(LLM text ids and unit tokens: 0 to {self.echo_vocab_size - 1})."
+                )
         if self.encoder_window not in ("full", "clip"):
             raise ValueError(f"EchoXConfig: encoder_window must be 'full' or 'clip', got {self.encoder_window!r}.")
         if self.encoder_window == "clip" and not self.crop_audio_padding:
@@ -283,6 +326,27 @@ class EchoXConfig(PreTrainedConfig):
                 f"adapter_num_heads={self.adapter_heads}."
             )
 
+    def _move_top_level_echo_fields(self, kwargs: dict) -> None:
+        """
+        First layout: `echo_config` was a plain `LlamaConfig` (model type "llama") and the echo decoder's other fields
+        were top-level `echo_*` kwargs (their defaults then were the released values, as now).
+        """
+        moved = {new: kwargs.pop(old) for old, new in _TOP_LEVEL_ECHO_FIELDS.items() if old in kwargs}
+        echo = self.echo_config
+        if isinstance(echo, PreTrainedConfig) and (moved or not isinstance(echo, EchoXEchoDecoderConfig)):
+            echo = echo.to_dict()
+        is_llama_dict = isinstance(echo, dict) and echo.get("model_type") == "llama"
+        if not moved and not is_llama_dict:
+            return
+        if is_llama_dict:
+            echo = {k: v for k, v in LlamaConfig(**echo).to_dict().items() if k not in ("model_type", "transformers_version")}
+        self.echo_config = {**(echo or {}), **moved}
+
+    def to_dict(self):
+        output = super().to_dict()
+        output.pop("_generation_defaults", None)
+        return output
+
     @property
     def adapter_heads(self) -> int:
         return self.adapter_num_heads or self.text_config.num_attention_heads
@@ -293,16 +357,12 @@ class EchoXConfig(PreTrainedConfig):
 
     @property
     def denoiser_dim(self) -> int:
-        return self.echo_intermediate_size or self.text_config.intermediate_size
+        return self.echo_config.denoiser_intermediate_size or self.text_config.intermediate_size
 
     @property
     def echo_vocab_size(self) -> int:
         """Size of the echo decoder's output vocabulary: LLM text ids, then the unit-language tokens."""
         return self.unit_token_offset + self.unit_vocab_size
 
-    @property
-    def max_audio_samples(self) -> int:
-        return int(self.max_audio_seconds * self.sampling_rate)
 
-
-__all__ = ["EchoXConfig", "EchoXVocoderConfig"]
+__all__ = ["EchoXConfig", "EchoXEchoDecoderConfig", "EchoXVocoderConfig"]

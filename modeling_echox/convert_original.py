@@ -17,11 +17,12 @@ import re
 import struct
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, WhisperConfig, WhisperFeatureExtractor
+from transformers import AutoTokenizer, LlamaConfig, WhisperConfig, WhisperFeatureExtractor
 from transformers.dynamic_module_utils import custom_object_save
 
 from .configuration_echox import EchoXConfig
 from .convert_fairseq_vocoder import convert_fairseq_vocoder
+from .generation_configuration_echox import EchoXGenerationConfig
 from .modeling_echox import EchoXForSpeechToSpeech
 from .processing_echox import EchoXProcessor
 from .unit_vocabulary import EchoXUnitVocabulary
@@ -312,8 +313,9 @@ def text_config_from_original(original: dict) -> dict:
 
 def echo_config_from_original(original: dict, text_config: dict, shapes: dict[str, tuple]) -> dict:
     """
-    The echo decoder's `LlamaConfig` as a dict: number of heads from the original `unit_model` preset, layers and widths
-    from the checkpoint's tensor shapes, RoPE / norm / activation settings inherited from the LLM, 2048 positions.
+    The echo decoder's transformer settings (the Llama fields of `EchoXEchoDecoderConfig`) as a dict: number of heads
+    from the original `unit_model` preset, layers and widths from the checkpoint's tensor shapes, RoPE / norm /
+    activation settings inherited from the LLM, 2048 positions.
     """
     unit_model = original.get("unit_model")
     if unit_model is None:
@@ -344,7 +346,6 @@ def echo_config_from_original(original: dict, text_config: dict, shapes: dict[st
             expected,
         )
     return {
-        "model_type": "llama",
         "hidden_size": shape_hidden,
         "intermediate_size": shape_ffn,
         "num_hidden_layers": len(layer_numbers),
@@ -492,7 +493,13 @@ def convert_original(
     config = EchoXConfig(
         audio_config=whisper_config.to_dict(),
         text_config=text_config,
-        echo_config=echo_config,
+        echo_config={
+            **echo_config,
+            "prefix_ids": speaker_header,
+            "suffix_ids": [eot, *speaker_header],
+            "prefix_quirk_id": PREFIX_QUIRK_ID,
+            "unit_eos_token_id": eot,
+        },
         vocoder_config=vocoder.config.to_dict(),
         audio_token_id=audio_token_id,
         adapter_frame_stack=projector_in // whisper_config.d_model,
@@ -502,11 +509,6 @@ def convert_original(
         unit_vocab_size=unit_vocab_size,
         unit_token_offset=vocab_size,
         unit_max_piece_length=unit_table.shape[1],
-        echo_prefix_ids=speaker_header,
-        echo_suffix_ids=[eot, *speaker_header],
-        echo_prefix_quirk_id=PREFIX_QUIRK_ID,
-        echo_eos_token_id=eot,
-        segment_boundary_token_id=piece(".")[-1],
     )
     config.dtype = str(dtype).removeprefix("torch.") if dtype is not None else llm_dtype
     config.architectures = [EchoXForSpeechToSpeech.__name__]
@@ -595,7 +597,7 @@ def convert_original(
 
     custom_object_save(model, out_dir, config=config)  # the model code, and `auto_map` in the config
     config.save_pretrained(out_dir)
-    GenerationConfig(
+    generation_config = EchoXGenerationConfig(
         do_sample=True,
         temperature=0.2,
         top_p=0.9,
@@ -604,7 +606,9 @@ def convert_original(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eot,
         pad_token_id=pad,
-    ).save_pretrained(out_dir)
+        segment_boundary_token_id=piece(".")[-1],
+    )
+    EchoXGenerationConfig.from_generation_config(generation_config).save_pretrained(out_dir)  # other fields: defaults
     processor = EchoXProcessor(
         feature_extractor=WhisperFeatureExtractor.from_pretrained(whisper_dir),
         tokenizer=tokenizer,

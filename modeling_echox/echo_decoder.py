@@ -13,22 +13,24 @@ class EchoXEchoDecoder(nn.Module):
     `unit_embedding`; every input vector (text, unit or denoised hidden state) goes through `projection` into the
     decoder width. `denoiser` (the paper's denoising adapter) maps LLM hidden states towards the text table.
 
-    Input layout of one segment: `prefix_ids` (+ the quirk id), `denoiser(h_segment)` (or the text embeddings of the
-    segment's gold tokens when training text-to-codec), `suffix_ids`, then unit tokens up to `echo_eos_token_id`.
+    Its settings are `config.echo_config` (an `EchoXEchoDecoderConfig`). Input layout of one segment: `prefix_ids` (+ the
+    quirk id), `denoiser(h_segment)` (or the text embeddings of the segment's gold tokens when training text-to-codec),
+    `suffix_ids`, then unit tokens up to `unit_eos_token_id`.
 
-    With `echo_spelling_length` > 0 (not in the released model), each segment token is spelled out: one input position
+    With `spelling_length` > 0 (not in the released model), each segment token is spelled out: one input position
     per byte of its lowercase text (`token_spelling`, see `set_token_spelling`), holding the token's vector plus the
     byte's embedding (`byte_embedding`), so words the decoder never heard still come with their letters.
 
-    With `echo_decoder_type="ctc"` (not in the released model) the decoder reads a segment once instead of writing
-    after it: the segment's positions only (no prefix or suffix), each repeated `echo_ctc_upsample` times (plus
+    With `decoder_type="ctc"` (not in the released model) the decoder reads a segment once instead of writing
+    after it: the segment's positions only (no prefix or suffix), each repeated `ctc_upsample` times (plus
     `upsample_embedding` of its copy index), attend to each other both ways, and each gives a unit token or the blank.
     """
 
     def __init__(self, config):
         super().__init__()
         hidden = config.text_config.hidden_size
-        width = config.echo_config.hidden_size
+        echo = config.echo_config
+        width = echo.hidden_size
         self.config = config
         self.denoiser = nn.Sequential(
             nn.Linear(hidden, config.denoiser_dim),
@@ -36,35 +38,35 @@ class EchoXEchoDecoder(nn.Module):
             nn.Dropout(0.1),
             nn.Linear(config.denoiser_dim, hidden),
         )
-        self.reads_once = config.echo_decoder_type == "ctc"
+        self.reads_once = echo.decoder_type == "ctc"
         if self.reads_once:
-            self.upsample_embedding = nn.Embedding(config.echo_ctc_upsample, width)
+            self.upsample_embedding = nn.Embedding(echo.ctc_upsample, width)
         else:
             self.unit_embedding = nn.Embedding(config.unit_vocab_size, hidden)
         self.projection = nn.Linear(hidden, width)
-        self.decoder = LlamaModel(config.echo_config)
+        self.decoder = LlamaModel(echo)
         # Inputs always arrive as embeddings; the Llama's own token table would be dead weight.
         self.decoder.embed_tokens = None
-        # Released: logits over the joint vocabulary. `echo_units_only_head`: over the unit tokens + the eos only.
-        outputs = config.unit_vocab_size + 1 if config.echo_units_only_head else config.echo_vocab_size
+        # Released: logits over the joint vocabulary. `units_only_head`: over the unit tokens + the eos only.
+        outputs = config.unit_vocab_size + 1 if echo.units_only_head else config.echo_vocab_size
         self.lm_head = nn.Linear(width, outputs, bias=False)
-        if config.echo_spelling_length:
+        if echo.spelling_length:
             self.byte_embedding = nn.Embedding(256, hidden)
             self.register_buffer(
                 "token_spelling",
-                torch.zeros(config.text_config.vocab_size, config.echo_spelling_length, dtype=torch.uint8),
+                torch.zeros(config.text_config.vocab_size, echo.spelling_length, dtype=torch.uint8),
             )
 
     @property
     def spells(self) -> bool:
-        return bool(self.config.echo_spelling_length)
+        return bool(self.config.echo_config.spelling_length)
 
     def set_token_spelling(self, tokenizer) -> None:
-        """Fill `token_spelling` from the LLM's tokenizer: each id's lowercase UTF-8 text, cut to `echo_spelling_length`
+        """Fill `token_spelling` from the LLM's tokenizer: each id's lowercase UTF-8 text, cut to `spelling_length`
         bytes (special tokens: none)."""
         if not self.spells:
-            raise ValueError("set_token_spelling needs a config with echo_spelling_length > 0.")
-        length = self.config.echo_spelling_length
+            raise ValueError("set_token_spelling needs an echo_config with spelling_length > 0.")
+        length = self.config.echo_config.spelling_length
         special = set(tokenizer.all_special_ids)
         table = torch.zeros_like(self.token_spelling)
         for index in range(min(len(tokenizer), table.shape[0])):
@@ -95,28 +97,28 @@ class EchoXEchoDecoder(nn.Module):
 
     def ids_from_logit_index(self, index: torch.LongTensor) -> torch.LongTensor:
         """Output-row indices of `lm_head` → joint-vocabulary ids (identity for the released joint head)."""
-        if not self.config.echo_units_only_head:
+        if not self.config.echo_config.units_only_head:
             return index
         units = self.config.unit_vocab_size
-        return torch.where(index < units, index + self.config.unit_token_offset, self.config.echo_eos_token_id)
+        return torch.where(index < units, index + self.config.unit_token_offset, self.config.echo_config.unit_eos_token_id)
 
     def logit_index_from_ids(self, ids: torch.LongTensor, ignore_index: int = -100) -> torch.LongTensor:
         """Joint-vocabulary target ids → output-row indices of `lm_head` (`ignore_index` is kept)."""
-        if not self.config.echo_units_only_head:
+        if not self.config.echo_config.units_only_head:
             return ids
-        offset, units = self.config.unit_token_offset, self.config.unit_vocab_size
-        index = torch.where(ids == self.config.echo_eos_token_id, torch.full_like(ids, units), ids - offset)
-        valid = (ids == self.config.echo_eos_token_id) | ((ids >= offset) & (ids < offset + units))
+        offset, units, eos = self.config.unit_token_offset, self.config.unit_vocab_size, self.config.echo_config.unit_eos_token_id
+        index = torch.where(ids == eos, torch.full_like(ids, units), ids - offset)
+        valid = (ids == eos) | ((ids >= offset) & (ids < offset + units))
         if bool(((ids != ignore_index) & ~valid).any()):
-            raise ValueError("Echo targets must be unit-language tokens or the echo eos with echo_units_only_head.")
+            raise ValueError("Echo targets must be unit-language tokens or the echo eos with a units-only head.")
         return torch.where(ids == ignore_index, ids, index)
 
     def ctc_logits(self, segments: list[torch.Tensor]) -> tuple[torch.Tensor, torch.LongTensor]:
         """
         CTC decoder: the LLM-space inputs of each segment `[n_i, H]` (denoised or embedded, and spelled) → logits
-        `[B, T, U + 1]` over the unit tokens and the blank (last row), and each row's length `n_i * echo_ctc_upsample`.
+        `[B, T, U + 1]` over the unit tokens and the blank (last row), and each row's length `n_i * ctc_upsample`.
         """
-        upsample = self.config.echo_ctc_upsample
+        upsample = self.config.echo_config.ctc_upsample
         rows = [
             self.projection(segment).repeat_interleave(upsample, dim=0)
             + self.upsample_embedding.weight.repeat(segment.shape[0], 1).to(segment.dtype)
@@ -143,7 +145,8 @@ class EchoXEchoDecoder(nn.Module):
         """
         inputs = [self.read_positions(s, ids) for s, ids in zip(segments, token_ids, strict=True)]
         logits, lengths = self.ctc_logits(inputs)
-        labels = [self.logit_index_from_ids(target[target != self.config.echo_eos_token_id]) for target in targets]
+        eos = self.config.echo_config.unit_eos_token_id
+        labels = [self.logit_index_from_ids(target[target != eos]) for target in targets]
         log_probs = nn.functional.log_softmax(logits.float(), dim=-1).transpose(0, 1)
         return nn.functional.ctc_loss(
             log_probs,
@@ -189,16 +192,17 @@ class EchoXEchoDecoder(nn.Module):
         """
         `[prefix; segment; suffix]` in the LLM hidden space for one segment `[n, H]` (already denoised or embedded;
         spelled out when the decoder spells, which needs the segment's `token_ids` `[n]`).
-        The released training code appended `echo_prefix_quirk_id` to every prefix but a response's first segment's;
+        The released training code appended `prefix_quirk_id` to every prefix but a response's first segment's;
         its inference appends it to all (`with_quirk_id=True`).
         """
+        echo = self.config.echo_config
         segment = self.read_positions(segment, token_ids)
-        prefix = list(self.config.echo_prefix_ids)
-        if with_quirk_id and self.config.echo_prefix_quirk_id is not None:
-            prefix.append(self.config.echo_prefix_quirk_id)
+        prefix = list(echo.prefix_ids)
+        if with_quirk_id and echo.prefix_quirk_id is not None:
+            prefix.append(echo.prefix_quirk_id)
         device = segment.device
         prefix = self.embed_ids(torch.tensor(prefix, device=device), text_table)
-        suffix = self.embed_ids(torch.tensor(list(self.config.echo_suffix_ids), device=device), text_table)
+        suffix = self.embed_ids(torch.tensor(list(echo.suffix_ids), device=device), text_table)
         return torch.cat([prefix, segment.to(prefix.dtype), suffix])
 
     def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
@@ -229,29 +233,32 @@ class EchoXEchoDecoder(nn.Module):
         Args:
             segments: LLM hidden states `[n_i, H]` of each segment (the denoiser is applied here).
             text_table: the LLM output-embedding table `[V, H]`.
-            max_new_tokens: default `echo_max_new_tokens` of the config.
+            max_new_tokens: most tokens written per segment (`None`: the autoregressive decoder writes until its eos
+                or its last position, `max_position_embeddings`; the CTC decoder's output is not cut). The model passes
+                its generation config's `echo_max_new_tokens`.
             denoise: `False` when `segments` already are text-table embeddings of text ids (text-to-codec use, as in
                 stage II training and when a frozen stage-II model labels text for stage III): no denoiser.
-            quirk_flags: per segment, whether its prefix gets `echo_prefix_quirk_id` (default: all, as released
+            quirk_flags: per segment, whether its prefix gets `prefix_quirk_id` (default: all, as released
                 inference does; training used it on every segment of a response but the first).
-            token_ids: the text ids of each segment's positions (needed when the decoder spells, `echo_spelling_length`).
+            token_ids: the text ids of each segment's positions (needed when the decoder spells, `spelling_length`).
         Returns:
             One list of generated joint-vocabulary ids per segment, without the final eos.
         """
         if not segments:
             return []
-        max_new_tokens = max_new_tokens or self.config.echo_max_new_tokens
-        eos = self.config.echo_eos_token_id
+        eos = self.config.echo_config.unit_eos_token_id
         quirk_flags = [True] * len(segments) if quirk_flags is None else list(quirk_flags)
         token_ids = [None] * len(segments) if token_ids is None else list(token_ids)
         if self.reads_once:
             inputs = [self.denoiser(s) if denoise else s for s in segments]
-            return [ids[:max_new_tokens] for ids in self.ctc_decode(inputs, token_ids)]
+            return [ids[:max_new_tokens] for ids in self.ctc_decode(inputs, token_ids)]  # [:None] keeps all
         prompts = [
             self.segment_embeddings(self.denoiser(s) if denoise else s, text_table, with_quirk_id=quirk, token_ids=ids)
             for s, quirk, ids in zip(segments, quirk_flags, token_ids, strict=True)
         ]
         length = max(prompt.shape[0] for prompt in prompts)
+        if max_new_tokens is None:
+            max_new_tokens = max(self.config.echo_config.max_position_embeddings - length, 1)
         device = prompts[0].device
         inputs = torch.stack([nn.functional.pad(p, (0, 0, length - p.shape[0], 0)) for p in prompts])
         mask = torch.stack([torch.arange(length, device=device) >= length - p.shape[0] for p in prompts]).long()

@@ -5,6 +5,7 @@ Instruct) plus the parts EchoX adds, trained on this project's CPU recipe (`trai
 Only the trained parts are committed (`modeling_echox/mini_parts/`, a few tens of MB):
 
     config.json               the full `EchoXConfig` of the trained model
+    generation_config.json    its `EchoXGenerationConfig` (greedy answers, segmentation, echo-decoder output length)
     trained_parts.safetensors every tensor that is not a base weight (adapter, echo decoder, vocoder, ...), and the
                               LLM's trained weight changes as exact low-rank factors (`<name>.delta_left/right`)
     parts.json                which base tensors are derived, the LLM weights changed, the system prompt, metadata
@@ -26,9 +27,8 @@ import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig
-
 from .configuration_echox import EchoXConfig
+from .generation_configuration_echox import EchoXGenerationConfig
 from .modeling_echox import EchoXForSpeechToSpeech
 from .processing_echox import EchoXProcessor
 from .unit_vocabulary import EchoXUnitVocabulary
@@ -50,7 +50,7 @@ DERIVED = {"speech_adapter.ctc_head.weight": "language_model.lm_head.weight"}
 # EchoX-mini's echo decoder reads each segment in one bidirectional pass (CTC, each input position repeated 3 times)
 # from spelled input (16 byte positions per text token); see MODEL_CARD.md for why. Its spelling table is made from
 # the tokenizer at build time, never stored.
-ECHO_DECODER = {"echo_decoder_type": "ctc", "echo_ctc_upsample": 3, "echo_spelling_length": 16}
+ECHO_DECODER = {"decoder_type": "ctc", "ctc_upsample": 3, "spelling_length": 16, "units_only_head": True}
 FROM_TOKENIZER = ("echo_decoder.token_spelling",)
 
 
@@ -73,8 +73,8 @@ def mini_config(llm_config, audio_config, tokenizer, num_units: int, unit_vocab_
     return EchoXConfig(
         audio_config=audio_config.to_dict(),
         text_config=text_config,
-        echo_config={"model_type": "llama", "vocab_size": 1, "bos_token_id": None, "eos_token_id": None,
-                     "pad_token_id": None, "max_position_embeddings": 2048, **ECHO_SIZE},
+        echo_config={"max_position_embeddings": 2048, **ECHO_SIZE, **ECHO_DECODER, "prefix_ids": speaker_header,
+                     "suffix_ids": [eot, *speaker_header], "prefix_quirk_id": None, "unit_eos_token_id": eot},
         vocoder_config={**DEFAULT_VOCODER, **(vocoder or {}), "num_units": num_units},
         audio_token_id=vocab["<audio>"],
         adapter_per_frame_block=False,
@@ -82,22 +82,24 @@ def mini_config(llm_config, audio_config, tokenizer, num_units: int, unit_vocab_
         encoder_window="clip",
         mask_eot_in_prompt=False,
         text_pad_token_id=eot,
-        max_audio_seconds=float(WINDOW_SECONDS),
         num_units=num_units,
         unit_vocab_size=unit_vocab_size,
         unit_token_offset=llm_config.vocab_size,
         unit_max_piece_length=unit_max_piece_length,
-        echo_prefix_ids=speaker_header,
-        echo_suffix_ids=[eot, *speaker_header],
-        echo_prefix_quirk_id=None,
-        echo_units_only_head=True,
-        echo_eos_token_id=eot,
-        echo_max_new_tokens=400,
-        **ECHO_DECODER,
-        segment_boundary_token_id=tokenizer(".", add_special_tokens=False).input_ids[-1],
-        fast_first_segment_tokens=1,
-        fast_first_segment_whole_words=False,
     )
+
+
+def mini_generation_config(tokenizer, config: EchoXConfig) -> EchoXGenerationConfig:
+    """
+    EchoX-mini's generation config: greedy answers of at most 48 tokens; segments cut at the cosine to "." (faithful)
+    or, in fast mode, after the first token at once; at most 400 echo-decoder tokens per segment.
+    """
+    return EchoXGenerationConfig.from_generation_config(EchoXGenerationConfig(
+        do_sample=False, max_new_tokens=48, bos_token_id=None,
+        eos_token_id=config.text_config.eos_token_id, pad_token_id=config.text_pad_token_id,
+        segment_boundary_token_id=tokenizer(".", add_special_tokens=False).input_ids[-1],
+        fast_first_segment_tokens=1, fast_first_segment_whole_words=False, echo_max_new_tokens=400,
+    ))
 
 
 def _processor(tokenizer, feature_extractor, unit_vocabulary: EchoXUnitVocabulary, system_prompt: str) -> EchoXProcessor:
@@ -118,12 +120,14 @@ def build_mini_base(
     vocoder: dict | None = None,
     system_prompt: str = SYSTEM_PROMPT,
     seed: int = 0,
+    generation_config: EchoXGenerationConfig | None = None,
 ) -> tuple[EchoXForSpeechToSpeech, EchoXProcessor]:
     """
     EchoX-mini before training: Whisper tiny.en (10 s window) and SmolLM2-135M-Instruct loaded, the CTC head set to
     the LLM's output table, the unit table from `unit_vocabulary`, the echo decoder's spelling table from the
     tokenizer; everything else randomly initialised (`seed`).
-    `config` (e.g. a trained model's) replaces the one `mini_config` would make.
+    `config` and `generation_config` (e.g. a trained model's) replace the ones `mini_config` and
+    `mini_generation_config` would make.
     """
     llm, tokenizer, encoder, feature_extractor = _base_parts()
     if config is None:
@@ -138,15 +142,12 @@ def build_mini_base(
         for target, source in DERIVED.items():
             state[target].copy_(state[source])
         model.unit_table.copy_(unit_vocabulary.to_unit_table(config.num_units))
-        if config.echo_spelling_length:
+        if config.echo_config.spelling_length:
             model.echo_decoder.set_token_spelling(tokenizer)
         # Speech embeddings start at the scale of the LLM's token embeddings (RMS ≈ 0.14), not LayerNorm's 1.
         text_rms = model.get_input_embeddings().weight.pow(2).mean().sqrt()
         model.speech_adapter.look_back_norm.weight.fill_(text_rms)
-    model.generation_config = GenerationConfig(
-        do_sample=False, max_new_tokens=48, bos_token_id=None,
-        eos_token_id=config.text_config.eos_token_id, pad_token_id=config.text_pad_token_id,
-    )
+    model.generation_config = generation_config or mini_generation_config(tokenizer, config)
     return model.eval(), _processor(tokenizer, feature_extractor, unit_vocabulary, system_prompt)
 
 
@@ -165,7 +166,8 @@ def export_mini_parts(model: EchoXForSpeechToSpeech, processor: EchoXProcessor, 
     The LLM weights that training changed (LoRA, merged) are stored as low-rank factors of their difference from the
     base; any other LLM or audio-tower change is refused (it would not be reproducible from the base weights).
     """
-    base, _ = build_mini_base(processor.unit_vocabulary, model.config.num_units, config=model.config)
+    base, _ = build_mini_base(processor.unit_vocabulary, model.config.num_units, config=model.config,
+                              generation_config=model.generation_config)
     base_state = base.state_dict()
     tensors, changed = {}, []
     for name, tensor in model.state_dict().items():
@@ -194,6 +196,7 @@ def export_mini_parts(model: EchoXForSpeechToSpeech, processor: EchoXProcessor, 
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, PARTS_FILE))
     model.config.to_json_file(os.path.join(out_dir, "config.json"))
+    model.generation_config.save_pretrained(out_dir)
     processor.unit_vocabulary.save_pretrained(out_dir)
     if unit_kmeans_dir is not None:
         for name in os.listdir(unit_kmeans_dir):
@@ -217,8 +220,12 @@ def load_mini_parts(parts_dir: str = MINI_PARTS_DIR) -> tuple[EchoXForSpeechToSp
     with open(os.path.join(parts_dir, PARTS_INFO), encoding="utf-8") as handle:
         info = json.load(handle)
     config = EchoXConfig.from_pretrained(parts_dir)
+    generation_config = None  # parts without one: `mini_generation_config`'s
+    if os.path.isfile(os.path.join(parts_dir, "generation_config.json")):
+        generation_config = EchoXGenerationConfig.from_pretrained(parts_dir)
     vocabulary = EchoXUnitVocabulary.from_file(os.path.join(parts_dir, "unit_vocab.txt"))
-    model, processor = build_mini_base(vocabulary, config.num_units, config=config, system_prompt=info["system_prompt"])
+    model, processor = build_mini_base(vocabulary, config.num_units, config=config, system_prompt=info["system_prompt"],
+                                       generation_config=generation_config)
     parts = load_file(os.path.join(parts_dir, PARTS_FILE))
     state = model.state_dict()
     expected = {n for n in state if n not in DERIVED and n not in FROM_TOKENIZER

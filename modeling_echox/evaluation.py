@@ -267,7 +267,7 @@ def evaluate_spoken_qa(
                 group: _summary([i for i in items if i.get(key) == group], with_speech, with_text_llm) for group in groups
             }
     result.update(
-        segmentation_mode=segmentation_mode or model.config.segmentation_mode,
+        segmentation_mode=segmentation_mode or model.generation_config.segmentation_mode,
         seconds=round(time.perf_counter() - started, 1),
         generate_seconds=round(generate_seconds, 1),
         dictation_seconds=round(dictation_seconds, 1),

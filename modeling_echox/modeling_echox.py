@@ -1,7 +1,5 @@
 """EchoX: a speech-to-speech LLM with an echo decoder (arXiv 2509.09174), as a transformers model."""
 
-import copy
-from contextlib import nullcontext
 from collections.abc import Iterator
 from dataclasses import dataclass
 from threading import Thread
@@ -15,12 +13,12 @@ from transformers.utils import ModelOutput
 
 from .configuration_echox import EchoXConfig
 from .echo_decoder import EchoXEchoDecoder
+from .generation_configuration_echox import EchoXGenerationConfig
 from .prompt_cache import PromptPrefixCache
-from .segmentation import FastSegmentation, boundary_scores, segmentation_rule
 from .speech_adapter import EchoXSpeechAdapter
 from .streaming import EchoXAudioStreamer, EchoXStreamChunk
 from .vocoder import EchoXCodeHifiGan
-from .vocoder_streaming import EchoXVocoderStream
+from .voicing import EchoXVoicer
 
 IGNORE_INDEX = -100
 AUDIO_CROP_MARGIN = 4  # encoder frames kept after a clip's real audio when `crop_audio_padding` is on
@@ -79,6 +77,7 @@ class _PromptInputs:
 
 class EchoXPreTrainedModel(PreTrainedModel):
     config: EchoXConfig
+    generation_config_class = EchoXGenerationConfig
     base_model_prefix = ""
     input_modalities = ("audio", "text")
     supports_gradient_checkpointing = True
@@ -128,6 +127,16 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         model.audio_tower.requires_grad_(False)
         model.check_finite_weights(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
         return loaded
+
+    def adjust_generation_fn(self, generation_config, *args, **kwargs):
+        """
+        `GenerationMixin.adjust_generation_fn` (reads the checkpoint's `generation_config.json`), with the result as an
+        [`EchoXGenerationConfig`]: the EchoX fields the file lacks come from the generation config made from the model
+        config (a checkpoint of the first layout held them in its `config.json`), else take their defaults.
+        """
+        from_model_config = self.generation_config
+        super().adjust_generation_fn(generation_config, *args, **kwargs)
+        self.generation_config = EchoXGenerationConfig.from_generation_config(self.generation_config, from_model_config)
 
     def check_finite_weights(self, source) -> None:
         """
@@ -238,7 +247,7 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         if input_features.dim() != 3 or tuple(input_features.shape[1:]) != expected:
             raise ValueError(
                 f"input_features must have shape [clips, {expected[0]}, {expected[1]}] (log-mel bins, frames of the "
-                f"{self.config.max_audio_seconds:g} s window), got {list(input_features.shape)}."
+                f"speech encoder's window), got {list(input_features.shape)}."
             )
         if not torch.isfinite(input_features).all():
             raise ValueError("input_features contain NaN or infinite values.")
@@ -578,13 +587,18 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         return units[units >= 0].tolist()
 
     def speak_units(
-        self, hidden_states: list[torch.Tensor], token_ids: list[torch.LongTensor] | None = None
+        self,
+        hidden_states: list[torch.Tensor],
+        token_ids: list[torch.LongTensor] | None = None,
+        max_new_tokens: int | None = None,
     ) -> list[list[int]]:
         """
         Echo decoder for a list of text segments (their LLM hidden states `[n_i, H]` and, for a spelling decoder,
-        their token ids `[n_i]`): the unit ids of each.
+        their token ids `[n_i]`): the unit ids of each (at most `max_new_tokens` echo-decoder tokens per segment).
         """
-        echo_ids = self.echo_decoder.generate(hidden_states, self.text_table, token_ids=token_ids)
+        echo_ids = self.echo_decoder.generate(
+            hidden_states, self.text_table, max_new_tokens=max_new_tokens, token_ids=token_ids
+        )
         return [self.units_from_echo_ids(ids) for ids in echo_ids]
 
     @torch.no_grad()
@@ -603,9 +617,11 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
     ) -> EchoXGenerationOutput:
         """
         Answer a batch of prompts (speech or text-only; different lengths) in text and, with `return_audio`, speech.
-        Text decoding is transformers' `generate` (greedy or sampling per `generation_config` / kwargs); the answer is
-        cut into segments by the `segmentation_mode` rule ("faithful": the released one, or "fast"; default from the
-        config) and each segment is spoken by the echo decoder; the vocoder voices the segments one after another.
+        Text decoding is transformers' `generate` (greedy or sampling per `generation_config` / kwargs). The answer is
+        spoken by an [`EchoXVoicer`]: cut into segments by the generation config's segmentation rule
+        (`segmentation_mode`: "faithful", the released one, or "fast"; `None`: the generation config's), each segment
+        spoken by the echo decoder, and the vocoder voicing the segments one after another. EchoX's generation fields
+        (`EchoXGenerationConfig`) can be passed as kwargs like transformers' own.
 
         `streamer`: a text streamer (e.g. `TextIteratorStreamer`), or an [`EchoXAudioStreamer`] that receives the
         spoken segments while the text is being generated (batch size 1; the returned output then holds text only).
@@ -617,52 +633,50 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
         for key in ("output_hidden_states", "return_dict_in_generate", "inputs_embeds", "position_ids"):
             if key in kwargs:
                 raise ValueError(f"EchoX.generate sets {key} itself.")
-        rule = segmentation_rule(self.config, segmentation_mode)
-        if return_audio and tokenizer is None and isinstance(rule, FastSegmentation):
-            raise ValueError("The 'fast' segmentation mode needs the tokenizer (it cuts at word boundaries).")
+        if segmentation_mode is not None:
+            kwargs["segmentation_mode"] = segmentation_mode
+        # A copy: the model's EchoX fields fill those a given config lacks, then the kwargs override.
+        generation_config = EchoXGenerationConfig.from_generation_config(
+            generation_config if generation_config is not None else self.generation_config, self.generation_config
+        )
+        model_kwargs = generation_config.update(**kwargs)
+        generation_config.return_dict_in_generate = True
         streams_audio = isinstance(streamer, EchoXAudioStreamer)
         if streams_audio and input_ids.shape[0] != 1:
             raise ValueError("An EchoXAudioStreamer streams one request at a time (batch size 1).")
-        # An EchoXAudioStreamer sets the torch threads of this thread for the prompt and for decoding.
-        with streamer.generating() if streams_audio else nullcontext():
-            prompt = self._prepare_prompt(
-                input_ids, attention_mask, input_features, padding_side="left", return_ctc_logits=False
-            )
+        if return_audio and (generation_config.num_beams or 1) > 1:
+            raise ValueError("Speech output needs greedy or sampling decoding (num_beams=1); use return_audio=False.")
+        if return_audio or streams_audio:
+            EchoXVoicer(self, generation_config, tokenizer)  # refuses a rule it cannot run before any work is done
+        eos_ids = generation_config.eos_token_id
+        eos_ids = set([eos_ids] if isinstance(eos_ids, int) else (eos_ids or []))
 
-            generation_config = copy.deepcopy(
-                generation_config if generation_config is not None else self.generation_config
+        prompt = self._prepare_prompt(
+            input_ids, attention_mask, input_features, padding_side="left", return_ctc_logits=False
+        )
+        # The final-layer state that produced each token, collected step by step (no other layer is kept).
+        producing_states = []
+        if streams_audio:
+            streamer.start(EchoXVoicer(self, generation_config, tokenizer), eos_ids)
+            model_kwargs["hidden_states_callback"] = streamer.put_hidden_state
+        elif return_audio:
+            model_kwargs["hidden_states_callback"] = producing_states.append
+        reuse = reuse_prompt_prefix and generation_config.use_cache is not False
+        if reuse and "past_key_values" not in model_kwargs:
+            prefix = self.prompt_prefix_cache.seed(
+                self.language_model, input_ids, prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids,
+                self.config.audio_token_id,
             )
-            model_kwargs = generation_config.update(**kwargs)
-            generation_config.return_dict_in_generate = True
-            if return_audio and (generation_config.num_beams or 1) > 1:
-                raise ValueError(
-                    "Speech output needs greedy or sampling decoding (num_beams=1); use return_audio=False."
-                )
-            eos_ids = generation_config.eos_token_id
-            eos_ids = set([eos_ids] if isinstance(eos_ids, int) else (eos_ids or []))
-            # The final-layer state that produced each token, collected step by step (no other layer is kept).
-            producing_states = []
-            if streams_audio:
-                streamer.eos_token_ids = eos_ids
-                model_kwargs["hidden_states_callback"] = streamer.put_hidden_state
-            elif return_audio:
-                model_kwargs["hidden_states_callback"] = producing_states.append
-            reuse = reuse_prompt_prefix and generation_config.use_cache is not False
-            if reuse and "past_key_values" not in model_kwargs:
-                prefix = self.prompt_prefix_cache.seed(
-                    self.language_model, input_ids, prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids,
-                    self.config.audio_token_id,
-                )
-                if prefix is not None:
-                    model_kwargs["past_key_values"] = prefix
-            generated = super().generate(
-                inputs_embeds=prompt.inputs_embeds,
-                attention_mask=prompt.attention_mask,
-                position_ids=prompt.position_ids,
-                generation_config=generation_config,
-                streamer=streamer,
-                **model_kwargs,
-            )
+            if prefix is not None:
+                model_kwargs["past_key_values"] = prefix
+        generated = super().generate(
+            inputs_embeds=prompt.inputs_embeds,
+            attention_mask=prompt.attention_mask,
+            position_ids=prompt.position_ids,
+            generation_config=generation_config,
+            streamer=streamer,
+            **model_kwargs,
+        )
         sequences = generated.sequences
         answers = []
         for row in sequences.tolist():
@@ -677,27 +691,18 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
             return output
 
         states = torch.stack(producing_states, dim=1)
-        boundary = self.text_table[self.config.segment_boundary_token_id]
-        segments, flat_states, flat_ids = [], [], []
+        output.segments, output.segment_unit_ids, output.unit_ids, output.waveforms = [], [], [], []
         for row, answer in enumerate(answers):
-            texts = [tokenizer.decode([token], skip_special_tokens=True) for token in answer] if tokenizer else [""] * len(answer)
-            spans = rule.split(boundary_scores(states[row, : len(answer)], boundary), texts)
-            segments.append(spans)
-            flat_states += [states[row, start:end] for start, end in spans]
-            flat_ids += [torch.tensor(answer[start:end], device=states.device) for start, end in spans]
-        flat_units = self.speak_units(flat_states, flat_ids)
-
-        output.segments = segments
-        output.segment_unit_ids, output.unit_ids, output.waveforms = [], [], []
-        cursor = 0
-        for spans in segments:
-            units = flat_units[cursor : cursor + len(spans)]
-            cursor += len(spans)
-            vocoder_stream = EchoXVocoderStream(self.vocoder)
-            audio = [vocoder_stream.push(segment_units) for segment_units in units] + [vocoder_stream.flush()]
-            output.segment_unit_ids.append(units)
-            output.unit_ids.append([unit for segment in units for unit in segment])
-            output.waveforms.append(torch.cat(audio))
+            voicer = EchoXVoicer(self, generation_config, tokenizer)
+            segments = [voicer.add(token, states[row, i]) for i, token in enumerate(answer)]
+            segments = [segment for segment in [*segments, voicer.finish()] if segment is not None]
+            chunks = voicer.voice(segments)
+            spoken = [(segment, chunk) for segment, chunk in zip(segments, chunks) if segment.end > segment.start]
+            output.segments.append([(segment.start, segment.end) for segment, _ in spoken])
+            output.segment_unit_ids.append([chunk.unit_ids for _, chunk in spoken])
+            output.unit_ids.append([unit for _, chunk in spoken for unit in chunk.unit_ids])
+            audio = [torch.from_numpy(chunk.audio) for chunk in chunks]
+            output.waveforms.append(torch.cat(audio) if audio else torch.zeros(0))
         return output
 
     def stream(
@@ -712,9 +717,10 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
     ) -> Iterator[EchoXStreamChunk]:
         """
         Answer one request and yield its spoken segments as soon as each is voiced (`EchoXStreamChunk`: text, 16 kHz
-        float32 audio, unit ids). Joined, the chunks' audio equals `generate`'s waveform for the same request.
+        float32 audio, unit ids): `generate` with an [`EchoXAudioStreamer`], in a thread of its own. Joined, the chunks'
+        audio equals `generate`'s waveform for the same request.
         """
-        streamer = EchoXAudioStreamer(self, tokenizer, segmentation_mode, timeout=timeout)
+        streamer = EchoXAudioStreamer(timeout=timeout)
 
         def run():
             try:

@@ -1,9 +1,7 @@
 """Processor of EchoX: audio + text prompt → `input_ids` (one speech placeholder per clip) and Whisper features."""
 
 import os
-import threading
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -24,31 +22,6 @@ _START_HEADER = "<|start_header_id|>"
 _END_HEADER = "<|end_header_id|>"
 _EOT = "<|eot_id|>"
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
-
-
-_TORCH_THREADS_LOCK = threading.Lock()
-
-
-@contextmanager
-def _one_torch_thread():
-    """
-    Run the block with torch on one intra-op thread, then restore the caller's setting. Whisper features of a clip
-    take a few ms on one thread; on more, the caller thread's idle workers keep spinning afterwards and take the
-    cores from a generation running in another thread (streaming), which measured 40 ms more to the first token on
-    the 2-core CPU (`benchmarks/latency.py`). The lock keeps concurrent callers from restoring each other's value.
-    """
-    try:
-        import torch
-    except ImportError:
-        yield
-        return
-    with _TORCH_THREADS_LOCK:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(previous)
 
 
 def _is_clip(value: Any) -> bool:
@@ -372,14 +345,13 @@ class EchoXProcessor(ProcessorMixin):
         if return_tensors is None:
             data = {key: value.tolist() for key, value in data.items()}
         if waveforms:
-            with _one_torch_thread():
-                features = self.feature_extractor(
-                    waveforms,
-                    sampling_rate=self.feature_extractor.sampling_rate,
-                    padding="max_length",
-                    return_attention_mask=False,
-                    return_tensors="np",
-                )
+            features = self.feature_extractor(
+                waveforms,
+                sampling_rate=self.feature_extractor.sampling_rate,
+                padding="max_length",
+                return_attention_mask=False,
+                return_tensors="np",
+            )
             data["input_features"] = features["input_features"]
         return BatchFeature(data, tensor_type=return_tensors)
 

@@ -1,9 +1,10 @@
 """Randomly initialised EchoX checkpoints of a few sizes, complete with processor files, for tests and smoke runs."""
 
 import torch
-from transformers import GenerationConfig, WhisperFeatureExtractor
+from transformers import WhisperFeatureExtractor
 
 from .configuration_echox import EchoXConfig
+from .generation_configuration_echox import EchoXGenerationConfig
 from .modeling_echox import EchoXForSpeechToSpeech
 from .processing_echox import EchoXProcessor
 from .tiny_tokenizer import AUDIO_TOKEN, END_HEADER_TOKEN, EOT_TOKEN, START_HEADER_TOKEN, build_tiny_tokenizer
@@ -83,13 +84,15 @@ def build_random_echox(
             **spec["text"],
         },
         echo_config={
-            "model_type": "llama",
-            "vocab_size": 1,
-            "bos_token_id": None,
-            "eos_token_id": None,
-            "pad_token_id": None,
             "max_position_embeddings": 2048,
             **spec["echo"],
+            "prefix_ids": speaker_header,
+            "suffix_ids": [vocab[EOT_TOKEN], *speaker_header],
+            "prefix_quirk_id": None,
+            "unit_eos_token_id": vocab[EOT_TOKEN],
+            "spelling_length": echo_spelling_length,
+            "decoder_type": echo_decoder_type,
+            "units_only_head": echo_decoder_type == "ctc",
         },
         vocoder_config={"num_units": num_units, **spec["vocoder"]},
         audio_token_id=vocab[AUDIO_TOKEN],
@@ -98,28 +101,22 @@ def build_random_echox(
         unit_vocab_size=len(unit_vocabulary),
         unit_token_offset=text_vocab_size,
         unit_max_piece_length=unit_table.shape[1],
-        echo_prefix_ids=speaker_header,
-        echo_suffix_ids=[vocab[EOT_TOKEN], *speaker_header],
-        echo_prefix_quirk_id=None,
-        echo_eos_token_id=vocab[EOT_TOKEN],
-        echo_max_new_tokens=spec["echo_max_new_tokens"],
-        segment_boundary_token_id=piece(".")[-1],
-        echo_spelling_length=echo_spelling_length,
-        echo_decoder_type=echo_decoder_type,
-        echo_units_only_head=echo_decoder_type == "ctc",
     )
     torch.manual_seed(seed)
     model = EchoXForSpeechToSpeech(config).eval()
     model.unit_table.copy_(unit_table)
     if echo_spelling_length:
         model.echo_decoder.set_token_spelling(tokenizer)
-    model.generation_config = GenerationConfig(
+    generation_config = EchoXGenerationConfig(
         do_sample=False,
         max_new_tokens=spec["max_new_tokens"],
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=vocab[EOT_TOKEN],
         pad_token_id=vocab[EOT_TOKEN],
+        segment_boundary_token_id=piece(".")[-1],
+        echo_max_new_tokens=spec["echo_max_new_tokens"],
     )
+    model.generation_config = EchoXGenerationConfig.from_generation_config(generation_config)  # other fields: defaults
     processor = EchoXProcessor(
         feature_extractor=WhisperFeatureExtractor(feature_size=80),
         tokenizer=tokenizer,

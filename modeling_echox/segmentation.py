@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .generation_configuration_echox import EchoXGenerationConfig
+
 PUNCTUATION = (".", ",", "?", "!", ";", ":")
 
 
@@ -16,13 +18,6 @@ class SegmentationRule:
         decoded tokens): returns the index of the last token of a segment that ends now, or `None`.
         """
         raise NotImplementedError
-
-    def cut_if_next_starts_word(self, scores: list[float], texts: list[str], segment_start: int) -> int | None:
-        """
-        Where `cut_after` will cut when the next token arrives, if that token starts a new word; `None` when no such
-        cut is possible or the rule cannot tell before the next token (lets a streamer voice a segment ahead).
-        """
-        return None
 
     def split(self, scores: list[float], texts: list[str]) -> list[tuple[int, int]]:
         """All segments `[start, end)` of a finished generation; the rest after the last cut is the final segment."""
@@ -98,14 +93,13 @@ class FastSegmentation(SegmentationRule):
             return last
         return None
 
-    def cut_if_next_starts_word(self, scores, texts, segment_start):
-        if segment_start == 0 and not self.first_whole_words:
-            return None  # the first cut is not waiting for the next token
-        return self.cut_after(scores + [0.0], texts + [" "], segment_start)
 
-
-def segmentation_rule(config, mode: str | None = None) -> SegmentationRule:
-    """The rule of `mode` ("faithful" or "fast"; default: `config.segmentation_mode`) with the config's parameters."""
+def segmentation_rule(generation_config, mode: str | None = None) -> SegmentationRule:
+    """
+    The rule of `mode` ("faithful" or "fast"; default: the generation config's `segmentation_mode`) with the
+    generation config's parameters (an [`EchoXGenerationConfig`]; fields it lacks take their defaults).
+    """
+    config = EchoXGenerationConfig.from_generation_config(generation_config)
     mode = mode or config.segmentation_mode
     if mode == "faithful":
         return FaithfulSegmentation(

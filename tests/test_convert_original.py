@@ -459,12 +459,13 @@ def test_loads_without_missing_or_unexpected_keys_and_config(converted, loaded):
     assert config.audio_token_id == vocab["<audio_patch>"] == V - 1
     assert config.unit_token_offset == V and config.unit_vocab_size == 40 and config.num_units == FAIRSEQ_CONFIG["num_embeddings"]
     eot = vocab["<|eot_id|>"]
-    assert config.text_pad_token_id == config.echo_eos_token_id == eot and config.mask_eot_in_prompt
-    assert config.echo_prefix_quirk_id == 12800
-    speaker = [vocab["<|start_header_id|>"], *tokenizer("speaker").input_ids, vocab["<|end_header_id|>"], *tokenizer("\n").input_ids]
-    assert config.echo_prefix_ids == speaker and config.echo_suffix_ids == [eot, *speaker]
-    assert config.segment_boundary_token_id == tokenizer(".").input_ids[-1]
     echo = config.echo_config  # unit_model "large": 2 layers of the LLM's sizes, the LLM's RoPE, 2048 positions
+    assert config.text_pad_token_id == echo.unit_eos_token_id == eot and config.mask_eot_in_prompt
+    assert echo.prefix_quirk_id == 12800
+    speaker = [vocab["<|start_header_id|>"], *tokenizer("speaker").input_ids, vocab["<|end_header_id|>"], *tokenizer("\n").input_ids]
+    assert echo.prefix_ids == speaker and echo.suffix_ids == [eot, *speaker]
+    assert model.generation_config.segment_boundary_token_id == tokenizer(".").input_ids[-1]
+    assert model.generation_config.segmentation_mode == "faithful" and model.generation_config.echo_max_new_tokens == 2048
     assert (echo.num_hidden_layers, echo.hidden_size, echo.num_attention_heads, echo.num_key_value_heads) == (2, 64, 4, 2)
     assert echo.max_position_embeddings == 2048
     assert echo.rope_parameters == config.text_config.rope_parameters
@@ -561,7 +562,7 @@ def test_automodel_save_reload_generate(converted, tmp_path):
     assert model.config.auto_map["AutoModel"] == "modeling_echox.EchoXForSpeechToSpeech"
     assert os.path.isfile(os.path.join(converted["out"], "modeling_echox.py"))
     processor = AutoProcessor.from_pretrained(converted["out"])
-    model.config.echo_max_new_tokens = 6
+    model.generation_config.echo_max_new_tokens = 6
     inputs = processor(audio=0.1 * np.random.default_rng(0).standard_normal(SR).astype(np.float32), sampling_rate=SR)
     torch.manual_seed(0)
     first = model.generate(**inputs, max_new_tokens=5, tokenizer=processor.tokenizer)
@@ -569,13 +570,12 @@ def test_automodel_save_reload_generate(converted, tmp_path):
     model.save_pretrained(tmp_path / "again")
     processor.save_pretrained(tmp_path / "again")
     reloaded = AutoModel.from_pretrained(tmp_path / "again").eval()
-    reloaded.config.echo_max_new_tokens = 6
+    assert reloaded.generation_config.echo_max_new_tokens == 6  # saved in generation_config.json
     torch.manual_seed(0)
     second = reloaded.generate(**inputs, max_new_tokens=5, tokenizer=processor.tokenizer)
     assert torch.equal(first.sequences, second.sequences) and first.unit_ids == second.unit_ids
 
-    # and through pipeline("speech-to-speech") on the re-saved checkpoint (echo decoder length set in its config)
-    reloaded.config.save_pretrained(tmp_path / "again")
+    # and through pipeline("speech-to-speech") on the re-saved checkpoint (echo decoder length in its generation config)
     speech_to_speech = pipeline("speech-to-speech", model=str(tmp_path / "again"))
     torch.manual_seed(0)
     clip = 0.1 * np.random.default_rng(0).standard_normal(SR).astype(np.float32)

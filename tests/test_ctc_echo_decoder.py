@@ -22,8 +22,8 @@ def _segments(model, tokenizer, texts):
 
 def test_ctc_needs_the_units_only_head():
     config = build_random_echox("tiny", seed=0)[0].config.to_dict()
-    config.update(echo_decoder_type="ctc", echo_units_only_head=False)
-    with pytest.raises(ValueError, match="echo_units_only_head"):
+    config["echo_config"].update(decoder_type="ctc", units_only_head=False)
+    with pytest.raises(ValueError, match="units_only_head"):
         EchoXConfig(**config)
 
 
@@ -59,7 +59,7 @@ def test_ctc_training_learns_a_segment(ctc):
     config = model.config
     segments, ids = _segments(model, processor.tokenizer, ["the capital of kenya"])
     target = [config.unit_token_offset + u for u in (5, 9, 9, 2, 14)]
-    labels = [torch.tensor(target + [config.echo_eos_token_id])]
+    labels = [torch.tensor(target + [config.echo_config.unit_eos_token_id])]
     before = model.echo_decoder.generate(segments, model.text_table, denoise=False, token_ids=ids)[0]
     optimizer = torch.optim.Adam(model.echo_decoder.parameters(), lr=3e-3)
     model.train()
@@ -77,7 +77,7 @@ def test_text_to_codec_forward(ctc):
     model, processor = ctc
     tokenizer, config = processor.tokenizer, model.config
     text_ids = tokenizer("monday comes after sunday", add_special_tokens=False).input_ids
-    units = torch.tensor([[[config.unit_token_offset + 1, config.unit_token_offset + 4, config.echo_eos_token_id]]])
+    units = torch.tensor([[[config.unit_token_offset + 1, config.unit_token_offset + 4, config.echo_config.unit_eos_token_id]]])
     output = model(echo_text_ids=torch.tensor([[text_ids]]), unit_labels=units)
     assert torch.isfinite(output.loss) and output.loss is output.echo_loss
 

@@ -1,4 +1,4 @@
-"""The spelling echo decoder (`echo_spelling_length`): token spelling table, byte positions, training and inference."""
+"""The spelling echo decoder (`echo_config.spelling_length`): token spelling table, byte positions, training and inference."""
 
 import numpy as np
 import pytest
@@ -68,7 +68,7 @@ def test_missing_token_ids_or_table_raise(spelled):
     with pytest.raises(ValueError, match="set_token_spelling"):
         empty.echo_decoder.generate([segment], empty.text_table, token_ids=[torch.tensor([5, 6, 7])])
     plain = build_random_echox("tiny", seed=3)[0]
-    with pytest.raises(ValueError, match="echo_spelling_length"):
+    with pytest.raises(ValueError, match="spelling_length"):
         plain.echo_decoder.set_token_spelling(None)
 
 
@@ -77,7 +77,7 @@ def test_text_to_codec_training_reaches_the_byte_embedding(spelled):
     tokenizer, config = processor.tokenizer, model.config
     ids = tokenizer("the capital of kenya", add_special_tokens=False).input_ids
     echo_text_ids = torch.tensor([[ids]])
-    units = torch.tensor([[[config.unit_token_offset + 1, config.unit_token_offset + 2, config.echo_eos_token_id]]])
+    units = torch.tensor([[[config.unit_token_offset + 1, config.unit_token_offset + 2, config.echo_config.unit_eos_token_id]]])
     model.zero_grad(set_to_none=True)
     output = model(echo_text_ids=echo_text_ids, unit_labels=units)
     output.loss.backward()
@@ -100,7 +100,7 @@ def test_streamed_speech_equals_generate_and_the_decoder_survives_saving(decoder
     assert [chunk.unit_ids for chunk in chunks] == reference.segment_unit_ids[0]
     model.save_pretrained(tmp_path)
     loaded = EchoXForSpeechToSpeech.from_pretrained(tmp_path).eval()
-    assert loaded.config.echo_spelling_length == SPELLING and loaded.config.echo_decoder_type == decoder_type
+    assert loaded.config.echo_config.spelling_length == SPELLING and loaded.config.echo_config.decoder_type == decoder_type
     assert hasattr(loaded.echo_decoder, "unit_embedding") == (decoder_type == "autoregressive")  # CTC writes no units back
     assert torch.equal(loaded.echo_decoder.token_spelling, model.echo_decoder.token_spelling)
     again = loaded.generate(**inputs, tokenizer=tokenizer, segmentation_mode="fast", max_new_tokens=24)

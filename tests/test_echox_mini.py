@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
 def test_base_is_whisper_tiny_and_smollm2(trained):
     model, processor, *_ = trained
     config = model.config
-    assert config.audio_config.max_source_positions == 500 and config.max_audio_seconds == 10.0
+    assert config.audio_config.max_source_positions == 500 and processor.max_audio_seconds == 10.0
     assert config.unit_token_offset == config.text_config.vocab_size == 49153
     assert processor.tokenizer.convert_ids_to_tokens(config.audio_token_id) == "<audio>"
     for target, source in DERIVED.items():

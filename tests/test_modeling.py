@@ -50,7 +50,7 @@ class EchoXModelTester:
         rows, labels = [], []
         for row in range(2):
             prompt = prompts["input_ids"][row][prompts["attention_mask"][row].bool()]
-            answer = torch.tensor(tokenizer(responses[row]).input_ids + [config.echo_eos_token_id])
+            answer = torch.tensor(tokenizer(responses[row]).input_ids + [config.echo_config.unit_eos_token_id])
             rows.append(torch.cat([prompt, answer]))
             labels.append(torch.cat([torch.full_like(prompt, -100), answer]))
         width = max(len(r) for r in rows)
@@ -67,7 +67,7 @@ class EchoXModelTester:
         for row in range(2):
             for segment in range(2):
                 units = torch.randint(0, config.unit_vocab_size, (4,), generator=torch.Generator().manual_seed(row * 2 + segment))
-                unit_labels[row, segment, :5] = torch.cat([units + offset, torch.tensor([config.echo_eos_token_id])])
+                unit_labels[row, segment, :5] = torch.cat([units + offset, torch.tensor([config.echo_config.unit_eos_token_id])])
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -312,13 +312,13 @@ def test_eot_is_masked_in_prompt_but_counts_for_positions(tester):
 
 def test_echo_prefix_quirk_id(tester):
     config = copy.deepcopy(tester.model.config)
-    config.echo_prefix_quirk_id = 7
+    config.echo_config.prefix_quirk_id = 7
     decoder = type(tester.model.echo_decoder)(config)
     table = torch.randn(config.text_config.vocab_size, config.text_config.hidden_size)
     segment = torch.randn(3, config.text_config.hidden_size)
     with_quirk = decoder.segment_embeddings(segment, table)
     without = decoder.segment_embeddings(segment, table, with_quirk_id=False)
-    n = len(config.echo_prefix_ids)
+    n = len(config.echo_config.prefix_ids)
     assert with_quirk.shape[0] == without.shape[0] + 1
     assert torch.equal(with_quirk[n], table[7])
     assert torch.equal(with_quirk[:n], without[:n])
@@ -550,9 +550,9 @@ def test_clip_window_encodes_each_clip_alone(cropping):
 def test_units_only_echo_head_trains_and_decodes():
     model, processor = build_random_echox("tiny", seed=1)
     config = copy.deepcopy(model.config)
-    config.echo_units_only_head = True
+    config.echo_config.units_only_head = True
     compact = EchoXForSpeechToSpeech(config).eval()
-    units, offset, eos = config.unit_vocab_size, config.unit_token_offset, config.echo_eos_token_id
+    units, offset, eos = config.unit_vocab_size, config.unit_token_offset, config.echo_config.unit_eos_token_id
     assert compact.echo_decoder.lm_head.out_features == units + 1
     index = torch.tensor([0, units - 1, units])
     assert compact.echo_decoder.ids_from_logit_index(index).tolist() == [offset, offset + units - 1, eos]

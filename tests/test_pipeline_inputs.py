@@ -38,7 +38,7 @@ def speech_to_speech(tmp_path_factory):
     speech_to_speech = pipeline("speech-to-speech", model=write_random_checkpoint(str(tmp_path_factory.mktemp("ckpt"))))
     # the adapter sees each clip's own frames, so different clips get different answers from the random model
     speech_to_speech.model.config.crop_audio_padding = True
-    speech_to_speech.model.config.echo_max_new_tokens = 8
+    speech_to_speech.model.generation_config.echo_max_new_tokens = 8
     return speech_to_speech
 
 

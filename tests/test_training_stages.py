@@ -138,7 +138,7 @@ def test_collator_label_layout_prompt_masked_response_and_eot_targeted(data):
     assert seg0[seg0 != IGNORE_INDEX].tolist() == tokenizer(first["segment_texts"][0]).input_ids
     units0 = t2c["unit_labels"][0, 0]
     units0 = units0[units0 != IGNORE_INDEX].tolist()
-    assert units0 == [model.config.unit_token_offset + u for u in first["segment_units"][0]] + [model.config.echo_eos_token_id]
+    assert units0 == [model.config.unit_token_offset + u for u in first["segment_units"][0]] + [model.config.echo_config.unit_eos_token_id]
 
     # stage III segment-wise: the segment lengths cover the response tokens but the final eot
     echo = EchoXDataCollator(processor, model.config, stage="echo", segment_wise=True)(rows)
@@ -449,8 +449,8 @@ def test_stage3_pseudo_labels_cut_by_several_rules(data, tmp_path):
     from training.stages.data import read_manifest
 
     model, processor = build_random_echox("tiny")
-    model.config.segment_min_tokens = 30  # faithful: one segment for these short answers; fast: cut after 3 tokens
-    model.config.fast_first_segment_tokens = 1
+    model.generation_config.segment_min_tokens = 30  # faithful: one segment for these short answers; fast: cut after 3 tokens
+    model.generation_config.fast_first_segment_tokens = 1
     records = read_manifest(data)[:2]
     cache = str(tmp_path / "targets.jsonl")
     report = stage3_echo.precompute_echo_targets(
@@ -471,7 +471,7 @@ def test_stage3_pseudo_labels_from_a_labeler(data, tmp_path):
     from training.stages.data import read_manifest
 
     model, processor = build_random_echox("tiny")
-    model.config.fast_first_segment_tokens = 1
+    model.generation_config.fast_first_segment_tokens = 1
     records = read_manifest(data)[:2]
     asked = []
 

@@ -52,7 +52,8 @@ def read_back(model, tokenizer, texts: list[str], batch_size: int = 8) -> list[t
         batch = texts[start : start + batch_size]
         token_ids = [torch.tensor(tokenizer(text, add_special_tokens=False).input_ids) for text in batch]
         segments = [table[ids] for ids in token_ids]
-        for echo_ids in model.echo_decoder.generate(segments, table, denoise=False, token_ids=token_ids):
+        most = model.generation_config.echo_max_new_tokens
+        for echo_ids in model.echo_decoder.generate(segments, table, most, denoise=False, token_ids=token_ids):
             units = model.units_from_echo_ids(echo_ids)
             waveforms.append(model.vocoder.synthesize(torch.tensor(units)) if units else torch.zeros(0))
     return waveforms

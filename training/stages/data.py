@@ -324,7 +324,7 @@ class EchoXDataCollator:
 
     def unit_targets(self, example, num_segments: int) -> list[list[int]]:
         """Joint-vocabulary unit targets per segment, each ending with the echo eos."""
-        offset, eos = self.config.unit_token_offset, self.config.echo_eos_token_id
+        offset, eos = self.config.unit_token_offset, self.config.echo_config.unit_eos_token_id
         if num_segments and example.get("segment_units"):
             groups = example["segment_units"]
         else:

@@ -10,9 +10,9 @@ Both are precomputed once into a JSONL cache (`targets_cache`, manifest format w
 `segments` and `segment_lengths`), appended one record at a time so that a killed precompute resumes where it stopped.
 Then the model trains on its hidden states: denoiser → echo decoder against the pseudo labels (echo CE + the denoising
 cosine loss capped at 20 % of it, both in `forward`). With `segment_wise` the answer is cut into segments with the
-same rule streaming inference uses (`segmentation_rule(config, segmentation_mode)` on the cosine to ".") and each
-segment is one echo-decoder sample (`echo_segment_lengths`; echo loss only, as released); otherwise the whole answer
-is one segment and the S2T loss (CE + 0.3 · CTC) joins by the paper's rule. Trainable: LoRA on the LLM +
+same rule streaming inference uses (`segmentation_rule(generation_config, segmentation_mode)` on the cosine to ".")
+and each segment is one echo-decoder sample (`echo_segment_lengths`; echo loss only, as released); otherwise the
+whole answer is one segment and the S2T loss (CE + 0.3 · CTC) joins by the paper's rule. Trainable: LoRA on the LLM +
 speech_adapter + echo_decoder (denoiser included).
 
     python -m training.stages.stage3_echo --config training/configs/stage3_tiny.json
@@ -28,6 +28,7 @@ import torch
 from accelerate import PartialState
 from torch import nn
 
+from modeling_echox.generation_configuration_echox import EchoXGenerationConfig
 from modeling_echox.segmentation import boundary_scores, segmentation_rule
 
 from .common import apply_lora, load_model, log_event, run_trainer, stage_cli
@@ -73,6 +74,8 @@ def text_to_unit_language(
     segments = [nn.functional.embedding(ids, table) for ids in token_ids]
     first_segment = [i == 0 for i in range(len(id_lists))] if first_segment is None else first_segment
     quirks = [not first for first in first_segment]
+    if max_new_tokens is None:
+        max_new_tokens = EchoXGenerationConfig.from_generation_config(model.generation_config).echo_max_new_tokens
     echo_ids = model.echo_decoder.generate(
         segments, table, max_new_tokens=max_new_tokens, denoise=False, quirk_flags=quirks, token_ids=token_ids
     )
@@ -163,9 +166,10 @@ def precompute_echo_targets(
     _drop_partial_lines(cache_path)
     done = _done_ids(cache_path)
     modes = list(segmentation_mode) if isinstance(segmentation_mode, (list, tuple)) else [segmentation_mode]
-    rules = {mode: segmentation_rule(model.config, mode) for mode in modes}
+    policy = EchoXGenerationConfig.from_generation_config(model.generation_config)
+    rules = {mode: segmentation_rule(policy, mode) for mode in modes}
     suffix = (lambda mode: f"#{mode}") if len(modes) > 1 else (lambda mode: "")
-    boundary = model.text_table[model.config.segment_boundary_token_id]
+    boundary = model.text_table[policy.segment_boundary_token_id]
     tokenizer = processor.tokenizer
     pending = [r for r in records if any(r["id"] + suffix(mode) not in done for mode in modes)]
     made = skipped = 0
