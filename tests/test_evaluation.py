@@ -127,3 +127,29 @@ def test_evaluate_metric_from_local_path():
     )
     assert scores["accuracy"] == pytest.approx(1 / 3)
     assert scores["accuracy_all_words"] == pytest.approx(2 / 3)
+
+
+def test_answer_asr_decodes_at_temperature_zero_only(monkeypatch):
+    """faster-whisper's default falls back to sampled decoding at rising temperatures when a pass looks unlikely,
+    which made the same spoken answer give different transcripts from run to run; the evaluation's ASR must not."""
+    import sys
+    import types
+
+    import numpy as np
+
+    from modeling_echox.asr import WhisperTranscriber
+
+    calls = []
+
+    class FakeWhisperModel:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def transcribe(self, audio, **kwargs):
+            calls.append(kwargs)
+            return iter([types.SimpleNamespace(text=" hello ")]), None
+
+    monkeypatch.setitem(sys.modules, "faster_whisper", types.SimpleNamespace(WhisperModel=FakeWhisperModel))
+    transcriber = WhisperTranscriber(model_path="unused")
+    assert transcriber(np.zeros(1600, np.float32)) == "hello"
+    assert calls[0]["temperature"] == 0.0
