@@ -12,15 +12,19 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from modeling_echox.evaluation import TextLLM
-from modeling_echox.random_checkpoint import build_random_echox
-from modeling_echox.speech_adapter import SpeechAdapterOutput
+from modeling_echox.evaluation.spoken_qa import TextLLM
+from modeling_echox.model.speech_adapter import SpeechAdapterOutput
+from modeling_echox.testing.random_checkpoint import build_random_echox
 from training.data import behaviour_prompts, open_questions
 from training.data.spoken_qa import generate_qa
 from training.data.synthesize import RESERVED_VOICES, VOICES
 from training.stages.common import apply_lora
 from training.stages.data import IGNORE_INDEX, load_dialogue_dataset, write_manifest
-from training.stages.stage1_behaviour import BehaviourCollator, BehaviourTrainer, mixed_dataset
+from training.stages.stage1_behaviour import (
+    BehaviourCollator,
+    BehaviourTrainer,
+    mixed_dataset,
+)
 from training.stages.tiny_data import make_tiny_dataset
 
 

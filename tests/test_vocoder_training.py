@@ -14,10 +14,14 @@ import pytest
 import soundfile as sf
 import torch
 
-from modeling_echox.configuration_echox import EchoXConfig, EchoXVocoderConfig
-from modeling_echox.echox_mini import MINI_PARTS_DIR
-from modeling_echox.vocoder import EchoXCodeHifiGan
-from modeling_echox.text_metrics import normalize_text, word_error_rate, word_errors
+from modeling_echox.evaluation.text_metrics import (
+    normalize_text,
+    word_error_rate,
+    word_errors,
+)
+from modeling_echox.mini.assembly import MINI_PARTS_DIR
+from modeling_echox.model.configuration_echox import EchoXConfig, EchoXVocoderConfig
+from modeling_echox.model.vocoder import EchoXCodeHifiGan
 from training.train_vocoder import (
     STATE_FILE,
     build_models,
@@ -28,7 +32,12 @@ from training.train_vocoder import (
     read_log,
     train,
 )
-from training.vocoder.data import VocoderCollator, VocoderSegmentDataset, read_manifest, segment_units
+from training.vocoder.data import (
+    VocoderCollator,
+    VocoderSegmentDataset,
+    read_manifest,
+    segment_units,
+)
 from training.vocoder.discriminators import DiscriminatorConfig, HifiGanDiscriminator
 from training.vocoder.losses import (
     LogMelSpectrogram,

@@ -53,8 +53,8 @@ Steps (outputs under `--work`):
     stage3      runs/mini_stage3/final/            Echo training (the stage-I model's answers, labelled by the answer
                                                    voice's TTS or by the stage-II echo decoder, + read-aloud general
                                                    sentences: mini_stage3.json)
-With `--export` the final model's trained parts are written to `modeling_echox/mini_parts/` (what is committed).
-With `--carry-over PARTS_DIR` (e.g. `modeling_echox/mini_parts`) the steps named by `--carry` (default
+With `--export` the final model's trained parts are written to `modeling_echox/mini/parts/` (what is committed).
+With `--carry-over PARTS_DIR` (e.g. `modeling_echox/mini/parts`) the steps named by `--carry` (default
 `units,vocoder`; `stage1` may be added) take their result from those exported parts instead of training again:
 `units` keeps the parts' k-means (stage 0 only encodes the speech and refits the deterministic unit language, which
 must come out equal to the parts' one), `vocoder` keeps the parts' vocoder (only its resynthesis check runs), `stage1`
@@ -132,7 +132,7 @@ def t2c_manifest(units_dir: str, out_path: str) -> str:
     general sentences), `{"id", "response", "units"}` with the units in the unit language. The general sentences'
     many words keep the echo decoder reading the text rather than recalling the few hundred training answers.
     """
-    from modeling_echox.unit_language import EchoXUnitLanguage
+    from modeling_echox.units.unit_language import EchoXUnitLanguage
 
     from .data.spoken_qa import read_jsonl
     from .stages.data import write_manifest
@@ -181,8 +181,8 @@ def eval_manifest(speech_dir: str, split: str = "test", seed: int = 0) -> str:
 
 def held_out_units(units_dir: str, speech_dir: str, out_path: str, limit: int = 30) -> str:
     """Units of held-out answers (test split, never trained on) in the vocoder manifest format, for the WER check."""
-    from modeling_echox.audio_io import load_audio
-    from modeling_echox.units import EchoXUnitExtractor
+    from modeling_echox.model.audio_io import load_audio
+    from modeling_echox.units.extractor import EchoXUnitExtractor
 
     from .data.spoken_qa import read_jsonl
     from .stages.data import write_manifest
@@ -214,8 +214,8 @@ def carry_over_units(parts_dir: str, units_dir: str) -> None:
 
 def check_carried_unit_language(parts_dir: str, units_dir: str) -> None:
     """The unit language refitted by stage 0 must be the parts' one, token for token (else stage I's units differ)."""
-    from modeling_echox.unit_language import EchoXUnitLanguage
-    from modeling_echox.unit_vocabulary import EchoXUnitVocabulary
+    from modeling_echox.model.unit_vocabulary import EchoXUnitVocabulary
+    from modeling_echox.units.unit_language import EchoXUnitLanguage
 
     refitted = EchoXUnitLanguage.from_pretrained(os.path.join(units_dir, "unit_language")).to_vocabulary().tokens
     carried = EchoXUnitVocabulary.from_file(os.path.join(parts_dir, "unit_vocab.txt")).tokens
@@ -227,7 +227,7 @@ def check_carried_unit_language(parts_dir: str, units_dir: str) -> None:
 
 def carry_over_vocoder(parts_dir: str, generator_dir: str) -> None:
     """The parts' vocoder saved as the vocoder step's generator."""
-    from modeling_echox.echox_mini import load_mini_parts
+    from modeling_echox.mini.assembly import load_mini_parts
 
     model, _ = load_mini_parts(parts_dir)
     model.vocoder.save_pretrained(generator_dir)
@@ -235,8 +235,8 @@ def carry_over_vocoder(parts_dir: str, generator_dir: str) -> None:
 
 def carry_over_stage1(parts_dir: str, base_dir: str, final_dir: str) -> None:
     """Stage I's result rebuilt from the parts: `base_dir` with the parts' adapter and LLM weights (echo decoder kept)."""
-    from modeling_echox.echox_mini import load_mini_parts
-    from modeling_echox.loading import load_echox
+    from modeling_echox.mini.assembly import load_mini_parts
+    from modeling_echox.model.loading import load_echox
 
     trained, _ = load_mini_parts(parts_dir)
     model, processor = load_echox(base_dir)
@@ -295,8 +295,16 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     if set(skip) - set(STEPS):
         raise ValueError(f"Unknown steps to skip: {sorted(set(skip) - set(STEPS))}; the steps are {STEPS}.")
     carried = set(carry) if carry_over else set()
-    from .data import (behaviour_prompts, fragments, general_reading, listening, open_questions, reading, spoken_qa,
-                       synthesize)
+    from .data import (
+        behaviour_prompts,
+        fragments,
+        general_reading,
+        listening,
+        open_questions,
+        reading,
+        spoken_qa,
+        synthesize,
+    )
     from .data.spoken_qa import read_jsonl
 
     last = STEPS.index(until)
@@ -409,9 +417,9 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     base = os.path.join(runs, "mini_base")
 
     def base_step():
-        from modeling_echox.echox_mini import build_mini_base
-        from modeling_echox.unit_language import EchoXUnitLanguage
-        from modeling_echox.vocoder import EchoXCodeHifiGan
+        from modeling_echox.mini.assembly import build_mini_base
+        from modeling_echox.model.vocoder import EchoXCodeHifiGan
+        from modeling_echox.units.unit_language import EchoXUnitLanguage
 
         language = EchoXUnitLanguage.from_pretrained(os.path.join(units, "unit_language"))
         vocoder_model = EchoXCodeHifiGan.from_pretrained(os.path.join(vocoder, "generator"))
@@ -511,15 +519,15 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     step("stage3", os.path.join(stage3, "final", "model.safetensors"), stage3_action)
 
     if export:
-        from modeling_echox.echox_mini import MINI_PARTS_DIR, export_mini_parts
-        from modeling_echox.loading import load_echox
+        from modeling_echox.mini.assembly import MINI_PARTS_DIR, export_mini_parts
+        from modeling_echox.model.loading import load_echox
 
         final = os.path.join(runs, f"mini_{until}", "final") if until.startswith("stage") else None
         if final is None or not _done(final):
             raise SystemExit(f"--export needs a finished training stage; {until!r} has no final/ checkpoint.")
         model, processor = load_echox(final)
         # The vocoder trains on its own (step "vocoder"); take its latest generator, not the copy made at "base".
-        from modeling_echox.vocoder import EchoXCodeHifiGan
+        from modeling_echox.model.vocoder import EchoXCodeHifiGan
 
         model.vocoder.load_state_dict(EchoXCodeHifiGan.from_pretrained(os.path.join(vocoder, "generator")).state_dict())
         sizes = export_mini_parts(model, processor, MINI_PARTS_DIR, unit_kmeans_dir=units,
@@ -531,7 +539,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="build", help="working directory (data, runs, log)")
     parser.add_argument("--until", default="stage3", choices=STEPS, help="last step to run")
-    parser.add_argument("--export", action="store_true", help="write the trained parts to modeling_echox/mini_parts/")
+    parser.add_argument("--export", action="store_true", help="write the trained parts to modeling_echox/mini/parts/")
     parser.add_argument("--carry-over", metavar="PARTS_DIR",
                         help="take the results of the --carry steps from these exported parts instead of training them")
     parser.add_argument("--carry", default="units,vocoder",

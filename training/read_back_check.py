@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from modeling_echox.asr import WhisperTranscriber
-from modeling_echox.text_metrics import normalize_text, word_errors
+from modeling_echox.evaluation.asr import WhisperTranscriber
+from modeling_echox.evaluation.text_metrics import normalize_text, word_errors
 
 TEXT_KEYS = ("answer_text", "text", "response")
 
@@ -61,7 +61,7 @@ def read_back(model, tokenizer, texts: list[str], batch_size: int = 8) -> list[t
 
 def read_back_check(model_dir: str, texts: list[str], transcriber=None, batch_size: int = 8) -> dict[str, Any]:
     """Read `texts` back with the checkpoint in `model_dir` and score the transcripts (word errors per text, WER)."""
-    from modeling_echox.loading import load_echox
+    from modeling_echox.model.loading import load_echox
 
     start = time.time()
     model, processor = load_echox(model_dir)

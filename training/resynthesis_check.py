@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from modeling_echox.asr import WhisperTranscriber
-from modeling_echox.text_metrics import normalize_text, word_errors
+from modeling_echox.evaluation.asr import WhisperTranscriber
+from modeling_echox.evaluation.text_metrics import normalize_text, word_errors
+
 
 def resynthesis_check(
     vocoder_dir: str,
@@ -30,8 +31,8 @@ def resynthesis_check(
 ) -> dict[str, Any]:
     import torch
 
-    from modeling_echox.audio_io import load_audio
-    from modeling_echox.vocoder import EchoXCodeHifiGan
+    from modeling_echox.model.audio_io import load_audio
+    from modeling_echox.model.vocoder import EchoXCodeHifiGan
 
     from .vocoder.data import read_manifest
 

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from modeling_echox.configuration_echox import EchoXVocoderConfig
-from modeling_echox.vocoder import EchoXCodeHifiGan
+from modeling_echox.model.configuration_echox import EchoXVocoderConfig
+from modeling_echox.model.vocoder import EchoXCodeHifiGan
 
 from .vocoder.data import VocoderCollator, VocoderSegmentDataset, read_manifest
 from .vocoder.discriminators import DiscriminatorConfig, HifiGanDiscriminator

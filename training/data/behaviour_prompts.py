@@ -46,7 +46,7 @@ import re
 import time
 
 from . import listening, synthesize
-from .spoken_qa import number_words, normalize_text, read_jsonl
+from .spoken_qa import normalize_text, number_words, read_jsonl
 
 MAX_ANSWER_TOKENS = 48  # EchoX-mini's generation budget (its generation_config) and stage I's max_response_tokens
 CHUNK_SIZE = 200
@@ -294,9 +294,9 @@ def text_llm():
     system prompt and chat template) — the text LLM whose answers are the targets."""
     from transformers import WhisperFeatureExtractor
 
-    from modeling_echox.base_weights import load_smollm2
-    from modeling_echox.echox_mini import SYSTEM_PROMPT
-    from modeling_echox.processing_echox import EchoXProcessor
+    from modeling_echox.mini.assembly import SYSTEM_PROMPT
+    from modeling_echox.mini.base_weights import load_smollm2
+    from modeling_echox.model.processing_echox import EchoXProcessor
 
     llm, tokenizer = load_smollm2()
     llm.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")

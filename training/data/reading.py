@@ -17,7 +17,14 @@ import json
 import os
 import random
 
-from .spoken_qa import DAYS, MONTHS, country_of, normalize_text, number_words, read_jsonl
+from .spoken_qa import (
+    DAYS,
+    MONTHS,
+    country_of,
+    normalize_text,
+    number_words,
+    read_jsonl,
+)
 from .synthesize import ANSWER_VOICE, answer_audio_name, run_synthesis
 
 

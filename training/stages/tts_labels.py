@@ -8,8 +8,8 @@ voice it learnt from (EchoX-mini's comparison of the two is in MODEL_CARD.md).
 import json
 import os
 
-from modeling_echox.unit_language import EchoXUnitLanguage
-from modeling_echox.units import EchoXUnitExtractor
+from modeling_echox.units.extractor import EchoXUnitExtractor
+from modeling_echox.units.unit_language import EchoXUnitLanguage
 
 
 class SpokenUnitLabeler:
