@@ -17,7 +17,7 @@ import random
 
 from .reading import synthesize_reading
 from .spoken_qa import read_jsonl
-from .synthesize import ANSWER_VOICE
+from .tts_voices import ANSWER_VOICE
 
 
 def fragment_texts(records: list[dict], seed: int = 0) -> list[str]:

@@ -14,7 +14,7 @@ import random
 
 from .reading import held_out_words, synthesize_reading
 from .spoken_qa import normalize_text, number_words, read_jsonl
-from .synthesize import ANSWER_VOICE
+from .tts_voices import ANSWER_VOICE
 
 _TEMPLATES = (
     "{sentence}",

@@ -47,7 +47,8 @@ import os
 import random
 
 from .spoken_qa import country_of, generate_qa, normalize_text, read_jsonl
-from .synthesize import RESERVED_VOICES, VOICES, _chunks, run_synthesis, voice_available
+from .synthesize import _chunks, run_synthesis
+from .tts_voices import RESERVED_VOICES, VOICES, voice_available
 
 QUESTIONS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "open_questions.json")
 SMALL_TALK = "small_talk"
@@ -232,7 +233,7 @@ def synthesize_open_set(records: list[dict], out_dir: str, voices=RESERVED_VOICE
         raise ValueError(f"Voices {not_reserved} are training voices; only {RESERVED_VOICES} speak the open set.")
     missing = [voice for voice in voices if not voice_available(voice)]
     if missing:
-        raise RuntimeError(f"TTS voices not available: {missing} (see training/data/synthesize.py for the packages).")
+        raise RuntimeError(f"TTS voices not available: {missing} (see training/data/tts_voices.py for the packages).")
     items = {voice: [(os.path.join(voice, f"{r['id']}.wav"), r["question"], None) for r in records] for voice in voices}
     durations, _ = run_synthesis(list(_chunks(items, 48, out_dir)), workers)
     path = os.path.join(out_dir, "open_eval.jsonl")

@@ -25,7 +25,8 @@ from .spoken_qa import (
     number_words,
     read_jsonl,
 )
-from .synthesize import ANSWER_VOICE, answer_audio_name, run_synthesis
+from .synthesize import answer_audio_name, run_synthesis
+from .tts_voices import ANSWER_VOICE
 
 
 def _country_facts(name: str) -> list[str]:
