@@ -151,7 +151,7 @@ def test_missing_parts_are_named(trained, tmp_path):
 
 
 def test_carry_over_stage1_takes_adapter_and_llm_from_the_parts(trained, tmp_path):
-    from training.echox_mini import carry_over_stage1
+    from training.mini_carry_over import carry_over_stage1
 
     model, processor, parts, _, changed = trained
     base_model, base_processor = build_mini_base(processor.unit_vocabulary, 20, seed=11)
@@ -169,7 +169,7 @@ def test_carry_over_stage1_takes_adapter_and_llm_from_the_parts(trained, tmp_pat
 
 def test_carry_over_units_and_the_refitted_unit_language_check(trained, tmp_path):
     from modeling_echox.units.unit_language import train_unit_language
-    from training.echox_mini import carry_over_units, check_carried_unit_language
+    from training.mini_carry_over import carry_over_units, check_carried_unit_language
 
     with pytest.raises(FileNotFoundError, match="unit k-means"):
         carry_over_units(trained[2], str(tmp_path / "units"))

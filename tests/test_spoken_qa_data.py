@@ -220,7 +220,7 @@ def test_recipe_step_reruns_when_an_input_is_newer(tmp_path):
 
 def test_t2c_manifest_holds_every_answer_voice_clip(tmp_path):
     from modeling_echox.units.unit_language import train_unit_language
-    from training.echox_mini import t2c_manifest
+    from training.mini_manifests import t2c_manifest
 
     rng = np.random.default_rng(0)
     sequences = [rng.integers(0, 20, size=int(rng.integers(5, 30))).tolist() for _ in range(40)]

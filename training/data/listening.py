@@ -279,6 +279,14 @@ def stage_records(manifest: str) -> list[dict]:
     ]
 
 
+def write_listening(qa: str, out: str, max_clips: int | None = None, held_out: int = 300, vocabulary_size: int = 40000,
+                    repeats: int = 2, workers: int = min(2, os.cpu_count() or 1), seed: int = 0) -> dict:
+    """`build_corpus` with the stats printed; returns the stats."""
+    stats = build_corpus(qa, out, max_clips, held_out, vocabulary_size, repeats, workers, seed)
+    print(json.dumps(stats, indent=2))
+    return stats
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--qa", required=True, help="QA JSONL from training.data.spoken_qa (defines the held-out set)")
@@ -290,9 +298,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    stats = build_corpus(args.qa, args.out, args.max_clips, args.held_out, args.vocabulary_size, args.repeats,
-                         args.workers, args.seed)
-    print(json.dumps(stats, indent=2))
+    write_listening(args.qa, args.out, args.max_clips, args.held_out, args.vocabulary_size, args.repeats, args.workers,
+                    args.seed)
 
 
 if __name__ == "__main__":

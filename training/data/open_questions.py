@@ -249,6 +249,28 @@ def synthesize_open_set(records: list[dict], out_dir: str, voices=RESERVED_VOICE
     return path
 
 
+def write_open_eval(out: str, qa: str | None = None, texts=(), prompts=(), voices=RESERVED_VOICES,
+                    workers: int = min(2, os.cpu_count() or 1), seed: int = 0) -> str:
+    """
+    The open evaluation set in `out`: its questions checked against the training `texts` and `prompts` manifests
+    (refused ones listed in `refused.jsonl`), spoken in `voices` (`open_eval.jsonl`); returns the manifest's path.
+    `qa`: the recipe's qa.jsonl (default: generated as the recipe does).
+    """
+    qa_records = read_jsonl(qa) if qa else generate_qa(closed_split="phrasing")
+    records, refused = open_set(qa_records, list(texts), list(prompts), seed)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "refused.jsonl"), "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(problem) + "\n" for problem in refused)
+    for problem in refused:
+        print(f"refused {problem['id']} (rule {problem['rule']}): {problem['problem']}")
+    voices = tuple(voices)
+    path = synthesize_open_set(records, out, voices, workers)
+    kinds = sorted({record["kind"] for record in records})
+    print(f"{len(records)} questions over {len(kinds)} kinds × {len(voices)} voices → {path} "
+          f"({len(refused)} problems: {out}/refused.jsonl)")
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory (wav files + open_eval.jsonl)")
@@ -261,18 +283,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    qa_records = read_jsonl(args.qa) if args.qa else generate_qa(closed_split="phrasing")
-    records, refused = open_set(qa_records, args.texts, args.prompts, args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "refused.jsonl"), "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(problem) + "\n" for problem in refused)
-    for problem in refused:
-        print(f"refused {problem['id']} (rule {problem['rule']}): {problem['problem']}")
-    voices = tuple(voice for voice in args.voices.split(",") if voice)
-    path = synthesize_open_set(records, args.out, voices, args.workers)
-    kinds = sorted({record["kind"] for record in records})
-    print(f"{len(records)} questions over {len(kinds)} kinds × {len(voices)} voices → {path} "
-          f"({len(refused)} problems: {args.out}/refused.jsonl)")
+    write_open_eval(args.out, args.qa, args.texts, args.prompts, tuple(voice for voice in args.voices.split(",") if voice),
+                    args.workers, args.seed)
 
 
 if __name__ == "__main__":

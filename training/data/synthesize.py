@@ -355,8 +355,46 @@ def _edit_distance(ref: list[str], hyp: list[str]) -> int:
     return row[-1]
 
 
-def main(argv=None):
+def _qa_records(qa: str, splits, limit: int | None) -> list[dict]:
+    """The QA records of `splits` in the JSONL `qa`, at most `limit` per split."""
     from .spoken_qa import read_jsonl
+
+    records = [r for r in read_jsonl(qa) if r["split"] in splits]
+    if limit is not None:
+        kept, seen = [], {}
+        for record in records:
+            seen[record["split"]] = seen.get(record["split"], 0) + 1
+            if seen[record["split"]] <= limit:
+                kept.append(record)
+        records = kept
+    return records
+
+
+def synthesize_qa_speech(qa: str, out: str, splits=("train", "dev", "test"), train_voices=TRAIN_VOICES,
+                         heldout_voices=HELDOUT_VOICES, answer_voice: str = ANSWER_VOICE, voices_per_record: int = 2,
+                         voices_per_kind: dict[str, int] | None = None, eval_seen_voices: bool = False,
+                         augment_train: bool = True, limit: int | None = None,
+                         workers: int = min(2, os.cpu_count() or 1), seed: int = 0) -> dict:
+    """Speak the QA JSONL `qa` into `out` (`synthesize_dataset`), print the manifests; returns `{split: manifest}`."""
+    manifests = synthesize_dataset(
+        _qa_records(qa, tuple(splits), limit),
+        out,
+        answer_voice=answer_voice,
+        workers=workers,
+        train_voices=tuple(train_voices),
+        heldout_voices=tuple(heldout_voices),
+        voices_per_record=voices_per_record,
+        voices_per_kind=voices_per_kind or {},
+        eval_seen_voices=eval_seen_voices,
+        augment_train=augment_train,
+        seed=seed,
+    )
+    for split, path in manifests.items():
+        print(f"{split}: {path}")
+    return manifests
+
+
+def main(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--qa", required=True, help="QA JSONL from training.data.spoken_qa")
@@ -375,38 +413,30 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--measure-voices", default=None, help="comma-separated voices: print Whisper WER and exit")
     args = parser.parse_args(argv)
-    records = read_jsonl(args.qa)
     splits = tuple(s for s in args.splits.split(",") if s)
-    records = [r for r in records if r["split"] in splits]
-    if args.limit is not None:
-        kept, seen = [], {}
-        for record in records:
-            seen[record["split"]] = seen.get(record["split"], 0) + 1
-            if seen[record["split"]] <= args.limit:
-                kept.append(record)
-        records = kept
     if args.measure_voices:
+        records = _qa_records(args.qa, splits, args.limit)
         texts = sorted({r["answer"] for r in records})
         texts = [texts[i] for i in sorted(random.Random(args.seed).sample(range(len(texts)), min(60, len(texts))))]
         for voice, result in measure_voices(texts, tuple(args.measure_voices.split(","))).items():
             print(f"{voice}: WER {result['wer']:.3f} on {len(texts)} answers (TTS {result['tts_seconds']:.1f} s, "
                   f"ASR {result['asr_seconds']:.1f} s)")
         return
-    manifests = synthesize_dataset(
-        records,
+    synthesize_qa_speech(
+        args.qa,
         args.out,
-        answer_voice=args.answer_voice,
-        workers=args.workers,
+        splits=splits,
         train_voices=tuple(v for v in args.train_voices.split(",") if v),
         heldout_voices=tuple(v for v in args.heldout_voices.split(",") if v),
+        answer_voice=args.answer_voice,
         voices_per_record=args.voices_per_record,
         voices_per_kind=parse_voices_per_kind(args.voices_per_kind),
         eval_seen_voices=args.eval_seen_voices,
         augment_train=not args.no_augment,
+        limit=args.limit,
+        workers=args.workers,
         seed=args.seed,
     )
-    for split, path in manifests.items():
-        print(f"{split}: {path}")
 
 
 if __name__ == "__main__":
