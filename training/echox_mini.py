@@ -89,13 +89,12 @@ from .mini_manifests import (
 STEPS = ("qa", "speech", "reading", "fragments", "general", "listening", "hearing", "behaviour_prompts",
          "behaviour_answers", "behaviour_speech", "open_eval", "units", "vocoder", "base", "stage2", "stage1",
          "stage1_refine", "stage1_behaviour", "stage3")
-# The speech stage I trains on: the training questions. "listening" (general sentences to repeat, which would teach
-# the adapter words no question holds) is the next version's; a stage I on it ran at 15 s/step while sharing the
-# machine with another training (MODEL_CARD.md), too slow to train alongside this version.
+# The speech stage I trains on: the training questions. "listening" may be added (general sentences to repeat, which
+# teach the adapter words no question holds, at a much higher step cost: MODEL_CARD.md).
 STAGE1_DATA = ("train",)
-# The next version's stage I (issue 26): behaviour-aligned, from the hearing stage's adapter (runs/mini_hearing). Off
-# until its full run is measured (docs/experiments/behaviour-alignment.md): then stage1 and stage1_refine give way to
-# stage1_behaviour, and stage III builds on it.
+# True: stage I is behaviour-aligned (stage1_behaviour, from the hearing stage's adapter in runs/mini_hearing) instead
+# of stage1 and stage1_refine, and stage III builds on it (docs/experiments/behaviour-alignment.md). The committed
+# parts were trained without it.
 BEHAVIOUR_STAGE1 = False
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 

@@ -28,7 +28,7 @@ What no training data may hold (`check_open_set`). Content words are the normali
 A question that breaks rule 1 or 2, and a probe kind's question whose name breaks rule 3, is left out of the set; an
 everyday question whose name breaks rule 3 stays, without its `probe`. `<out>/refused.jsonl` lists every problem; the
 build stops when fewer than `MIN_EVERYDAY` everyday questions over `MIN_KINDS` topics remain.
-Read sentences get rule 2 rather than rule 1 because they exist to teach hearing of everyday words (issue 26): the
+Read sentences get rule 2 rather than rule 1 because they exist to teach hearing of everyday words: the
 recipe's 2000 general sentences alone share a content word with 341 of the 432 hand-written questions, the listening
 corpus (`training.data.listening`) with 393. Rule 1 against them would leave almost no everyday question.
 
@@ -54,7 +54,7 @@ QUESTIONS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "open_
 SMALL_TALK = "small_talk"
 COUNTRY_PROBE_KINDS = {"capital": "probe_capital", "continent": "probe_continent"}
 PROBE_KINDS = ("probe_person", "probe_place", "probe_animal", *COUNTRY_PROBE_KINDS.values())
-# The least the set may hold once refused questions are left out (issue 26: >= 300 questions over >= 30 topics).
+# The least the set may hold once refused questions are left out: 300 questions over 30 topics.
 MIN_EVERYDAY, MIN_KINDS = 300, 30
 # Function words only: a word that carries what a question is about (a noun, verb, adjective, number) is a content word.
 STOP_WORDS = frozenset("""

@@ -6,10 +6,10 @@ continents), the days of the week and the months (what comes after / before) and
 Splits (fixed seed):
 - capitals and continents are split BY COUNTRY: a held-out country's questions (both kinds, every phrasing) are
   never in `train`, so they test what the text LLM already knows. Countries are stratified by continent.
-- days, months and arithmetic are closed sets. `closed_split="item"` (the default, what the shipped EchoX-mini
-  trained on) holds out whole items ("after monday", "3 plus 4"; all phrasings of an item share its split): a test
-  question then asks the LLM for a fact it was never taught, which SmolLM2-135M mostly does not know (MODEL_CARD.md).
-  `closed_split="phrasing"` teaches every item but holds out one seeded phrasing of it for test (every day and
+- days, months and arithmetic are closed sets. `closed_split="item"` (the default) holds out whole items ("after
+  monday", "3 plus 4"; all phrasings of an item share its split): a test question then asks the LLM for a fact it was
+  never taught, which SmolLM2-135M mostly does not know (MODEL_CARD.md).
+  `closed_split="phrasing"` (EchoX-mini's recipe, `training.echox_mini`) teaches every item but holds out one seeded phrasing of it for test (every day and
   month item; a `test_fraction` share of the arithmetic items) and another for dev (a `dev_fraction` share), so a
   test question is a known fact asked in words never trained on (and, after synthesis, by a voice never heard).
 
