@@ -10,6 +10,7 @@ from .model.configuration_echox import (
     EchoXVocoderConfig,
 )
 from .model.generation_configuration_echox import EchoXGenerationConfig
+from .model.loading import load_echox
 from .model.modeling_echox import (
     EchoXForSpeechToSpeech,
     EchoXGenerationOutput,
@@ -63,6 +64,7 @@ __all__ = [
     "EchoXUnitVocabulary",
     "EchoXVoicer",
     "ensure_mini",
+    "load_echox",
     "fit_kmeans",
     "train_unit_language",
     "EchoXVocoderConfig",

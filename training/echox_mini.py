@@ -36,7 +36,7 @@ Steps (outputs under `--work`):
                                                    the training texts above (training.data.open_questions)
     units       runs/mini_units/                   stage 0: Whisper tiny.en (10 s window) k-means, unit language
     vocoder     runs/mini_vocoder/generator/       the iSTFT unit vocoder (training/configs/mini_vocoder.json)
-    base        runs/mini_base/                    EchoX-mini before training (echox_mini.build_mini_base)
+    base        runs/mini_base/                    EchoX-mini before training (modeling_echox.mini.assembly.build_mini_base)
     stage2      runs/mini_stage2/final/            text → unit language (echo decoder), every answer-voice clip, from
                                                    the base (it reads only the LLM's frozen text table, which stage I
                                                    leaves as it is, so `--until stage2` may run beside stage I); then
