@@ -28,7 +28,7 @@ def rss_kib(field):
         for line in handle:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-from modeling_echox.convert_original import convert_original
+from modeling_echox.convert.original import convert_original
 baseline = rss_kib("VmRSS")
 started = time.perf_counter()
 convert_original(*sys.argv[1:4], max_shard_size=sys.argv[4])

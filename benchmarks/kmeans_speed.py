@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modeling_echox.units import assign_units, fit_kmeans  # noqa: E402
+from modeling_echox.units.kmeans import assign_units, fit_kmeans  # noqa: E402
 
 
 def make_data(frames: int, dim: int, modes: int, seed: int = 0) -> np.ndarray:

@@ -31,8 +31,8 @@ import soundfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from modeling_echox.loading import load_echox  # noqa: E402
-from modeling_echox.streaming import EchoXAudioStreamer  # noqa: E402
+from modeling_echox.model.loading import load_echox  # noqa: E402
+from modeling_echox.model.streaming import EchoXAudioStreamer  # noqa: E402
 
 QUESTIONS = [
     "what is the capital of france",
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--feature-threads", type=int, default=1,
                         help="torch threads for each clip's Whisper features (default 1; the count is restored after)")
-    parser.add_argument("--int8", action="store_true", help="quantize the LLM layers to int8 (modeling_echox.quantization)")
+    parser.add_argument("--int8", action="store_true", help="quantize the LLM layers to int8 (modeling_echox.model.quantization)")
     args = parser.parse_args()
     if args.feature_threads < 1:
         parser.error("--feature-threads must be at least 1")
@@ -145,7 +145,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     if args.model is None:
-        from modeling_echox.echox_mini import ensure_mini
+        from modeling_echox.mini.assembly import ensure_mini
 
         args.model = os.environ.get("ECHOX_MODEL") or ensure_mini()
     model, processor = load_echox(args.model, int8=args.int8)

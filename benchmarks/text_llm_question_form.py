@@ -16,9 +16,9 @@ import sys
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from modeling_echox.evaluation import base_text_llm, read_eval_manifest  # noqa: E402
-from modeling_echox.loading import load_echox  # noqa: E402
-from modeling_echox.text_metrics import is_correct  # noqa: E402
+from modeling_echox.evaluation.spoken_qa import base_text_llm, read_eval_manifest  # noqa: E402
+from modeling_echox.evaluation.text_metrics import is_correct  # noqa: E402
+from modeling_echox.model.loading import load_echox  # noqa: E402
 
 DAYS_AND_MONTHS = set(
     "monday tuesday wednesday thursday friday saturday sunday january february march april may june july august "

@@ -22,9 +22,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modeling_echox.random_checkpoint import build_random_echox  # noqa: E402
+from modeling_echox.testing.random_checkpoint import build_random_echox  # noqa: E402
 from training.stages.common import apply_lora, freeze_except  # noqa: E402
-from training.stages.data import EchoXDataCollator, EncoderStateCache, load_dialogue_dataset  # noqa: E402
+from training.stages.data import (  # noqa: E402
+    EchoXDataCollator,
+    EncoderStateCache,
+    load_dialogue_dataset,
+)
 from training.stages.tiny_data import make_tiny_dataset  # noqa: E402
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj"]}

@@ -35,9 +35,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modeling_echox.audio_io import load_audio  # noqa: E402
-from modeling_echox.unit_language import compression_report, train_unit_language  # noqa: E402
-from modeling_echox.units import deduplicate_units, fit_kmeans  # noqa: E402
+from modeling_echox.model.audio_io import load_audio  # noqa: E402
+from modeling_echox.units.kmeans import deduplicate_units, fit_kmeans  # noqa: E402
+from modeling_echox.units.unit_language import compression_report, train_unit_language  # noqa: E402
 
 HUMAN_CLIPS = ["two_cities.wav", "endgame_nagg_nell.wav", "beckett.wav", "clone-test.wav"]
 WINDOW = 30 * 16000

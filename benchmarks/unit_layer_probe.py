@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from modeling_echox.asr import WhisperTranscriber  # noqa: E402
-from modeling_echox.audio_io import load_audio  # noqa: E402
-from modeling_echox.text_metrics import normalize_text, word_errors  # noqa: E402
-from modeling_echox.units import EchoXUnitExtractor, fit_kmeans  # noqa: E402
+from modeling_echox.evaluation.asr import WhisperTranscriber  # noqa: E402
+from modeling_echox.evaluation.text_metrics import normalize_text, word_errors  # noqa: E402
+from modeling_echox.model.audio_io import load_audio  # noqa: E402
+from modeling_echox.units.extractor import EchoXUnitExtractor  # noqa: E402
+from modeling_echox.units.kmeans import fit_kmeans  # noqa: E402
 from training.data.spoken_qa import read_jsonl  # noqa: E402
 
 N_FFT, HOP = 640, 160  # 40 ms windows every 10 ms: two spectrogram frames per 50 Hz encoder frame
@@ -81,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
-    from modeling_echox.base_weights import whisper_tiny_en
+    from modeling_echox.mini.base_weights import whisper_tiny_en
 
     encoder, feature_extractor = whisper_tiny_en(window_seconds=10)
     held_out = read_jsonl(args.held_out)

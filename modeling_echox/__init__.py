@@ -3,19 +3,30 @@
 from transformers import AutoConfig, AutoModel, AutoModelForMultimodalLM, AutoProcessor
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .configuration_echox import EchoXConfig, EchoXEchoDecoderConfig, EchoXVocoderConfig
-from .echox_mini import ensure_mini
-from .generation_configuration_echox import EchoXGenerationConfig
-from .modeling_echox import EchoXForSpeechToSpeech, EchoXGenerationOutput, EchoXOutput, EchoXPreTrainedModel
-from .pipeline_echox import SpeechToSpeechPipeline
-from .processing_echox import EchoXProcessor
-from .streaming import EchoXAudioStreamer, EchoXStreamChunk
-from .unit_language import EchoXUnitLanguage, train_unit_language
-from .unit_vocabulary import EchoXUnitVocabulary
-from .units import EchoXUnitExtractor, EchoXUnitKMeans, fit_kmeans
-from .vocoder import EchoXCodeHifiGan
-from .vocoder_istft import EchoXIstftGenerator
-from .voicing import EchoXVoicer
+from .mini.assembly import ensure_mini
+from .model.configuration_echox import (
+    EchoXConfig,
+    EchoXEchoDecoderConfig,
+    EchoXVocoderConfig,
+)
+from .model.generation_configuration_echox import EchoXGenerationConfig
+from .model.loading import load_echox
+from .model.modeling_echox import (
+    EchoXForSpeechToSpeech,
+    EchoXGenerationOutput,
+    EchoXOutput,
+    EchoXPreTrainedModel,
+)
+from .model.pipeline_echox import SpeechToSpeechPipeline
+from .model.processing_echox import EchoXProcessor
+from .model.streaming import EchoXAudioStreamer, EchoXStreamChunk
+from .model.unit_vocabulary import EchoXUnitVocabulary
+from .model.vocoder import EchoXCodeHifiGan
+from .model.vocoder_istft import EchoXIstftGenerator
+from .model.voicing import EchoXVoicer
+from .units.extractor import EchoXUnitExtractor
+from .units.kmeans import EchoXUnitKMeans, fit_kmeans
+from .units.unit_language import EchoXUnitLanguage, train_unit_language
 
 __version__ = "0.1.0"
 
@@ -53,6 +64,7 @@ __all__ = [
     "EchoXUnitVocabulary",
     "EchoXVoicer",
     "ensure_mini",
+    "load_echox",
     "fit_kmeans",
     "train_unit_language",
     "EchoXVocoderConfig",

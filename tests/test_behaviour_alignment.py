@@ -12,15 +12,19 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from modeling_echox.evaluation import TextLLM
-from modeling_echox.random_checkpoint import build_random_echox
-from modeling_echox.speech_adapter import SpeechAdapterOutput
-from training.data import behaviour_prompts, open_questions
+from modeling_echox.evaluation.spoken_qa import TextLLM
+from modeling_echox.model.speech_adapter import SpeechAdapterOutput
+from modeling_echox.testing.random_checkpoint import build_random_echox
+from training.data import behaviour_answers, behaviour_prompts, open_questions
 from training.data.spoken_qa import generate_qa
-from training.data.synthesize import RESERVED_VOICES, VOICES
+from training.data.tts_voices import RESERVED_VOICES, VOICES
 from training.stages.common import apply_lora
 from training.stages.data import IGNORE_INDEX, load_dialogue_dataset, write_manifest
-from training.stages.stage1_behaviour import BehaviourCollator, BehaviourTrainer, mixed_dataset
+from training.stages.stage1_behaviour import (
+    BehaviourCollator,
+    BehaviourTrainer,
+    mixed_dataset,
+)
 from training.stages.tiny_data import make_tiny_dataset
 
 
@@ -113,18 +117,18 @@ def test_targets_are_the_text_llms_greedy_answers_cached_and_resumed(tmp_path):
     llm.generation_config.eos_token_id = model.config.text_config.eos_token_id
     prompts = ["what is a kettle", "suggest a name for a boat", "how do you spell lantern", "define harbour"]
     path = str(tmp_path / "answers.jsonl")
-    first = behaviour_prompts.answer_prompts(prompts, path, llm, processor, batch_size=1, max_new_tokens=6, limit=3,
+    first = behaviour_answers.answer_prompts(prompts, path, llm, processor, batch_size=1, max_new_tokens=6, limit=3,
                                              verbose=False)
     assert first == {"answered": 3, "done": 3, "total": 4}
     with open(path, "a", encoding="utf-8") as handle:
         handle.write('{"key": "cut by a ki')  # a line cut by a kill
-    second = behaviour_prompts.answer_prompts(prompts, path, llm, processor, batch_size=1, max_new_tokens=6,
+    second = behaviour_answers.answer_prompts(prompts, path, llm, processor, batch_size=1, max_new_tokens=6,
                                               verbose=False)
     assert second == {"answered": 1, "done": 4, "total": 4}
-    answers = behaviour_prompts.read_answers(path)
+    answers = behaviour_answers.read_answers(path)
     text_llm = TextLLM(llm, processor, max_new_tokens=6)
     for prompt in prompts:
-        stored = answers[behaviour_prompts.prompt_key(prompt)]
+        stored = answers[behaviour_answers.prompt_key(prompt)]
         assert stored["prompt"] == prompt
         assert stored["answer"] == text_llm([prompt])[0]
         assert stored["answer"] == processor.tokenizer.decode(stored["ids"], skip_special_tokens=True).strip()
@@ -136,7 +140,7 @@ def test_targets_are_the_text_llms_greedy_answers_cached_and_resumed(tmp_path):
     guard = behaviour_prompts.OpenSetGuard(qa)
     speech = write_manifest(str(tmp_path / "behaviour.jsonl"), [
         {"id": f"p{i}", "audio": f"behaviour/p{i}.wav", "text": text} for i, text in enumerate(prompts)])
-    answers = {behaviour_prompts.prompt_key(p): {"answer": a, "ids": ids, "finished": done}
+    answers = {behaviour_answers.prompt_key(p): {"answer": a, "ids": ids, "finished": done}
                for p, a, ids, done in [(prompts[0], "a kettle boils water", [5, 6, 7], True),
                                        (prompts[1], "call it the wave", [8, 9], False),
                                        (prompts[2], "atlantis spells it", [10], True)]}

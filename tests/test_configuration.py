@@ -9,10 +9,15 @@ import numpy as np
 import pytest
 from transformers import GenerationConfig, LlamaConfig
 
-from modeling_echox import EchoXConfig, EchoXEchoDecoderConfig, EchoXForSpeechToSpeech, EchoXGenerationConfig
-from modeling_echox.generation_configuration_echox import ECHOX_GENERATION_FIELDS
-from modeling_echox.loading import load_echox
-from modeling_echox.random_checkpoint import build_random_echox
+from modeling_echox import (
+    EchoXConfig,
+    EchoXEchoDecoderConfig,
+    EchoXForSpeechToSpeech,
+    EchoXGenerationConfig,
+)
+from modeling_echox.model.generation_configuration_echox import ECHOX_GENERATION_FIELDS
+from modeling_echox.model.loading import load_echox
+from modeling_echox.testing.random_checkpoint import build_random_echox
 
 SR = 16000
 # config.json and generation_config.json of `build_random_echox("tiny", seed=1)` as the first layout wrote them: the echo

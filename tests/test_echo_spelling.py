@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from modeling_echox import EchoXForSpeechToSpeech
-from modeling_echox.random_checkpoint import build_random_echox
+from modeling_echox.testing.random_checkpoint import build_random_echox
 
 SR = 16000
 SPELLING = 6

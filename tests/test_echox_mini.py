@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modeling_echox.echox_mini import (
+from modeling_echox.mini.assembly import (
     BUILD_MARKER,
     DERIVED,
     PARTS_FILE,
@@ -20,9 +20,9 @@ from modeling_echox.echox_mini import (
     load_mini_parts,
     mini_is_built,
 )
-from modeling_echox.loading import load_echox
-from modeling_echox.processing_echox import EchoXProcessor
-from modeling_echox.unit_vocabulary import EchoXUnitVocabulary
+from modeling_echox.model.loading import load_echox
+from modeling_echox.model.processing_echox import EchoXProcessor
+from modeling_echox.model.unit_vocabulary import EchoXUnitVocabulary
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_build_writes_a_loadable_checkpoint(trained, tmp_path):
 def test_ensure_mini_builds_once_per_version_of_the_parts(trained, tmp_path, monkeypatch):
     parts = tmp_path / "parts"
     shutil.copytree(trained[2], parts)
-    from modeling_echox.base_weights import default_cache_dir
+    from modeling_echox.mini.base_weights import default_cache_dir
 
     (tmp_path / "cache").mkdir()
     if os.path.isdir(os.path.join(default_cache_dir(), "smollm2")):  # reuse the converted base LLM
@@ -151,7 +151,7 @@ def test_missing_parts_are_named(trained, tmp_path):
 
 
 def test_carry_over_stage1_takes_adapter_and_llm_from_the_parts(trained, tmp_path):
-    from training.echox_mini import carry_over_stage1
+    from training.mini_carry_over import carry_over_stage1
 
     model, processor, parts, _, changed = trained
     base_model, base_processor = build_mini_base(processor.unit_vocabulary, 20, seed=11)
@@ -168,8 +168,8 @@ def test_carry_over_stage1_takes_adapter_and_llm_from_the_parts(trained, tmp_pat
 
 
 def test_carry_over_units_and_the_refitted_unit_language_check(trained, tmp_path):
-    from modeling_echox.unit_language import train_unit_language
-    from training.echox_mini import carry_over_units, check_carried_unit_language
+    from modeling_echox.units.unit_language import train_unit_language
+    from training.mini_carry_over import carry_over_units, check_carried_unit_language
 
     with pytest.raises(FileNotFoundError, match="unit k-means"):
         carry_over_units(trained[2], str(tmp_path / "units"))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from modeling_echox.evaluation import evaluate_spoken_qa, read_eval_manifest
-from modeling_echox.random_checkpoint import build_random_echox
-from modeling_echox.text_metrics import answer_in_text, is_correct
+from modeling_echox.evaluation.spoken_qa import evaluate_spoken_qa, read_eval_manifest
+from modeling_echox.evaluation.text_metrics import answer_in_text, is_correct
+from modeling_echox.testing.random_checkpoint import build_random_echox
 
 
 @pytest.mark.parametrize(
@@ -118,7 +118,7 @@ def test_harness_text_only(tmp_path):
 
 def test_evaluate_metric_from_local_path():
     evaluate = pytest.importorskip("evaluate")
-    from modeling_echox.metrics import SPOKEN_QA_METRIC
+    from modeling_echox.evaluation.metrics import SPOKEN_QA_METRIC
 
     metric = evaluate.load(SPOKEN_QA_METRIC)
     scores = metric.compute(

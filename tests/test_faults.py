@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from modeling_echox import EchoXForSpeechToSpeech
 from modeling_echox.cli import main
-from modeling_echox.loading import load_echox
-from modeling_echox.random_checkpoint import write_random_checkpoint
+from modeling_echox.model.loading import load_echox
+from modeling_echox.testing.random_checkpoint import write_random_checkpoint
 
 SR = 16000
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

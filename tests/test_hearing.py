@@ -5,8 +5,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from modeling_echox.modeling_echox import EchoXForSpeechToSpeech
-from modeling_echox.random_checkpoint import build_random_echox
+from modeling_echox.model.modeling_echox import EchoXForSpeechToSpeech
+from modeling_echox.testing.random_checkpoint import build_random_echox
 from training.stages import hearing
 
 
@@ -139,7 +139,7 @@ def test_encoder_state_shards_are_cropped_cached_and_reused(tiny, tmp_path, monk
     index = shards.build(paths, "train", verbose=False)
     assert [entry[3] for entry in index] == [hearing.cropped_frames(int(s * 16000), 1500) for s in (0.5, 1.2, 0.8)]
     assert len({entry[0] for entry in index}) == 2  # two shards of at most 2 clips
-    from modeling_echox.audio_io import load_audio
+    from modeling_echox.model.audio_io import load_audio
 
     wave = load_audio(paths[1], target_rate=16000)
     features = processor.feature_extractor(wave, sampling_rate=16000, padding="max_length",

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from training.data import listening, listening_text, synthesize
+from training.data import listening, listening_text, tts_voices
 
 RESERVED = {"festival_ked": ("festival", "voice_ked_diphone"), "flite_awb": ("flite", "awb"),
             "espeak_us_m3": ("espeak", "en-us+m3"), "espeak_us_f4": ("espeak", "en-us+f4")}
@@ -17,20 +17,20 @@ RESERVED = {"festival_ked": ("festival", "voice_ked_diphone"), "flite_awb": ("fl
 def test_reserved_voices_never_train():
     assert set(listening.RESERVED_VOICES) == set(RESERVED)
     for voice, engine_and_name in RESERVED.items():
-        assert synthesize.VOICES[voice] == engine_and_name
+        assert tts_voices.VOICES[voice] == engine_and_name
     assert not set(listening.LISTENING_VOICES) & set(RESERVED)
-    assert not any(synthesize.VOICES[v][1].endswith(("+m3", "+f4")) for v in listening.LISTENING_VOICES)
-    assert not set(synthesize.TRAIN_VOICES) & set(RESERVED)
-    engines = {synthesize.VOICES[v][0] for v in listening.LISTENING_VOICES}
+    assert not any(tts_voices.VOICES[v][1].endswith(("+m3", "+f4")) for v in listening.LISTENING_VOICES)
+    assert not set(tts_voices.TRAIN_VOICES) & set(RESERVED)
+    engines = {tts_voices.VOICES[v][0] for v in listening.LISTENING_VOICES}
     assert engines == {"flite", "festival", "piper", "espeak"} and len(listening.LISTENING_VOICES) >= 20
     with pytest.raises(ValueError, match="reserved"):
         listening.check_training_voices(["flite_slt", "flite_awb"])
-    synthesize.VOICES["espeak_gb_m3"] = ("espeak", "en-gb+m3")  # a reserved variant in another accent
+    tts_voices.VOICES["espeak_gb_m3"] = ("espeak", "en-gb+m3")  # a reserved variant in another accent
     try:
         with pytest.raises(ValueError, match="reserved"):
             listening.check_training_voices(["espeak_gb_m3"])
     finally:
-        del synthesize.VOICES["espeak_gb_m3"]
+        del tts_voices.VOICES["espeak_gb_m3"]
     with pytest.raises(ValueError, match="Unknown voices"):
         listening.check_training_voices(["nobody"])
 
@@ -128,7 +128,7 @@ def test_speaking_resumes_by_chunk(tmp_path, monkeypatch):
     assert [line["id"] for line in lines] == ["j0", "j1", "j2"] and all(line["duration"] > 0.2 for line in lines)
     chunks = sorted(os.listdir(tmp_path / "listening" / "chunks"))
     assert len(chunks) == 2 and chunks[0].startswith("train-00000-")
-    monkeypatch.setattr(synthesize, "synthesize_texts", lambda *a: (_ for _ in ()).throw(AssertionError("spoken")))
+    monkeypatch.setattr(tts_voices, "synthesize_texts", lambda *a: (_ for _ in ()).throw(AssertionError("spoken")))
     assert listening.speak(jobs, str(tmp_path), "train", workers=1, verbose=False) == lines
     # a changed plan makes new chunks, but the clips already spoken are reused
     (tmp_path / "listening" / "chunks" / chunks[1]).unlink()

@@ -13,10 +13,10 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMultimodalLM, AutoProcessor
 
 from modeling_echox import EchoXConfig, EchoXForSpeechToSpeech, EchoXProcessor
-from modeling_echox.loading import check_checkpoint_dir, load_echox
-from modeling_echox.random_checkpoint import build_random_echox
-from modeling_echox.segmentation import FaithfulSegmentation
-from modeling_echox.speech_adapter import EchoXSpeechAdapter
+from modeling_echox.model.loading import check_checkpoint_dir, load_echox
+from modeling_echox.model.segmentation import FaithfulSegmentation
+from modeling_echox.model.speech_adapter import EchoXSpeechAdapter
+from modeling_echox.testing.random_checkpoint import build_random_echox
 
 SR = 16000
 
@@ -568,7 +568,7 @@ def test_units_only_echo_head_trains_and_decodes():
 
 
 def test_int8_quantization_answers_and_refuses_saving(tmp_path):
-    from modeling_echox.quantization import quantize_int8
+    from modeling_echox.model.quantization import quantize_int8
 
     model, processor = build_random_echox("tiny", seed=2)
     inputs = processor(audio=[chirp(1.5, 4)], text=[""], sampling_rate=SR)

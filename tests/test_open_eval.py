@@ -13,10 +13,14 @@ pytest.importorskip("countryinfo")
 pytest.importorskip("num2words")
 
 from modeling_echox import cli  # noqa: E402
-from modeling_echox.evaluation import adapter_dictation, evaluate_spoken_qa, read_eval_manifest  # noqa: E402
-from modeling_echox.random_checkpoint import build_random_echox  # noqa: E402
-from modeling_echox.speech_adapter import SpeechAdapterOutput  # noqa: E402
-from modeling_echox.text_metrics import normalize_text, word_error_rate  # noqa: E402
+from modeling_echox.evaluation.spoken_qa import (  # noqa: E402
+    adapter_dictation,
+    evaluate_spoken_qa,
+    read_eval_manifest,
+)
+from modeling_echox.evaluation.text_metrics import normalize_text, word_error_rate  # noqa: E402
+from modeling_echox.model.speech_adapter import SpeechAdapterOutput  # noqa: E402
+from modeling_echox.testing.random_checkpoint import build_random_echox  # noqa: E402
 from training.data import open_questions, spoken_qa  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ the open set
@@ -274,7 +278,7 @@ def test_cli_prints_the_figures_per_kind_and_voice(monkeypatch, capsys, tmp_path
     row = {"n": 2, "s2t_accuracy": 0.5, "text_llm_right": 1, "s2t_retention": 1 / 3, "dictation_wer": 0.25}
     result = {**row, "segmentation_mode": "fast", "seconds": 1.0, "by_kind": {"animals": row, "body": row},
               "by_voice": {"flite_awb": row}}
-    import modeling_echox.evaluation as evaluation
+    import modeling_echox.evaluation.spoken_qa as evaluation
 
     monkeypatch.setattr(evaluation, "run_eval", lambda *args, **kwargs: result)
     args = types.SimpleNamespace(model="m", manifest="x", out=str(tmp_path / "r.json"), asr_model=None,

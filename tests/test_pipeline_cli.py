@@ -13,7 +13,7 @@ from transformers import pipeline
 
 import modeling_echox  # noqa: F401  (registers the task)
 from modeling_echox.cli import main
-from modeling_echox.random_checkpoint import write_random_checkpoint
+from modeling_echox.testing.random_checkpoint import write_random_checkpoint
 
 SR = 16000
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,7 +17,7 @@ from transformers import (
 
 import modeling_echox  # noqa: F401  (registers the task)
 from modeling_echox import SpeechToSpeechPipeline
-from modeling_echox.random_checkpoint import write_random_checkpoint
+from modeling_echox.testing.random_checkpoint import write_random_checkpoint
 
 SR = 16000
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed (make installs it)")

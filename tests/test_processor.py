@@ -11,9 +11,10 @@ import soundfile as sf
 import torch
 from transformers import AutoProcessor, WhisperFeatureExtractor
 
-from modeling_echox.configuration_echox import EchoXConfig
-from modeling_echox.processing_echox import DEFAULT_SYSTEM_PROMPT, EchoXProcessor
-from modeling_echox.tiny_tokenizer import (
+from modeling_echox.model.configuration_echox import EchoXConfig
+from modeling_echox.model.processing_echox import DEFAULT_SYSTEM_PROMPT, EchoXProcessor
+from modeling_echox.model.unit_vocabulary import UNIT_VOCAB_FILE, EchoXUnitVocabulary
+from modeling_echox.testing.tiny_tokenizer import (
     AUDIO_TOKEN,
     BOS_TOKEN,
     END_HEADER_TOKEN,
@@ -23,7 +24,6 @@ from modeling_echox.tiny_tokenizer import (
     TINY_SPECIAL_TOKENS,
     build_tiny_tokenizer,
 )
-from modeling_echox.unit_vocabulary import UNIT_VOCAB_FILE, EchoXUnitVocabulary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 16000
@@ -133,7 +133,7 @@ def test_tiny_tokenizer_is_deterministic_across_processes(tokenizer):
     code = (
         "import hashlib, sys; sys.path.insert(0, sys.argv[1]);"
         "import importlib.util as u;"
-        "spec = u.spec_from_file_location('tt', sys.argv[1] + '/modeling_echox/tiny_tokenizer.py');"
+        "spec = u.spec_from_file_location('tt', sys.argv[1] + '/modeling_echox/testing/tiny_tokenizer.py');"
         "m = u.module_from_spec(spec); spec.loader.exec_module(m);"
         "print(hashlib.sha256(m.build_tiny_tokenizer().backend_tokenizer.to_str().encode()).hexdigest())"
     )

@@ -10,7 +10,7 @@ import soundfile as sf
 
 datasets = pytest.importorskip("datasets")
 
-from modeling_echox.evaluation import read_eval_manifest  # noqa: E402
+from modeling_echox.evaluation.spoken_qa import read_eval_manifest  # noqa: E402
 from training.data import qa_benchmarks  # noqa: E402
 
 

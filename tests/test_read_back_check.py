@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_echox.random_checkpoint import build_random_echox
+from modeling_echox.testing.random_checkpoint import build_random_echox
 from training import read_back_check as check
 
 

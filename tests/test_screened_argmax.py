@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from modeling_echox import speech_adapter
-from modeling_echox.random_checkpoint import build_random_echox
-from modeling_echox.screened_argmax import ScreenedArgmax
+from modeling_echox.model.screened_argmax import ScreenedArgmax
+from modeling_echox.testing.random_checkpoint import build_random_echox
 
 
 def linear(vocab, width, seed):

@@ -1,5 +1,5 @@
 """
-The Gradio Space (spaces_demo/app.py): its streaming answer function without a server, its API through
+The Gradio Space (modeling_echox/demo.py): its streaming answer function without a server, its API through
 gradio_client, and the page in a real browser (Debian's chromium driven by Playwright), on a tiny random checkpoint.
 """
 
@@ -20,7 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 gr = pytest.importorskip("gradio", reason="the demo extra (gradio==6.31.0) is not installed")
 
-from spaces_demo.app import (  # noqa: E402
+from modeling_echox.demo import (  # noqa: E402
     EXAMPLE_QUESTIONS,
     EchoXSpace,
     build_demo,
@@ -48,7 +48,7 @@ CHROMIUM_ARGS = [
 # ------------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from modeling_echox.random_checkpoint import write_random_checkpoint
+    from modeling_echox.testing.random_checkpoint import write_random_checkpoint
 
     path = tmp_path_factory.mktemp("space") / "echox-tiny"
     write_random_checkpoint(str(path))
@@ -224,8 +224,8 @@ def test_model_failure_is_reported_without_a_traceback(space, question_wav, monk
 
 
 def test_slow_segments_are_followed_by_one_sample_nudges(space, question_wav, monkeypatch):
-    """While the next segment is being made, the generator yields 1-sample repeats of the last sample (see app.py)."""
-    from modeling_echox.streaming import EchoXStreamChunk
+    """While the next segment is being made, the generator yields 1-sample repeats of the last sample (see modeling_echox/demo.py)."""
+    from modeling_echox.model.streaming import EchoXStreamChunk
 
     first = np.linspace(0.0, 0.5, 800, dtype=np.float32)
 
@@ -262,7 +262,7 @@ def test_examples_are_synthesized_and_cached(tmp_path, monkeypatch):
 
 
 def test_without_flite_the_demo_offers_no_examples(checkpoint, space, tmp_path, monkeypatch):
-    import spaces_demo.app as app
+    import modeling_echox.demo as app
 
     monkeypatch.setattr(app.shutil, "which", lambda name: None)
     assert synthesize_examples(tmp_path) == []
@@ -289,7 +289,7 @@ def test_demo_layout_and_queue(checkpoint, space, tmp_path):
 
 def test_each_request_gives_its_freed_memory_back(space, question_wav, monkeypatch):
     """`release_freed_memory` runs once per request however it ends: answered, refused, or left by the listener."""
-    import spaces_demo.app as app
+    import modeling_echox.demo as app
 
     calls = []
     monkeypatch.setattr(app, "release_freed_memory", lambda: calls.append(1))
@@ -311,7 +311,7 @@ def test_each_request_gives_its_freed_memory_back(space, question_wav, monkeypat
 def test_freed_memory_goes_back_with_glibc():
     import platform
 
-    import spaces_demo.app as app
+    import modeling_echox.demo as app
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's")
@@ -320,8 +320,8 @@ def test_freed_memory_goes_back_with_glibc():
 
 
 def test_default_model_is_the_argument_else_env_else_ensure_mini(monkeypatch, tmp_path):
-    import modeling_echox.echox_mini as echox_mini
-    import spaces_demo.app as app
+    import modeling_echox.demo as app
+    import modeling_echox.mini.assembly as echox_mini
 
     monkeypatch.setattr(echox_mini, "ensure_mini", lambda: str(tmp_path / "mini"))
     monkeypatch.delenv("ECHOX_MODEL", raising=False)
@@ -483,7 +483,7 @@ def test_browser_plays_the_streamed_answer(served, browser, shots):
 
 def test_browser_starts_playing_before_the_answer_is_finished(served, browser, shots, monkeypatch):
     """A slow three-segment answer (a stand-in for a real model): the player must start while it is still being made."""
-    from modeling_echox.streaming import EchoXStreamChunk
+    from modeling_echox.model.streaming import EchoXStreamChunk
 
     def slow_stream(**kwargs):
         t = np.arange(SR) / SR

@@ -5,7 +5,7 @@ process of its own, whose memory, threads, open files and child processes are re
 Memory is the server's anonymous resident memory (`RssAnon`: heap, arenas, tensors). The rest of its RSS is the
 file-backed pages of the memory-mapped weights, which the kernel drops and reads back as the page cache needs: on a
 busy machine that part swung by 240 MB within 20 EchoX-mini requests, while the creep this guards against (glibc
-arenas keeping what the request threads freed; see `release_freed_memory` in spaces_demo/app.py) is anonymous.
+arenas keeping what the request threads freed; see `release_freed_memory` in modeling_echox/demo.py) is anonymous.
 """
 
 import os
@@ -173,9 +173,9 @@ def test_memory_freed_by_a_request_goes_back_to_the_system(tmp_path, question_wa
 
     import numpy as np
 
-    from modeling_echox.random_checkpoint import write_random_checkpoint
-    from modeling_echox.streaming import EchoXStreamChunk
-    from spaces_demo import app
+    from modeling_echox import demo as app
+    from modeling_echox.model.streaming import EchoXStreamChunk
+    from modeling_echox.testing.random_checkpoint import write_random_checkpoint
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc's arenas and malloc_trim")
@@ -202,7 +202,7 @@ def test_memory_freed_by_a_request_goes_back_to_the_system(tmp_path, question_wa
 
 def test_short_soak_on_a_tiny_checkpoint(tmp_path, question_wav):
     """20 requests after 5: no threads, files or encoder processes left behind, and no gross memory growth."""
-    from modeling_echox.random_checkpoint import write_random_checkpoint
+    from modeling_echox.testing.random_checkpoint import write_random_checkpoint
 
     _needs_ffmpeg()
     checkpoint = write_random_checkpoint(str(tmp_path / "echox-tiny"))
@@ -218,7 +218,7 @@ def test_soak_200_requests_on_echox_mini(tmp_path, question_wav):
     `release_freed_memory` it grew by about 65 MB over 100 requests on a 2-core machine.
     """
     pytest.importorskip("ctranslate2", reason="EchoX-mini's base weights (the mini extra) are not installed")
-    from modeling_echox.echox_mini import ensure_mini
+    from modeling_echox.mini.assembly import ensure_mini
 
     _needs_ffmpeg()
     model_dir = ensure_mini()

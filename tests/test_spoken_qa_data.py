@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("countryinfo")
 pytest.importorskip("num2words")
 
-from training.data import spoken_qa, synthesize  # noqa: E402
+from training.data import spoken_qa, synthesize, tts_voices  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +126,10 @@ def test_plan_jobs_voices(records):
     jobs = synthesize.plan_jobs(records[:0] + [r for r in records if r["kind"] == "day"])
     for job in jobs:
         if job["record"]["split"] == "train":
-            assert job["voice"] in synthesize.TRAIN_VOICES and job["augment"] is not None
+            assert job["voice"] in tts_voices.TRAIN_VOICES and job["augment"] is not None
         else:
-            assert job["voice"] in synthesize.HELDOUT_VOICES and job["augment"] is None
-    assert not set(synthesize.TRAIN_VOICES) & set(synthesize.HELDOUT_VOICES)
+            assert job["voice"] in tts_voices.HELDOUT_VOICES and job["augment"] is None
+    assert not set(tts_voices.TRAIN_VOICES) & set(tts_voices.HELDOUT_VOICES)
     with pytest.raises(ValueError, match="both training and held-out"):
         synthesize.plan_jobs(records[:1], train_voices=("flite_awb",), heldout_voices=("flite_awb",))
 
@@ -142,7 +142,7 @@ def test_plan_jobs_voices_per_kind(records):
     for record in days:  # more voices add to the ones a record had, with the same augmentation
         had = [j for j in two if j["record"] is record]
         has = [j for j in every if j["record"] is record]
-        assert {j["voice"] for j in has} == set(synthesize.TRAIN_VOICES)
+        assert {j["voice"] for j in has} == set(tts_voices.TRAIN_VOICES)
         assert [(j["voice"], j["augment"]) for j in has[:2]] == [(j["voice"], j["augment"]) for j in had]
     assert synthesize.parse_voices_per_kind("day=6, month=6") == {"day": 6, "month": 6}
     assert synthesize.parse_voices_per_kind("") == {}
@@ -219,8 +219,8 @@ def test_recipe_step_reruns_when_an_input_is_newer(tmp_path):
 
 
 def test_t2c_manifest_holds_every_answer_voice_clip(tmp_path):
-    from modeling_echox.unit_language import train_unit_language
-    from training.echox_mini import t2c_manifest
+    from modeling_echox.units.unit_language import train_unit_language
+    from training.mini_manifests import t2c_manifest
 
     rng = np.random.default_rng(0)
     sequences = [rng.integers(0, 20, size=int(rng.integers(5, 30))).tolist() for _ in range(40)]

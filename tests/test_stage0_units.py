@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from modeling_echox.unit_language import EchoXUnitLanguage
+from modeling_echox.units.unit_language import EchoXUnitLanguage
 from training.stages import stage0_units
 from training.stages.common import load_config
 

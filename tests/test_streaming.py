@@ -8,11 +8,11 @@ import torch
 from transformers import TextIteratorStreamer
 
 from modeling_echox import EchoXVocoderConfig
-from modeling_echox.random_checkpoint import build_random_echox
-from modeling_echox.segmentation import FastSegmentation
-from modeling_echox.streaming import EchoXAudioStreamer
-from modeling_echox.vocoder import EchoXCodeHifiGan
-from modeling_echox.vocoder_streaming import EchoXVocoderStream
+from modeling_echox.model.segmentation import FastSegmentation
+from modeling_echox.model.streaming import EchoXAudioStreamer
+from modeling_echox.model.vocoder import EchoXCodeHifiGan
+from modeling_echox.model.vocoder_streaming import EchoXVocoderStream
+from modeling_echox.testing.random_checkpoint import build_random_echox
 
 SR = 16000
 

@@ -15,11 +15,23 @@ import time
 import pytest
 import torch
 
-from modeling_echox.random_checkpoint import build_random_echox
-from modeling_echox.unit_language import EchoXUnitLanguage
+from modeling_echox.testing.random_checkpoint import build_random_echox
+from modeling_echox.units.unit_language import EchoXUnitLanguage
 from training.stages import stage0_units, stage1_s2t, stage2_t2c, stage3_echo
-from training.stages.common import last_complete_checkpoint, load_config, load_model, load_trained_echox, read_log
-from training.stages.data import IGNORE_INDEX, EchoXDataCollator, EncoderStateCache, load_dialogue_dataset, write_manifest
+from training.stages.common import (
+    last_complete_checkpoint,
+    load_config,
+    load_model,
+    load_trained_echox,
+    read_log,
+)
+from training.stages.data import (
+    IGNORE_INDEX,
+    EchoXDataCollator,
+    EncoderStateCache,
+    load_dialogue_dataset,
+    write_manifest,
+)
 from training.stages.tiny_data import make_tiny_dataset, synthesize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -264,7 +276,7 @@ def test_chain_stage0_units_feed_the_model(chain):
 
 
 def test_units_from_builds_random_models_and_refuses_other_checkpoints(chain, tmp_path):
-    from modeling_echox.random_checkpoint import write_random_checkpoint
+    from modeling_echox.testing.random_checkpoint import write_random_checkpoint
 
     stage0 = chain["stage0"]
     language = EchoXUnitLanguage.from_pretrained(os.path.join(stage0, "unit_language"))

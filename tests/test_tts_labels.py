@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from training.data import synthesize
+from training.data import synthesize, tts_voices
 from training.stages import stage0_units
 from training.stages.common import load_config
 from training.stages.tts_labels import SpokenUnitLabeler
@@ -19,7 +19,7 @@ def units_dir(tmp_path_factory):
     """Stage 0 (random tiny encoder, 16 units) on the answers spoken by flite slt."""
     directory = tmp_path_factory.mktemp("answers")
     records = []
-    for index, audio in enumerate(synthesize.synthesize_texts("flite_slt", ANSWERS)):
+    for index, audio in enumerate(tts_voices.synthesize_texts("flite_slt", ANSWERS)):
         synthesize.write_wav(str(directory / f"a{index}.wav"), audio)
         records.append({"id": f"q{index}", "answer_audio": f"a{index}.wav", "response": ANSWERS[index]})
     (directory / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -34,8 +34,8 @@ def units_dir(tmp_path_factory):
 def test_labels_are_the_units_of_the_spoken_text(units_dir, monkeypatch):
     labeler = SpokenUnitLabeler(units_dir, "flite_slt", encoder="random:tiny")
     spoken = []
-    original = synthesize.synthesize_texts
-    monkeypatch.setattr(synthesize, "synthesize_texts", lambda voice, texts: spoken.extend(texts) or original(voice, texts))
+    original = tts_voices.synthesize_texts
+    monkeypatch.setattr(tts_voices, "synthesize_texts", lambda voice, texts: spoken.extend(texts) or original(voice, texts))
     labels = labeler([" two plus two is four", "", "the capital of kenya is nairobi", "two plus two is four"])
     assert sorted(spoken) == sorted(["two plus two is four", "the capital of kenya is nairobi"])  # once each
     assert labels[1] == [] and labels[0] == labels[3] and labels[0] != labels[2]
@@ -57,8 +57,8 @@ def test_known_speech_is_not_spoken_again(units_dir, tmp_path, monkeypatch):
                      + "\n")
     labeler = SpokenUnitLabeler(units_dir, "flite_slt", encoder="random:tiny", spoken_units=str(known))
     spoken = []
-    original = synthesize.synthesize_texts
-    monkeypatch.setattr(synthesize, "synthesize_texts", lambda voice, texts: spoken.extend(texts) or original(voice, texts))
+    original = tts_voices.synthesize_texts
+    monkeypatch.setattr(tts_voices, "synthesize_texts", lambda voice, texts: spoken.extend(texts) or original(voice, texts))
     labels = labeler(["two plus two is four", "the sky is blue"])
     assert spoken == ["the sky is blue"]
     assert labels[0] == labeler.language.encode([1, 2, 3])

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_echox.unit_language import (
+from modeling_echox.model.unit_vocabulary import WORD_MARKER, EchoXUnitVocabulary
+from modeling_echox.units.unit_language import (
     UNIT_LANGUAGE_MODEL_FILE,
     EchoXUnitLanguage,
     char_to_unit,
@@ -14,7 +15,6 @@ from modeling_echox.unit_language import (
     train_unit_language,
     unit_to_char,
 )
-from modeling_echox.unit_vocabulary import WORD_MARKER, EchoXUnitVocabulary
 
 K = 60
 

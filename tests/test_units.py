@@ -7,18 +7,24 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2Model, WhisperConfig
+from transformers import (
+    HubertConfig,
+    HubertModel,
+    Wav2Vec2Config,
+    Wav2Vec2Model,
+    WhisperConfig,
+)
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from modeling_echox.units import (
+from modeling_echox.units.extractor import EchoXUnitExtractor
+from modeling_echox.units.fairseq_kmeans import load_fairseq_kmeans_centroids
+from modeling_echox.units.kmeans import (
     UNIT_KMEANS_CONFIG_FILE,
     UNIT_KMEANS_FILE,
-    EchoXUnitExtractor,
     EchoXUnitKMeans,
     assign_units,
     deduplicate_units,
     fit_kmeans,
-    load_fairseq_kmeans_centroids,
 )
 
 

@@ -11,9 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_echox.configuration_echox import EchoXVocoderConfig
-from modeling_echox.convert_fairseq_vocoder import convert_fairseq_vocoder, vocoder_config_from_fairseq
-from modeling_echox.vocoder import EchoXCodeHifiGan, EchoXVocoderOutput
+from modeling_echox.convert.fairseq_vocoder import (
+    convert_fairseq_vocoder,
+    vocoder_config_from_fairseq,
+)
+from modeling_echox.model.configuration_echox import EchoXVocoderConfig
+from modeling_echox.model.vocoder import EchoXCodeHifiGan, EchoXVocoderOutput
 
 TINY = {
     "num_units": 20,

@@ -14,21 +14,22 @@ import pytest
 import soundfile as sf
 import torch
 
-from modeling_echox.configuration_echox import EchoXConfig, EchoXVocoderConfig
-from modeling_echox.echox_mini import MINI_PARTS_DIR
-from modeling_echox.vocoder import EchoXCodeHifiGan
-from modeling_echox.text_metrics import normalize_text, word_error_rate, word_errors
-from training.train_vocoder import (
-    STATE_FILE,
-    build_models,
-    export_generator,
-    latest_checkpoint,
-    list_checkpoints,
-    load_config,
-    read_log,
-    train,
+from modeling_echox.evaluation.text_metrics import (
+    normalize_text,
+    word_error_rate,
+    word_errors,
 )
-from training.vocoder.data import VocoderCollator, VocoderSegmentDataset, read_manifest, segment_units
+from modeling_echox.mini.assembly import MINI_PARTS_DIR
+from modeling_echox.model.configuration_echox import EchoXConfig, EchoXVocoderConfig
+from modeling_echox.model.vocoder import EchoXCodeHifiGan
+from training.train_vocoder import load_config, train
+from training.vocoder.checkpoints import STATE_FILE, latest_checkpoint, list_checkpoints
+from training.vocoder.data import (
+    VocoderCollator,
+    VocoderSegmentDataset,
+    read_manifest,
+    segment_units,
+)
 from training.vocoder.discriminators import DiscriminatorConfig, HifiGanDiscriminator
 from training.vocoder.losses import (
     LogMelSpectrogram,
@@ -39,6 +40,8 @@ from training.vocoder.losses import (
     generator_adversarial_loss,
     mel_l1_loss,
 )
+from training.vocoder.models import build_models, export_generator
+from training.vocoder.train_log import read_log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOP = 320

@@ -36,7 +36,7 @@ Steps (outputs under `--work`):
                                                    the training texts above (training.data.open_questions)
     units       runs/mini_units/                   stage 0: Whisper tiny.en (10 s window) k-means, unit language
     vocoder     runs/mini_vocoder/generator/       the iSTFT unit vocoder (training/configs/mini_vocoder.json)
-    base        runs/mini_base/                    EchoX-mini before training (echox_mini.build_mini_base)
+    base        runs/mini_base/                    EchoX-mini before training (modeling_echox.mini.assembly.build_mini_base)
     stage2      runs/mini_stage2/final/            text → unit language (echo decoder), every answer-voice clip, from
                                                    the base (it reads only the LLM's frozen text table, which stage I
                                                    leaves as it is, so `--until stage2` may run beside stage I); then
@@ -53,8 +53,8 @@ Steps (outputs under `--work`):
     stage3      runs/mini_stage3/final/            Echo training (the stage-I model's answers, labelled by the answer
                                                    voice's TTS or by the stage-II echo decoder, + read-aloud general
                                                    sentences: mini_stage3.json)
-With `--export` the final model's trained parts are written to `modeling_echox/mini_parts/` (what is committed).
-With `--carry-over PARTS_DIR` (e.g. `modeling_echox/mini_parts`) the steps named by `--carry` (default
+With `--export` the final model's trained parts are written to `modeling_echox/mini/parts/` (what is committed).
+With `--carry-over PARTS_DIR` (e.g. `modeling_echox/mini/parts`) the steps named by `--carry` (default
 `units,vocoder`; `stage1` may be added) take their result from those exported parts instead of training again:
 `units` keeps the parts' k-means (stage 0 only encodes the speech and refits the deterministic unit language, which
 must come out equal to the parts' one), `vocoder` keeps the parts' vocoder (only its resynthesis check runs), `stage1`
@@ -67,19 +67,34 @@ are not offered here: edit the JSON (it is the record of what trained the commit
 import argparse
 import json
 import os
-import random
 import time
+
+from .mini_carry_over import (
+    CARRIABLE,
+    carry_over_stage1,
+    carry_over_units,
+    carry_over_vocoder,
+    check_carried_unit_language,
+)
+from .mini_manifests import (
+    answer_all_prompts,
+    behaviour_manifest,
+    eval_manifest,
+    held_out_units,
+    read_aloud_manifest,
+    stage_manifests,
+    t2c_manifest,
+)
 
 STEPS = ("qa", "speech", "reading", "fragments", "general", "listening", "hearing", "behaviour_prompts",
          "behaviour_answers", "behaviour_speech", "open_eval", "units", "vocoder", "base", "stage2", "stage1",
          "stage1_refine", "stage1_behaviour", "stage3")
-# The speech stage I trains on: the training questions. "listening" (general sentences to repeat, which would teach
-# the adapter words no question holds) is the next version's; a stage I on it ran at 15 s/step while sharing the
-# machine with another training (MODEL_CARD.md), too slow to train alongside this version.
+# The speech stage I trains on: the training questions. "listening" may be added (general sentences to repeat, which
+# teach the adapter words no question holds, at a much higher step cost: MODEL_CARD.md).
 STAGE1_DATA = ("train",)
-# The next version's stage I (issue 26): behaviour-aligned, from the hearing stage's adapter (runs/mini_hearing). Off
-# until its full run is measured (docs/experiments/behaviour-alignment.md): then stage1 and stage1_refine give way to
-# stage1_behaviour, and stage III builds on it.
+# True: stage I is behaviour-aligned (stage1_behaviour, from the hearing stage's adapter in runs/mini_hearing) instead
+# of stage1 and stage1_refine, and stage III builds on it (docs/experiments/behaviour-alignment.md). The committed
+# parts were trained without it.
 BEHAVIOUR_STAGE1 = False
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -105,181 +120,13 @@ def _log(work: str, step: str, seconds: float, **extra) -> None:
     print(f"[echox-mini] {step} done in {seconds:.0f} s {extra or ''}", flush=True)
 
 
-def stage_manifests(speech_dir: str, out_dir: str) -> dict[str, str]:
-    """The synthesized manifests → stage-I manifests (`audio`, `transcript`, `response`), absolute paths."""
-    from .data.spoken_qa import read_jsonl
-    from .stages.data import write_manifest
+def _call(function, **kwargs):
+    """A step's action: `function(**kwargs)`, its result not logged."""
 
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {}
-    for split in ("train", "dev", "test"):
-        source = os.path.join(speech_dir, f"{split}.jsonl")
-        if not os.path.isfile(source):
-            continue
-        records = [
-            {"id": r["id"], "audio": os.path.join(os.path.abspath(speech_dir), r["audio"]), "transcript": r["question"],
-             "response": r["answer_text"], "answer_audio": os.path.join(os.path.abspath(speech_dir), r["answer_audio"]),
-             "answer_text": r["answer_text"]}
-            for r in read_jsonl(source)
-        ]
-        paths[split] = write_manifest(os.path.join(out_dir, f"s2t_{split}.jsonl"), records)
-    return paths
+    def action():
+        function(**kwargs)
 
-
-def t2c_manifest(units_dir: str, out_path: str) -> str:
-    """
-    Stage II's manifest: every answer-voice clip of stage 0 once (spoken answers, read sentences, fragments and the
-    general sentences), `{"id", "response", "units"}` with the units in the unit language. The general sentences'
-    many words keep the echo decoder reading the text rather than recalling the few hundred training answers.
-    """
-    from modeling_echox.unit_language import EchoXUnitLanguage
-
-    from .data.spoken_qa import read_jsonl
-    from .stages.data import write_manifest
-
-    language = EchoXUnitLanguage.from_pretrained(os.path.join(units_dir, "unit_language"))
-    records = [
-        {"id": f"t2c-{index}", "response": item["text"], "units": language.encode(item["units"])}
-        for index, item in enumerate(read_jsonl(os.path.join(units_dir, "vocoder_units.jsonl")))
-        if item["text"] and item["units"]
-    ]
-    return write_manifest(out_path, records)
-
-
-def read_aloud_manifest(t2c_path: str, speech_dir: str, out_path: str) -> str:
-    """Stage III's read-aloud items: the general sentences of stage II's manifest (`{"id", "response", "units"}`)."""
-    from .data.spoken_qa import read_jsonl
-    from .stages.data import write_manifest
-
-    general = {record["answer_text"] for record in read_jsonl(os.path.join(speech_dir, "general.jsonl"))}
-    return write_manifest(out_path, [item for item in read_jsonl(t2c_path) if item["response"] in general])
-
-
-def eval_manifest(speech_dir: str, split: str = "test", seed: int = 0) -> str:
-    """
-    `<speech_dir>/eval_<split>.jsonl` for `echox eval`: every held-out voice, one seeded phrasing per capital,
-    continent and arithmetic item, every phrasing of the (few) day and month items that the split holds (one per
-    item under the phrasing split of `training.data.spoken_qa`).
-    """
-    from .data.spoken_qa import read_jsonl
-
-    rng = random.Random(f"eval-{seed}")
-    records = read_jsonl(os.path.join(speech_dir, f"{split}.jsonl"))
-    phrasings: dict = {}
-    for record in records:
-        phrasings.setdefault(record["item"], set()).add(record["id"].rsplit("-", 1)[0])
-    chosen = {item: rng.choice(sorted(ids)) for item, ids in sorted(phrasings.items())}
-    path = os.path.join(speech_dir, f"eval_{split}.jsonl")
-    with open(path, "w", encoding="utf-8") as handle:
-        for record in records:
-            question_id = record["id"].rsplit("-", 1)[0]
-            if record["kind"] in ("day", "month") or chosen[record["item"]] == question_id:
-                line = {key: record[key] for key in ("id", "audio", "answers", "question", "kind", "voice")}
-                handle.write(json.dumps(line) + "\n")
-    return path
-
-
-def held_out_units(units_dir: str, speech_dir: str, out_path: str, limit: int = 30) -> str:
-    """Units of held-out answers (test split, never trained on) in the vocoder manifest format, for the WER check."""
-    from modeling_echox.audio_io import load_audio
-    from modeling_echox.units import EchoXUnitExtractor
-
-    from .data.spoken_qa import read_jsonl
-    from .stages.data import write_manifest
-    from .stages.stage0_units import load_encoder
-
-    encoder, feature_extractor = load_encoder(_config("stage0", "")["encoder"])
-    extractor = EchoXUnitExtractor.from_pretrained(units_dir, encoder, feature_extractor=feature_extractor)
-    answers = sorted({(r["answer_audio"], r["answer_text"]) for r in read_jsonl(os.path.join(speech_dir, "test.jsonl"))})
-    items = []
-    for audio, text in answers[:limit]:
-        path = os.path.join(os.path.abspath(speech_dir), audio)
-        units, durations = extractor(load_audio(path))
-        items.append({"audio": path, "text": text, "units": units.tolist(), "durations": durations.tolist()})
-    return write_manifest(out_path, items)
-
-
-def carry_over_units(parts_dir: str, units_dir: str) -> None:
-    """Put the parts' unit k-means where stage 0 finds it, so that stage 0 encodes with it instead of fitting one."""
-    import shutil
-
-    names = [name for name in os.listdir(parts_dir) if name.startswith("unit_kmeans")]
-    if len(names) < 2:
-        raise FileNotFoundError(f"{parts_dir} holds no unit k-means (unit_kmeans.json + .safetensors).")
-    os.makedirs(units_dir, exist_ok=True)
-    for name in names:
-        if not os.path.exists(os.path.join(units_dir, name)):
-            shutil.copy(os.path.join(parts_dir, name), units_dir)
-
-
-def check_carried_unit_language(parts_dir: str, units_dir: str) -> None:
-    """The unit language refitted by stage 0 must be the parts' one, token for token (else stage I's units differ)."""
-    from modeling_echox.unit_language import EchoXUnitLanguage
-    from modeling_echox.unit_vocabulary import EchoXUnitVocabulary
-
-    refitted = EchoXUnitLanguage.from_pretrained(os.path.join(units_dir, "unit_language")).to_vocabulary().tokens
-    carried = EchoXUnitVocabulary.from_file(os.path.join(parts_dir, "unit_vocab.txt")).tokens
-    if refitted != carried:
-        differ = sum(a != b for a, b in zip(refitted, carried)) + abs(len(refitted) - len(carried))
-        raise SystemExit(f"The unit language refitted in {units_dir} differs from {parts_dir}'s in {differ} tokens: "
-                         "the speech or stage 0's settings are not those the parts were trained on.")
-
-
-def carry_over_vocoder(parts_dir: str, generator_dir: str) -> None:
-    """The parts' vocoder saved as the vocoder step's generator."""
-    from modeling_echox.echox_mini import load_mini_parts
-
-    model, _ = load_mini_parts(parts_dir)
-    model.vocoder.save_pretrained(generator_dir)
-
-
-def carry_over_stage1(parts_dir: str, base_dir: str, final_dir: str) -> None:
-    """Stage I's result rebuilt from the parts: `base_dir` with the parts' adapter and LLM weights (echo decoder kept)."""
-    from modeling_echox.echox_mini import load_mini_parts
-    from modeling_echox.loading import load_echox
-
-    trained, _ = load_mini_parts(parts_dir)
-    model, processor = load_echox(base_dir)
-    stage1_prefixes = ("speech_adapter.", "language_model.")
-    state = {name: tensor for name, tensor in trained.state_dict().items() if name.startswith(stage1_prefixes)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(name.startswith(stage1_prefixes) for name in missing):
-        raise ValueError(f"{parts_dir} does not fit the base in {base_dir}: {unexpected[:3]} {missing[:3]}")
-    model.save_pretrained(final_dir)
-    processor.save_pretrained(final_dir)
-
-
-CARRIABLE = ("units", "vocoder", "stage1")
-
-
-def _answer_all(behaviour_dir: str) -> dict:
-    """The text LLM's answers to every behaviour prompt (resuming), then `answers_done.json` with their counts."""
-    from .data import behaviour_prompts
-    from .data.spoken_qa import read_jsonl
-
-    prompts = [item["prompt"] for item in read_jsonl(os.path.join(behaviour_dir, "prompts.jsonl"))]
-    behaviour_prompts.answer_prompts(prompts, os.path.join(behaviour_dir, "answers.jsonl"))
-    answers = behaviour_prompts.read_answers(os.path.join(behaviour_dir, "answers.jsonl"))
-    done = [answers[behaviour_prompts.prompt_key(prompt)] for prompt in prompts]
-    summary = {"prompts": len(done), "finished": sum(a["finished"] for a in done),
-               "mean_tokens": round(sum(len(a["ids"]) for a in done) / max(1, len(done)), 1)}
-    with open(os.path.join(behaviour_dir, "answers_done.json"), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
-    return summary
-
-
-def _behaviour_manifest(qa: str, behaviour_dir: str, speech_dir: str, out_path: str) -> str:
-    """Stage I's behaviour manifest: the spoken prompts with their finished answers that the open-set guard passes."""
-    from .data import behaviour_prompts
-    from .data.spoken_qa import read_jsonl
-    from .stages.data import write_manifest
-
-    guard = behaviour_prompts.OpenSetGuard(read_jsonl(qa))
-    records, left_out = behaviour_prompts.stage_records(
-        os.path.join(speech_dir, "behaviour.jsonl"),
-        behaviour_prompts.read_answers(os.path.join(behaviour_dir, "answers.jsonl")), guard)
-    print(f"[echox-mini] behaviour manifest: {len(records)} examples, left out {left_out}", flush=True)
-    return write_manifest(out_path, records)
+    return action
 
 
 def run(work: str = "build", until: str = "stage3", export: bool = False, carry_over: str | None = None,
@@ -295,8 +142,16 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     if set(skip) - set(STEPS):
         raise ValueError(f"Unknown steps to skip: {sorted(set(skip) - set(STEPS))}; the steps are {STEPS}.")
     carried = set(carry) if carry_over else set()
-    from .data import (behaviour_prompts, fragments, general_reading, listening, open_questions, reading, spoken_qa,
-                       synthesize)
+    from .data import (
+        behaviour_prompts,
+        fragments,
+        general_reading,
+        listening,
+        open_questions,
+        reading,
+        spoken_qa,
+        synthesize,
+    )
     from .data.spoken_qa import read_jsonl
 
     last = STEPS.index(until)
@@ -315,13 +170,19 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
         _log(work, name, time.time() - start, **extra)
 
     qa = os.path.join(data, "qa.jsonl")
-    step("qa", qa, lambda: spoken_qa.main(["--out", qa, "--closed-split", "phrasing"]))
-    step("speech", os.path.join(speech, "test.jsonl"),
-         lambda: synthesize.main(["--qa", qa, "--out", speech, "--voices-per-kind", "day=6,month=6"]))
-    step("reading", os.path.join(speech, "reading.jsonl"), lambda: reading.main(["--qa", qa, "--out", speech]))
-    step("fragments", os.path.join(speech, "fragments.jsonl"), lambda: fragments.main(["--qa", qa, "--out", speech]))
-    step("general", os.path.join(speech, "general.jsonl"), lambda: general_reading.main(["--qa", qa, "--out", speech]))
-    step("listening", os.path.join(speech, "listening.jsonl"), lambda: listening.main(["--qa", qa, "--out", speech]))
+    # The data steps: (step, its output, the function that makes it, keyword arguments).
+    data_steps = [
+        ("qa", qa, spoken_qa.write_qa, {"out": qa, "closed_split": "phrasing"}),
+        ("speech", os.path.join(speech, "test.jsonl"), synthesize.synthesize_qa_speech,
+         {"qa": qa, "out": speech, "voices_per_kind": {"day": 6, "month": 6}}),
+        ("reading", os.path.join(speech, "reading.jsonl"), reading.write_reading, {"qa": qa, "out": speech}),
+        ("fragments", os.path.join(speech, "fragments.jsonl"), fragments.write_fragments, {"qa": qa, "out": speech}),
+        ("general", os.path.join(speech, "general.jsonl"), general_reading.write_general_reading,
+         {"qa": qa, "out": speech}),
+        ("listening", os.path.join(speech, "listening.jsonl"), listening.write_listening, {"qa": qa, "out": speech}),
+    ]
+    for name, output, function, kwargs in data_steps:
+        step(name, output, _call(function, **kwargs))
     hearing_run = os.path.join(runs, "mini_hearing")
 
     def hearing_step():
@@ -341,10 +202,10 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     behaviour = os.path.join(data, "behaviour")
     behaviour_prompts_path = os.path.join(behaviour, "prompts.jsonl")
     if BEHAVIOUR_STAGE1:
-        step("behaviour_prompts", behaviour_prompts_path, lambda: behaviour_prompts.write_prompts(qa, behaviour),
-             inputs=[qa])
-        step("behaviour_answers", os.path.join(behaviour, "answers_done.json"), lambda: _answer_all(behaviour),
-             inputs=[behaviour_prompts_path])
+        step("behaviour_prompts", behaviour_prompts_path,
+             lambda: behaviour_prompts.write_prompts(qa_path=qa, out_dir=behaviour), inputs=[qa])
+        step("behaviour_answers", os.path.join(behaviour, "answers_done.json"),
+             lambda: answer_all_prompts(behaviour_dir=behaviour), inputs=[behaviour_prompts_path])
         step("behaviour_speech", os.path.join(speech, "behaviour.jsonl"), lambda: {
             "manifest": behaviour_prompts.speak_prompts(read_jsonl(behaviour_prompts_path), speech)},
              inputs=[behaviour_prompts_path])
@@ -352,9 +213,10 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     read_texts = [os.path.join(speech, f"{name}.jsonl") for name in ("reading", "fragments", "general", "listening")]
     prompt_sets = [behaviour_prompts_path] if BEHAVIOUR_STAGE1 else []  # questions the model learns to answer
     open_eval = os.path.join(data, "open_eval")
-    step("open_eval", os.path.join(open_eval, "open_eval.jsonl"), lambda: open_questions.main(
-        ["--out", open_eval, "--qa", qa, "--texts", *[path for path in read_texts if os.path.exists(path)],
-         *(["--prompts", *prompt_sets] if prompt_sets else [])]), inputs=[qa, *read_texts, *prompt_sets])
+    step("open_eval", os.path.join(open_eval, "open_eval.jsonl"), _call(
+        open_questions.write_open_eval, out=open_eval, qa=qa,
+        texts=[path for path in read_texts if os.path.exists(path)], prompts=prompt_sets),
+         inputs=[qa, *read_texts, *prompt_sets])
     manifests = {}
     if _done(os.path.join(speech, "test.jsonl")):
         manifests = stage_manifests(speech, os.path.join(data, "stages"))
@@ -390,7 +252,8 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     def vocoder_step():
         from . import resynthesis_check, train_vocoder
 
-        held_out = held_out_units(units, speech, os.path.join(vocoder, "held_out.jsonl"))
+        held_out = held_out_units(units, speech, os.path.join(vocoder, "held_out.jsonl"),
+                                  encoder_config=_config("stage0", work)["encoder"])
         if "vocoder" in carried:
             carry_over_vocoder(carry_over, os.path.join(vocoder, "generator"))
         else:
@@ -398,8 +261,9 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
                 "train_manifest": os.path.join(units, "vocoder_units.jsonl"), "eval_manifest": held_out,
                 "output_dir": vocoder})
             train_vocoder.train(config)
-        result = resynthesis_check.main(["--vocoder", os.path.join(vocoder, "generator"), "--manifest", held_out,
-                                         "--out", os.path.join(vocoder, "resynthesis.json")])
+        result = resynthesis_check.write_resynthesis_check(vocoder=os.path.join(vocoder, "generator"),
+                                                           manifest=held_out,
+                                                           out=os.path.join(vocoder, "resynthesis.json"))
         return {"wer_resynthesis": result["wer_resynthesis"], "wer_original": result["wer_original"]}
 
     # New speech or a longer schedule resumes the vocoder from its last checkpoint.
@@ -409,9 +273,9 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     base = os.path.join(runs, "mini_base")
 
     def base_step():
-        from modeling_echox.echox_mini import build_mini_base
-        from modeling_echox.unit_language import EchoXUnitLanguage
-        from modeling_echox.vocoder import EchoXCodeHifiGan
+        from modeling_echox.mini.assembly import build_mini_base
+        from modeling_echox.model.vocoder import EchoXCodeHifiGan
+        from modeling_echox.units.unit_language import EchoXUnitLanguage
 
         language = EchoXUnitLanguage.from_pretrained(os.path.join(units, "unit_language"))
         vocoder_model = EchoXCodeHifiGan.from_pretrained(os.path.join(vocoder, "generator"))
@@ -458,8 +322,8 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
 
         summary = train_stage2()
         # How well the new echo decoder reads text it never trained on: the dev split's answers (held-out countries).
-        result = read_back_check.main(["--model", stage2_final, "--texts",
-                                       os.path.join(speech, "dev.jsonl"), "--out", os.path.join(stage2, "read_back.json")])
+        result = read_back_check.write_read_back_check(model=stage2_final, texts=os.path.join(speech, "dev.jsonl"),
+                                                       out=os.path.join(stage2, "read_back.json"))
         return {**summary, "read_back_wer_dev": result["wer"]}
 
     step("stage2", stage2_weights, stage2_action)
@@ -470,16 +334,16 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
         from .stages import stage1_behaviour
 
         hearing_adapter = os.path.join(runs, "mini_hearing", "final", "hearing_adapter.safetensors")
-        behaviour_manifest = os.path.join(data, "stages", "s2t_behaviour.jsonl")
+        behaviour_stage1_manifest = os.path.join(data, "stages", "s2t_behaviour.jsonl")
         train_behaviour = stage_step("stage1_behaviour", stage1_behaviour, model=base, output_dir=stage1_behaviour_dir,
-                                     feature_cache_dir=cache, train_manifest=behaviour_manifest,
+                                     feature_cache_dir=cache, train_manifest=behaviour_stage1_manifest,
                                      taught_manifest=manifests.get("train"), init_adapter=hearing_adapter)
 
         def behaviour_action():
             if not os.path.isfile(hearing_adapter):
                 raise SystemExit(f"stage1_behaviour starts from the hearing stage's adapter, and {hearing_adapter} "
                                  "does not exist yet (training.stages.hearing).")
-            _behaviour_manifest(qa, behaviour, speech, behaviour_manifest)
+            behaviour_manifest(qa=qa, behaviour_dir=behaviour, speech_dir=speech, out_path=behaviour_stage1_manifest)
             return train_behaviour()
 
         step("stage1_behaviour", os.path.join(stage1_model, "model.safetensors"), behaviour_action)
@@ -511,15 +375,15 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     step("stage3", os.path.join(stage3, "final", "model.safetensors"), stage3_action)
 
     if export:
-        from modeling_echox.echox_mini import MINI_PARTS_DIR, export_mini_parts
-        from modeling_echox.loading import load_echox
+        from modeling_echox.mini.assembly import MINI_PARTS_DIR, export_mini_parts
+        from modeling_echox.model.loading import load_echox
 
         final = os.path.join(runs, f"mini_{until}", "final") if until.startswith("stage") else None
         if final is None or not _done(final):
             raise SystemExit(f"--export needs a finished training stage; {until!r} has no final/ checkpoint.")
         model, processor = load_echox(final)
         # The vocoder trains on its own (step "vocoder"); take its latest generator, not the copy made at "base".
-        from modeling_echox.vocoder import EchoXCodeHifiGan
+        from modeling_echox.model.vocoder import EchoXCodeHifiGan
 
         model.vocoder.load_state_dict(EchoXCodeHifiGan.from_pretrained(os.path.join(vocoder, "generator")).state_dict())
         sizes = export_mini_parts(model, processor, MINI_PARTS_DIR, unit_kmeans_dir=units,
@@ -531,7 +395,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="build", help="working directory (data, runs, log)")
     parser.add_argument("--until", default="stage3", choices=STEPS, help="last step to run")
-    parser.add_argument("--export", action="store_true", help="write the trained parts to modeling_echox/mini_parts/")
+    parser.add_argument("--export", action="store_true", help="write the trained parts to modeling_echox/mini/parts/")
     parser.add_argument("--carry-over", metavar="PARTS_DIR",
                         help="take the results of the --carry steps from these exported parts instead of training them")
     parser.add_argument("--carry", default="units,vocoder",

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from modeling_echox.asr import WhisperTranscriber
-from modeling_echox.text_metrics import normalize_text, word_errors
+from modeling_echox.evaluation.asr import WhisperTranscriber
+from modeling_echox.evaluation.text_metrics import normalize_text, word_errors
 
 TEXT_KEYS = ("answer_text", "text", "response")
 
@@ -61,7 +61,7 @@ def read_back(model, tokenizer, texts: list[str], batch_size: int = 8) -> list[t
 
 def read_back_check(model_dir: str, texts: list[str], transcriber=None, batch_size: int = 8) -> dict[str, Any]:
     """Read `texts` back with the checkpoint in `model_dir` and score the transcripts (word errors per text, WER)."""
-    from modeling_echox.loading import load_echox
+    from modeling_echox.model.loading import load_echox
 
     start = time.time()
     model, processor = load_echox(model_dir)
@@ -85,6 +85,17 @@ def read_back_check(model_dir: str, texts: list[str], transcriber=None, batch_si
     }
 
 
+def write_read_back_check(model: str, texts: str, out: str, limit: int | None = None,
+                          asr_model: str | None = None) -> dict[str, Any]:
+    """`read_back_check` of the first `limit` distinct texts of the JSONL `texts`, written to the JSON `out`."""
+    result = read_back_check(model, read_texts(texts, limit), WhisperTranscriber(asr_model))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2)
+    print(json.dumps({k: v for k, v in result.items() if k != "items"}, indent=2))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="EchoX checkpoint directory (its echo decoder and vocoder)")
@@ -93,12 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--limit", type=int, default=None, help="read only the first N distinct texts")
     parser.add_argument("--asr-model", default=None, help="faster-whisper model directory (default: bundled tiny.en)")
     args = parser.parse_args(argv)
-    result = read_back_check(args.model, read_texts(args.texts, args.limit), WhisperTranscriber(args.asr_model))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2)
-    print(json.dumps({k: v for k, v in result.items() if k != "items"}, indent=2))
-    return result
+    return write_read_back_check(args.model, args.texts, args.out, args.limit, args.asr_model)
 
 
 if __name__ == "__main__":

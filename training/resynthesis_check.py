@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from modeling_echox.asr import WhisperTranscriber
-from modeling_echox.text_metrics import normalize_text, word_errors
+from modeling_echox.evaluation.asr import WhisperTranscriber
+from modeling_echox.evaluation.text_metrics import normalize_text, word_errors
+
 
 def resynthesis_check(
     vocoder_dir: str,
@@ -30,8 +31,8 @@ def resynthesis_check(
 ) -> dict[str, Any]:
     import torch
 
-    from modeling_echox.audio_io import load_audio
-    from modeling_echox.vocoder import EchoXCodeHifiGan
+    from modeling_echox.model.audio_io import load_audio
+    from modeling_echox.model.vocoder import EchoXCodeHifiGan
 
     from .vocoder.data import read_manifest
 
@@ -106,6 +107,26 @@ def resynthesis_check(
     }
 
 
+def write_resynthesis_check(vocoder: str, manifest: str, out: str, max_items: int | None = None,
+                            true_durations: bool = False, asr_model: str | None = None, asr_threads: int = 2,
+                            beam_size: int = 1, save_audio: str | None = None,
+                            num_threads: int | None = None) -> dict[str, Any]:
+    """`resynthesis_check` with a Whisper transcriber; the result is written to the JSON `out` and returned."""
+    if num_threads:
+        import torch
+
+        torch.set_num_threads(num_threads)
+    transcriber = WhisperTranscriber(asr_model, cpu_threads=asr_threads, beam_size=beam_size)
+    result = resynthesis_check(vocoder, manifest, max_items, true_durations, transcriber, save_audio)
+    out_dir = os.path.dirname(os.path.abspath(out))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2)
+    summary = {k: v for k, v in result.items() if k != "items"}
+    print(json.dumps(summary, indent=2))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocoder", required=True, help="EchoXCodeHifiGan directory (save_pretrained output)")
@@ -121,21 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--num-threads", type=int, default=None, help="torch threads for the vocoder (1: fastest on a busy 2-core CPU)"
     )
     args = parser.parse_args(argv)
-    if args.num_threads:
-        import torch
-
-        torch.set_num_threads(args.num_threads)
-    transcriber = WhisperTranscriber(args.asr_model, cpu_threads=args.asr_threads, beam_size=args.beam_size)
-    result = resynthesis_check(
-        args.vocoder, args.manifest, args.max_items, args.true_durations, transcriber, args.save_audio
-    )
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2)
-    summary = {k: v for k, v in result.items() if k != "items"}
-    print(json.dumps(summary, indent=2))
-    return result
+    return write_resynthesis_check(args.vocoder, args.manifest, args.out, args.max_items, args.true_durations,
+                                   args.asr_model, args.asr_threads, args.beam_size, args.save_audio, args.num_threads)
 
 
 if __name__ == "__main__":

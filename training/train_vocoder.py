@@ -28,20 +28,17 @@ import copy
 import json
 import math
 import os
-import re
 import shutil
 import time
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from modeling_echox.configuration_echox import EchoXVocoderConfig
-from modeling_echox.vocoder import EchoXCodeHifiGan
+from modeling_echox.model.vocoder import EchoXCodeHifiGan
 
+from .vocoder.checkpoints import STATE_FILE, latest_checkpoint, list_checkpoints
 from .vocoder.data import VocoderCollator, VocoderSegmentDataset, read_manifest
-from .vocoder.discriminators import DiscriminatorConfig, HifiGanDiscriminator
 from .vocoder.losses import (
     LogMelSpectrogram,
     MultiResolutionSTFTLoss,
@@ -51,6 +48,8 @@ from .vocoder.losses import (
     generator_adversarial_loss,
     mel_l1_loss,
 )
+from .vocoder.models import VocoderForTraining, build_models, export_generator
+from .vocoder.train_log import JsonlLogger, plot_losses
 
 DEFAULTS: dict[str, Any] = {
     "train_manifest": None,  # JSONL of {"audio", "units", "durations"} (required)
@@ -93,8 +92,6 @@ DEFAULTS: dict[str, Any] = {
 # fields wherever the checkpoint holds the weights (a GAN-free one holds no discriminator, so a GAN phase after it may
 # choose its discriminator's sizes)
 _ARCHITECTURE_KEYS = {"vocoder": "generator", "discriminator": "discriminator"}
-_CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
-STATE_FILE = "training_state.pt"
 
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -127,75 +124,9 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     return config
 
 
-# ------------------------------------------------------------------------------------------------------------ model
-
-
-class VocoderForTraining(nn.Module):
-    """
-    The generator plus its duration predictor in one `forward` (so that DistributedDataParallel sees every parameter
-    used): the waveform from the given (teacher-forced) durations and the predicted log-durations of the same units.
-    """
-
-    def __init__(self, generator: EchoXCodeHifiGan):
-        super().__init__()
-        self.generator = generator
-
-    def forward(self, input_ids, attention_mask, durations, speaker_id=None) -> dict[str, torch.Tensor]:
-        generator = self.generator
-        output = generator(input_ids, attention_mask=attention_mask, durations=durations, speaker_id=speaker_id)
-        ids, valid = generator._check_units(input_ids, attention_mask)
-        log_durations = generator._log_durations(generator.unit_embedding(ids), valid)
-        return {
-            "waveform": output.waveform,
-            "waveform_lengths": output.waveform_lengths,
-            "log_durations": log_durations,
-        }
-
-
-def build_models(config: dict[str, Any]) -> tuple[EchoXCodeHifiGan, HifiGanDiscriminator | None]:
-    """The generator (weight-normed if it is a HiFi-GAN) and the discriminator (`None` if `adversarial` is false)."""
-    generator = EchoXCodeHifiGan(EchoXVocoderConfig(**config["vocoder"]))
-    generator.apply_weight_norm()  # a no-op for the iSTFT generator
-    if not config.get("adversarial", True):
-        return generator, None
-    discriminator = HifiGanDiscriminator(DiscriminatorConfig.from_dict(config["discriminator"]))
-    return generator, discriminator
-
-
-def export_generator(generator: EchoXCodeHifiGan, directory: str):
-    """Saves a weight-norm-free copy of a weight-normed generator with `save_pretrained` (the original is untouched)."""
-    plain = EchoXCodeHifiGan(copy.deepcopy(generator.config))
-    plain.apply_weight_norm()
-    plain.load_state_dict(generator.state_dict())
-    plain.remove_weight_norm()
-    plain.save_pretrained(directory)
-
-
 def _lr_lambda(decay: float, interval: int):
     interval = max(int(interval), 1)
     return lambda step: decay ** (step // interval)
-
-
-# ------------------------------------------------------------------------------------------------------ checkpoints
-
-
-def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints (those holding the state file) as `(step, path)`, oldest first."""
-    root = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        match = _CHECKPOINT_RE.match(name)
-        path = os.path.join(root, name)
-        if match and os.path.isfile(os.path.join(path, STATE_FILE)):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: str) -> str | None:
-    checkpoints = list_checkpoints(output_dir)
-    return checkpoints[-1][1] if checkpoints else None
 
 
 def _seed_step(seed: int, step: int, process_index: int):
@@ -205,68 +136,6 @@ def _seed_step(seed: int, step: int, process_index: int):
 
 
 # ------------------------------------------------------------------------------------------------------------- logs
-
-
-class JsonlLogger:
-    def __init__(self, path: str, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: dict[str, Any]):
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-def read_log(path: str) -> list[dict[str, Any]]:
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def plot_losses(log_path: str, png_path: str) -> bool:
-    """Loss curves from the JSONL log (per step, the newest record wins: steps redone after a resume replace the
-    killed run's). Returns False if matplotlib is missing or there is nothing to plot."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    train, evaluation = {}, {}
-    for record in read_log(log_path):
-        if record.get("event") == "train":
-            train[record["step"]] = record
-        elif record.get("event") == "eval":
-            evaluation[record["step"]] = record
-    if not train:
-        return False
-    panels = [
-        ("mel L1", [("loss_mel", train, "train"), ("eval_mel_l1", evaluation, "eval")]),
-        ("duration MSE (log d+1)", [("loss_dur", train, "train"), ("eval_loss_dur", evaluation, "eval")]),
-        ("GAN / STFT", [("loss_adv", train, "G adversarial"), ("loss_fm", train, "feature matching"),
-                        ("loss_d", train, "D"), ("loss_stft_sc", train, "STFT spectral convergence"),
-                        ("loss_stft_mag", train, "STFT log-magnitude")]),
-        ("generator total", [("loss_g", train, "train")]),
-    ]
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for axis, (title, curves) in zip(axes.flat, panels):
-        for key, records, label in curves:
-            points = sorted((step, r[key]) for step, r in records.items() if r.get(key) is not None)
-            if points:
-                axis.plot(*zip(*points), label=label, marker="." if len(points) < 30 else None)
-        axis.set_title(title)
-        axis.set_xlabel("step")
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend()
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=90)
-    plt.close(figure)
-    return True
-
-
 # ------------------------------------------------------------------------------------------------------------ train
 
 

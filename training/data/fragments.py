@@ -17,7 +17,7 @@ import random
 
 from .reading import synthesize_reading
 from .spoken_qa import read_jsonl
-from .synthesize import ANSWER_VOICE
+from .tts_voices import ANSWER_VOICE
 
 
 def fragment_texts(records: list[dict], seed: int = 0) -> list[str]:
@@ -35,6 +35,15 @@ def fragment_texts(records: list[dict], seed: int = 0) -> list[str]:
     return sorted(pieces - set(answers))
 
 
+def write_fragments(qa: str, out: str, voice: str = ANSWER_VOICE, workers: int = min(2, os.cpu_count() or 1),
+                    seed: int = 0) -> str:
+    """Speak the answer fragments of the QA JSONL `qa` into `out` (`fragments.jsonl`); returns the manifest's path."""
+    texts = fragment_texts(read_jsonl(qa), seed)
+    path = synthesize_reading(texts, out, voice, workers, name="fragments")
+    print(f"{len(texts)} fragments → {path}")
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--qa", required=True, help="QA JSONL from training.data.spoken_qa")
@@ -43,8 +52,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    texts = fragment_texts(read_jsonl(args.qa), args.seed)
-    print(f"{len(texts)} fragments → {synthesize_reading(texts, args.out, args.voice, args.workers, name='fragments')}")
+    write_fragments(args.qa, args.out, args.voice, args.workers, args.seed)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import random
 
 from .reading import held_out_words, synthesize_reading
 from .spoken_qa import normalize_text, number_words, read_jsonl
-from .synthesize import ANSWER_VOICE
+from .tts_voices import ANSWER_VOICE
 
 _TEMPLATES = (
     "{sentence}",
@@ -73,6 +73,15 @@ class _FreshDraws(dict):
         return _FIELDS[key](self.fake, self.rng)
 
 
+def write_general_reading(qa: str, out: str, count: int = 2000, voice: str = ANSWER_VOICE,
+                          workers: int = min(2, os.cpu_count() or 1), seed: int = 0) -> str:
+    """Speak `count` general sentences (none with a held-out word of the QA JSONL `qa`) into `out` (`general.jsonl`)."""
+    sentences = general_sentences(count, held_out_words(read_jsonl(qa)), seed)
+    path = synthesize_reading(sentences, out, voice, workers, name="general")
+    print(f"{len(sentences)} sentences → {path}")
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--qa", required=True, help="QA JSONL from training.data.spoken_qa (defines the held-out set)")
@@ -82,9 +91,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    sentences = general_sentences(args.count, held_out_words(read_jsonl(args.qa)), args.seed)
-    path = synthesize_reading(sentences, args.out, args.voice, args.workers, name="general")
-    print(f"{len(sentences)} sentences → {path}")
+    write_general_reading(args.qa, args.out, args.count, args.voice, args.workers, args.seed)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 The listening corpus: broad read English (`training.data.listening_text`: tens of thousands of distinct words) spoken
 by every TRAINING voice the machine offers, with tempo, pitch, room and noise augmentation, for the adapter's
 dictation ("hearing first", `training.stages.hearing`) and stage I. A few hundred sentences are held out of it and
-spoken, clean, by every voice reserved for evaluation (`synthesize.RESERVED_VOICES`): the held-out read sentences
+spoken, clean, by every voice reserved for evaluation (`tts_voices.RESERVED_VOICES`): the held-out read sentences
 of the dictation WER. No training clip is ever spoken by a reserved voice (checked at import and when planning), and
 none says the rarest word of a hearing probe of the open evaluation set (`unheard_probe_words`).
 
@@ -31,26 +31,26 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from . import synthesize
+from . import synthesize, tts_voices
 from .listening_text import SOURCES, listening_sentences
 from .reading import held_out_words
 from .spoken_qa import read_jsonl
 
 # Every voice the machine offers for training: the spoken-QA training voices, flite's 8 kHz kal and the espeak-ng
 # accents and variants that are not reserved.
-LISTENING_VOICES = (*synthesize.TRAIN_VOICES, "flite_kal",
-                    *(f"espeak_{name}" for name in synthesize.ESPEAK_VOICES
-                      if f"espeak_{name}" not in synthesize.RESERVED_VOICES))
-RESERVED_VOICES = synthesize.RESERVED_VOICES
+LISTENING_VOICES = (*tts_voices.TRAIN_VOICES, "flite_kal",
+                    *(f"espeak_{name}" for name in tts_voices.ESPEAK_VOICES
+                      if f"espeak_{name}" not in tts_voices.RESERVED_VOICES))
+RESERVED_VOICES = tts_voices.RESERVED_VOICES
 
 
 def check_training_voices(voices) -> None:
     """ValueError unless every voice is known and none is reserved for evaluation (nor an espeak m3/f4 variant)."""
-    unknown = [voice for voice in voices if voice not in synthesize.VOICES]
+    unknown = [voice for voice in voices if voice not in tts_voices.VOICES]
     if unknown:
-        raise ValueError(f"Unknown voices {unknown}; choose from {sorted(synthesize.VOICES)}.")
+        raise ValueError(f"Unknown voices {unknown}; choose from {sorted(tts_voices.VOICES)}.")
     reserved = [voice for voice in voices if voice in RESERVED_VOICES
-                or synthesize.VOICES[voice][1].endswith(("+m3", "+f4"))]
+                or tts_voices.VOICES[voice][1].endswith(("+m3", "+f4"))]
     if reserved:
         raise ValueError(f"Voices {reserved} are reserved for evaluation and never speak training clips.")
 
@@ -77,7 +77,7 @@ def draw_listening_augmentation(rng: random.Random) -> dict:
     return params
 
 
-def room_response(rt60: float, drr_db: float, seed: int, rate: int = synthesize.SAMPLE_RATE) -> np.ndarray:
+def room_response(rt60: float, drr_db: float, seed: int, rate: int = tts_voices.SAMPLE_RATE) -> np.ndarray:
     """A synthetic room impulse response: the direct path, then exponentially decaying noise (-60 dB at `rt60`)
     whose energy is `drr_db` below the direct path's."""
     rng = np.random.default_rng(seed)
@@ -170,10 +170,10 @@ def _speak_chunk(task) -> dict:
         todo = [job for job in voice_jobs if not os.path.isfile(os.path.join(out_dir, job["audio"]))]
         start = time.perf_counter()
         if todo:
-            audios = synthesize.synthesize_texts(voice, [job["text"] for job in todo])
+            audios = tts_voices.synthesize_texts(voice, [job["text"] for job in todo])
             for job, audio in zip(todo, audios):
                 synthesize.write_wav(os.path.join(out_dir, job["audio"]), augment(audio, job["augment"]))
-        engine = synthesize.VOICES[voice][0]
+        engine = tts_voices.VOICES[voice][0]
         seconds, clips = engine_time.get(engine, (0.0, 0))
         engine_time[engine] = (seconds + time.perf_counter() - start, clips + len(todo))
     import soundfile as sf
@@ -197,7 +197,7 @@ def _read_chunk(out_dir: str, name: str) -> tuple[dict, list[dict]]:
 def speak(jobs: list[dict], out_dir: str, prefix: str, workers: int = 2, verbose: bool = True) -> list[dict]:
     """Speak `jobs` in chunks named `<prefix>-<index>` (finished chunks are skipped); their manifest lines, in order."""
     needed = sorted({job["voice"] for job in jobs})
-    missing = [voice for voice in needed if not synthesize.voice_available(voice)]
+    missing = [voice for voice in needed if not tts_voices.voice_available(voice)]
     if missing:
         raise RuntimeError(f"TTS voices not available: {missing} (apt: flite festival espeak-ng ...; pip: piper-tts).")
     tasks = []
@@ -279,6 +279,14 @@ def stage_records(manifest: str) -> list[dict]:
     ]
 
 
+def write_listening(qa: str, out: str, max_clips: int | None = None, held_out: int = 300, vocabulary_size: int = 40000,
+                    repeats: int = 2, workers: int = min(2, os.cpu_count() or 1), seed: int = 0) -> dict:
+    """`build_corpus` with the stats printed; returns the stats."""
+    stats = build_corpus(qa, out, max_clips, held_out, vocabulary_size, repeats, workers, seed)
+    print(json.dumps(stats, indent=2))
+    return stats
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--qa", required=True, help="QA JSONL from training.data.spoken_qa (defines the held-out set)")
@@ -290,9 +298,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    stats = build_corpus(args.qa, args.out, args.max_clips, args.held_out, args.vocabulary_size, args.repeats,
-                         args.workers, args.seed)
-    print(json.dumps(stats, indent=2))
+    write_listening(args.qa, args.out, args.max_clips, args.held_out, args.vocabulary_size, args.repeats, args.workers,
+                    args.seed)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ What no training data may hold (`check_open_set`). Content words are the normali
 A question that breaks rule 1 or 2, and a probe kind's question whose name breaks rule 3, is left out of the set; an
 everyday question whose name breaks rule 3 stays, without its `probe`. `<out>/refused.jsonl` lists every problem; the
 build stops when fewer than `MIN_EVERYDAY` everyday questions over `MIN_KINDS` topics remain.
-Read sentences get rule 2 rather than rule 1 because they exist to teach hearing of everyday words (issue 26): the
+Read sentences get rule 2 rather than rule 1 because they exist to teach hearing of everyday words: the
 recipe's 2000 general sentences alone share a content word with 341 of the 432 hand-written questions, the listening
 corpus (`training.data.listening`) with 393. Rule 1 against them would leave almost no everyday question.
 
@@ -47,13 +47,14 @@ import os
 import random
 
 from .spoken_qa import country_of, generate_qa, normalize_text, read_jsonl
-from .synthesize import RESERVED_VOICES, VOICES, _chunks, run_synthesis, voice_available
+from .synthesize import _chunks, run_synthesis
+from .tts_voices import RESERVED_VOICES, VOICES, voice_available
 
 QUESTIONS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "open_questions.json")
 SMALL_TALK = "small_talk"
 COUNTRY_PROBE_KINDS = {"capital": "probe_capital", "continent": "probe_continent"}
 PROBE_KINDS = ("probe_person", "probe_place", "probe_animal", *COUNTRY_PROBE_KINDS.values())
-# The least the set may hold once refused questions are left out (issue 26: >= 300 questions over >= 30 topics).
+# The least the set may hold once refused questions are left out: 300 questions over 30 topics.
 MIN_EVERYDAY, MIN_KINDS = 300, 30
 # Function words only: a word that carries what a question is about (a noun, verb, adjective, number) is a content word.
 STOP_WORDS = frozenset("""
@@ -232,7 +233,7 @@ def synthesize_open_set(records: list[dict], out_dir: str, voices=RESERVED_VOICE
         raise ValueError(f"Voices {not_reserved} are training voices; only {RESERVED_VOICES} speak the open set.")
     missing = [voice for voice in voices if not voice_available(voice)]
     if missing:
-        raise RuntimeError(f"TTS voices not available: {missing} (see training/data/synthesize.py for the packages).")
+        raise RuntimeError(f"TTS voices not available: {missing} (see training/data/tts_voices.py for the packages).")
     items = {voice: [(os.path.join(voice, f"{r['id']}.wav"), r["question"], None) for r in records] for voice in voices}
     durations, _ = run_synthesis(list(_chunks(items, 48, out_dir)), workers)
     path = os.path.join(out_dir, "open_eval.jsonl")
@@ -248,6 +249,28 @@ def synthesize_open_set(records: list[dict], out_dir: str, voices=RESERVED_VOICE
     return path
 
 
+def write_open_eval(out: str, qa: str | None = None, texts=(), prompts=(), voices=RESERVED_VOICES,
+                    workers: int = min(2, os.cpu_count() or 1), seed: int = 0) -> str:
+    """
+    The open evaluation set in `out`: its questions checked against the training `texts` and `prompts` manifests
+    (refused ones listed in `refused.jsonl`), spoken in `voices` (`open_eval.jsonl`); returns the manifest's path.
+    `qa`: the recipe's qa.jsonl (default: generated as the recipe does).
+    """
+    qa_records = read_jsonl(qa) if qa else generate_qa(closed_split="phrasing")
+    records, refused = open_set(qa_records, list(texts), list(prompts), seed)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "refused.jsonl"), "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(problem) + "\n" for problem in refused)
+    for problem in refused:
+        print(f"refused {problem['id']} (rule {problem['rule']}): {problem['problem']}")
+    voices = tuple(voices)
+    path = synthesize_open_set(records, out, voices, workers)
+    kinds = sorted({record["kind"] for record in records})
+    print(f"{len(records)} questions over {len(kinds)} kinds × {len(voices)} voices → {path} "
+          f"({len(refused)} problems: {out}/refused.jsonl)")
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory (wav files + open_eval.jsonl)")
@@ -260,18 +283,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    qa_records = read_jsonl(args.qa) if args.qa else generate_qa(closed_split="phrasing")
-    records, refused = open_set(qa_records, args.texts, args.prompts, args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "refused.jsonl"), "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(problem) + "\n" for problem in refused)
-    for problem in refused:
-        print(f"refused {problem['id']} (rule {problem['rule']}): {problem['problem']}")
-    voices = tuple(voice for voice in args.voices.split(",") if voice)
-    path = synthesize_open_set(records, args.out, voices, args.workers)
-    kinds = sorted({record["kind"] for record in records})
-    print(f"{len(records)} questions over {len(kinds)} kinds × {len(voices)} voices → {path} "
-          f"({len(refused)} problems: {args.out}/refused.jsonl)")
+    write_open_eval(args.out, args.qa, args.texts, args.prompts, tuple(voice for voice in args.voices.split(",") if voice),
+                    args.workers, args.seed)
 
 
 if __name__ == "__main__":

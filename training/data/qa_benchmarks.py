@@ -1,6 +1,6 @@
 """
 Convert locally stored spoken-QA benchmarks (Llama Questions, spoken Web Questions, spoken TriviaQA, ...) into the
-manifest that `echox eval` reads (see `modeling_echox.evaluation.read_eval_manifest`): one JSON line per question,
+manifest that `echox eval` reads (see `modeling_echox.evaluation.spoken_qa.read_eval_manifest`): one JSON line per question,
 
     {"id": str, "audio": "audio/<id>.wav", "answers": [str, ...], "question": str (when the data has one)}
 
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from modeling_echox.audio_io import DEFAULT_SAMPLING_RATE, load_audio
+from modeling_echox.model.audio_io import DEFAULT_SAMPLING_RATE, load_audio
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow")
 

@@ -17,8 +17,16 @@ import json
 import os
 import random
 
-from .spoken_qa import DAYS, MONTHS, country_of, normalize_text, number_words, read_jsonl
-from .synthesize import ANSWER_VOICE, answer_audio_name, run_synthesis
+from .spoken_qa import (
+    DAYS,
+    MONTHS,
+    country_of,
+    normalize_text,
+    number_words,
+    read_jsonl,
+)
+from .synthesize import answer_audio_name, run_synthesis
+from .tts_voices import ANSWER_VOICE
 
 
 def _country_facts(name: str) -> list[str]:
@@ -99,6 +107,15 @@ def synthesize_reading(
     return path
 
 
+def write_reading(qa: str, out: str, voice: str = ANSWER_VOICE, limit: int | None = None,
+                  workers: int = min(2, os.cpu_count() or 1), seed: int = 0) -> str:
+    """Speak the read sentences of the QA JSONL `qa` into `out` (`reading.jsonl`); returns the manifest's path."""
+    sentences = reading_sentences(read_jsonl(qa), limit, seed)
+    path = synthesize_reading(sentences, out, voice, workers)
+    print(f"{len(sentences)} sentences → {path}")
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--qa", required=True, help="QA JSONL from training.data.spoken_qa (defines the held-out set)")
@@ -108,8 +125,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    sentences = reading_sentences(read_jsonl(args.qa), args.limit, args.seed)
-    print(f"{len(sentences)} sentences → {synthesize_reading(sentences, args.out, args.voice, args.workers)}")
+    write_reading(args.qa, args.out, args.voice, args.limit, args.workers, args.seed)
 
 
 if __name__ == "__main__":

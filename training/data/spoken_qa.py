@@ -6,10 +6,10 @@ continents), the days of the week and the months (what comes after / before) and
 Splits (fixed seed):
 - capitals and continents are split BY COUNTRY: a held-out country's questions (both kinds, every phrasing) are
   never in `train`, so they test what the text LLM already knows. Countries are stratified by continent.
-- days, months and arithmetic are closed sets. `closed_split="item"` (the default, what the shipped EchoX-mini
-  trained on) holds out whole items ("after monday", "3 plus 4"; all phrasings of an item share its split): a test
-  question then asks the LLM for a fact it was never taught, which SmolLM2-135M mostly does not know (MODEL_CARD.md).
-  `closed_split="phrasing"` teaches every item but holds out one seeded phrasing of it for test (every day and
+- days, months and arithmetic are closed sets. `closed_split="item"` (the default) holds out whole items ("after
+  monday", "3 plus 4"; all phrasings of an item share its split): a test question then asks the LLM for a fact it was
+  never taught, which SmolLM2-135M mostly does not know (MODEL_CARD.md).
+  `closed_split="phrasing"` (EchoX-mini's recipe, `training.echox_mini`) teaches every item but holds out one seeded phrasing of it for test (every day and
   month item; a `test_fraction` share of the arithmetic items) and another for dev (a `dev_fraction` share), so a
   test question is a known fact asked in words never trained on (and, after synthesis, by a voice never heard).
 
@@ -376,6 +376,17 @@ def summarize(records: list[dict]) -> dict:
     return {split: {kind: (len(c[0]), c[1]) for kind, c in kinds.items()} for split, kinds in table.items()}
 
 
+def write_qa(out: str, seed: int = 0, test_fraction: float = 0.2, dev_fraction: float = 0.05, kinds=KINDS,
+             max_operand: int = 10, closed_split: str = "item") -> list[dict]:
+    """Generate the spoken-QA text (`generate_qa`), write it to the JSONL `out`, print a summary; returns the records."""
+    records = generate_qa(seed, test_fraction, dev_fraction, tuple(kinds), max_operand, closed_split)
+    write_jsonl(records, out)
+    for split, by_kind in sorted(summarize(records).items()):
+        print(split, ", ".join(f"{kind}: {items} items / {n} questions" for kind, (items, n) in sorted(by_kind.items())))
+    print(f"wrote {len(records)} records to {out}")
+    return records
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output JSONL")
@@ -387,12 +398,8 @@ def main(argv=None):
     parser.add_argument("--closed-split", default="item", choices=CLOSED_SPLITS,
                         help="how days, months and arithmetic are held out (see above)")
     args = parser.parse_args(argv)
-    kinds = tuple(k for k in args.kinds.split(",") if k)
-    records = generate_qa(args.seed, args.test_fraction, args.dev_fraction, kinds, args.max_operand, args.closed_split)
-    write_jsonl(records, args.out)
-    for split, kinds in sorted(summarize(records).items()):
-        print(split, ", ".join(f"{kind}: {items} items / {n} questions" for kind, (items, n) in sorted(kinds.items())))
-    print(f"wrote {len(records)} records to {args.out}")
+    write_qa(args.out, args.seed, args.test_fraction, args.dev_fraction, tuple(k for k in args.kinds.split(",") if k),
+             args.max_operand, args.closed_split)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def load_trained_echox(path: str, merge_lora: bool = True):
 
 def load_units_language(units_from: str):
     """The `EchoXUnitLanguage` of a stage-0 output directory (`<units_from>/unit_language/`)."""
-    from modeling_echox.unit_language import EchoXUnitLanguage
+    from modeling_echox.units.unit_language import EchoXUnitLanguage
 
     directory = os.path.join(units_from, "unit_language")
     if not os.path.isdir(directory):
@@ -190,7 +190,7 @@ def load_model(config: dict):
     units_from = config.get("units_from")
     language = load_units_language(units_from) if units_from else None
     if isinstance(name, str) and name.startswith("random:"):
-        from modeling_echox.random_checkpoint import build_random_echox
+        from modeling_echox.testing.random_checkpoint import build_random_echox
 
         kwargs = {}
         if language is not None:

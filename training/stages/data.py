@@ -17,7 +17,7 @@ example per assistant turn with the earlier turns in `prompt` if you need them):
 
 Audio is never decoded through `datasets.Audio` (in `datasets` 5 that feature decodes with torchcodec, which needs an
 FFmpeg build that is not installed everywhere): the `audio` column stays a plain path string and the collator reads
-it with `modeling_echox.audio_io.load_audio` (soundfile + scipy resampling), or takes the frozen speech encoder's
+it with `modeling_echox.model.audio_io.load_audio` (soundfile + scipy resampling), or takes the frozen speech encoder's
 outputs from an [`EncoderStateCache`].
 
 Label layout (as the original `preprocess`): `input_ids = prompt + response + [eot]` where the response ids are
@@ -37,7 +37,7 @@ import numpy as np
 import soundfile
 import torch
 
-from modeling_echox.audio_io import load_audio
+from modeling_echox.model.audio_io import load_audio
 
 IGNORE_INDEX = -100
 STAGES = ("s2t", "t2c", "echo")

@@ -31,8 +31,15 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from .common import (JsonlLogCallback, last_complete_checkpoint, load_config, log_event, parse_args, plot_losses,
-                     training_arguments)
+from .common import (
+    JsonlLogCallback,
+    last_complete_checkpoint,
+    load_config,
+    log_event,
+    parse_args,
+    plot_losses,
+    training_arguments,
+)
 
 DEFAULTS = {
     "eval_manifest": None,  # held-out read sentences in reserved voices (training.data.listening)
@@ -55,8 +62,8 @@ IGNORE_INDEX = -100
 def load_base(config: dict):
     """(EchoXConfig with the adapter settings, tokenizer, Whisper tiny.en encoder, its feature extractor, LLM output
     table `[V, H]`) of EchoX-mini's base weights."""
-    from modeling_echox.base_weights import load_smollm2, whisper_tiny_en
-    from modeling_echox.echox_mini import WINDOW_SECONDS, mini_config
+    from modeling_echox.mini.assembly import WINDOW_SECONDS, mini_config
+    from modeling_echox.mini.base_weights import load_smollm2, whisper_tiny_en
 
     llm, tokenizer = load_smollm2()
     encoder, feature_extractor = whisper_tiny_en(window_seconds=WINDOW_SECONDS)
@@ -70,7 +77,7 @@ def load_base(config: dict):
 
 def cropped_frames(samples: int, max_frames: int, stack: int = 2) -> int:
     """Encoder frames EchoX keeps of a clip of `samples` 16 kHz samples (`EchoXForSpeechToSpeech.cropped_frames`)."""
-    from modeling_echox.modeling_echox import AUDIO_CROP_MARGIN
+    from modeling_echox.model.speech_prompt import AUDIO_CROP_MARGIN
 
     real = math.ceil(samples / HOP_SAMPLES)
     return min(-(-(real + AUDIO_CROP_MARGIN) // stack) * stack, max_frames)
@@ -121,7 +128,7 @@ class EncoderStateShards:
         from safetensors import safe_open
         from safetensors.torch import save_file
 
-        from modeling_echox.audio_io import load_audio
+        from modeling_echox.model.audio_io import load_audio
 
         index, started = [], time.perf_counter()
         max_frames = self.encoder.config.max_source_positions
@@ -199,7 +206,7 @@ class HearingModel(nn.Module):
     def __init__(self, echox_config, table: torch.Tensor, encoder=None, unfrozen_layers: int = 0,
                  vocab_ids: torch.Tensor | None = None, sampled_negatives: int = 0):
         super().__init__()
-        from modeling_echox.speech_adapter import EchoXSpeechAdapter
+        from modeling_echox.model.speech_adapter import EchoXSpeechAdapter
 
         self.speech_adapter = EchoXSpeechAdapter(echox_config)
         self.speech_adapter.ctc_head.weight.requires_grad_(False)
@@ -311,7 +318,7 @@ def dictation_wer(model: HearingModel, dataset: DictationDataset, tokenizer, lim
                   batch_size: int = 32, bf16: bool = False) -> dict:
     """WER of the adapter's dictation on `dataset` (both argmax modes), overall and per voice; `bf16`: under bf16
     autocast (the quicker check during training; the final figures are fp32)."""
-    from modeling_echox.text_metrics import word_error_rate
+    from modeling_echox.evaluation.text_metrics import word_error_rate
 
     rows = range(len(dataset)) if limit is None else range(min(limit, len(dataset)))
     was_training = model.training
@@ -342,10 +349,10 @@ def dictation_wer(model: HearingModel, dataset: DictationDataset, tokenizer, lim
 
 
 def whisper_wer(manifest_lines: list[dict], out_path: str) -> dict:
-    """Whisper tiny.en (faster-whisper int8, beam 1: `modeling_echox.asr`) on the same clips; transcripts cached in
+    """Whisper tiny.en (faster-whisper int8, beam 1: `modeling_echox.evaluation.asr`) on the same clips; transcripts cached in
     `out_path`. → {"wer", "wer_per_voice", "clips"}."""
-    from modeling_echox.audio_io import load_audio
-    from modeling_echox.text_metrics import word_error_rate
+    from modeling_echox.evaluation.text_metrics import word_error_rate
+    from modeling_echox.model.audio_io import load_audio
 
     done = {}
     if os.path.isfile(out_path):
@@ -353,7 +360,7 @@ def whisper_wer(manifest_lines: list[dict], out_path: str) -> dict:
             done = {row["audio"]: row["whisper"] for row in map(json.loads, handle)}
     todo = [line for line in manifest_lines if line["audio"] not in done]
     if todo:
-        from modeling_echox.asr import WhisperTranscriber
+        from modeling_echox.evaluation.asr import WhisperTranscriber
 
         asr = WhisperTranscriber(cpu_threads=int(os.environ.get("OMP_NUM_THREADS", "2")))
         with open(out_path, "a", encoding="utf-8") as handle:

@@ -18,9 +18,9 @@ import os
 
 import torch
 
-from modeling_echox.audio_io import load_audio
-from modeling_echox.unit_language import EchoXUnitLanguage, train_unit_language
-from modeling_echox.units import EchoXUnitExtractor
+from modeling_echox.model.audio_io import load_audio
+from modeling_echox.units.extractor import EchoXUnitExtractor
+from modeling_echox.units.unit_language import EchoXUnitLanguage, train_unit_language
 
 from .common import load_model, stage_cli
 from .data import write_manifest
@@ -45,7 +45,7 @@ DEFAULTS = {
 def load_encoder(name: str):
     """The speech encoder whose hidden states are clustered."""
     if name.split(":")[0] == "whisper-tiny-en":
-        from modeling_echox.base_weights import whisper_tiny_en
+        from modeling_echox.mini.base_weights import whisper_tiny_en
 
         window = int(name.split(":")[1]) if ":" in name else 30
         return whisper_tiny_en(window_seconds=window)

@@ -35,7 +35,14 @@ import torch
 from accelerate import PartialState
 from torch import nn
 
-from .common import EchoXTrainer, apply_lora, load_model, log_event, run_trainer, stage_cli
+from .common import (
+    EchoXTrainer,
+    apply_lora,
+    load_model,
+    log_event,
+    run_trainer,
+    stage_cli,
+)
 from .data import IGNORE_INDEX, EchoXDataCollator, load_dialogue_dataset
 from .stage1_s2t import build_feature_cache
 

@@ -15,7 +15,14 @@ import os
 
 from accelerate import PartialState
 
-from .common import apply_lora, last_complete_checkpoint, load_model, log_event, run_trainer, stage_cli
+from .common import (
+    apply_lora,
+    last_complete_checkpoint,
+    load_model,
+    log_event,
+    run_trainer,
+    stage_cli,
+)
 from .data import EchoXDataCollator, EncoderStateCache, load_dialogue_dataset
 
 DEFAULTS = {

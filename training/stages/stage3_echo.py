@@ -28,11 +28,16 @@ import torch
 from accelerate import PartialState
 from torch import nn
 
-from modeling_echox.generation_configuration_echox import EchoXGenerationConfig
-from modeling_echox.segmentation import boundary_scores, segmentation_rule
+from modeling_echox.model.generation_configuration_echox import EchoXGenerationConfig
+from modeling_echox.model.segmentation import boundary_scores, segmentation_rule
 
 from .common import apply_lora, load_model, log_event, run_trainer, stage_cli
-from .data import EchoXDataCollator, extract_features, load_dialogue_dataset, read_manifest
+from .data import (
+    EchoXDataCollator,
+    extract_features,
+    load_dialogue_dataset,
+    read_manifest,
+)
 from .stage1_s2t import build_feature_cache
 
 DEFAULTS = {

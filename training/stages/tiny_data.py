@@ -46,7 +46,7 @@ def synthesize(text: str, path: str, index: int, use_flite: bool | None = None) 
     if use_flite:
         raw = path + ".raw.wav"
         subprocess.run(["flite", "-voice", "slt", "-t", text, "-o", raw], check=True, capture_output=True)
-        from modeling_echox.audio_io import load_audio
+        from modeling_echox.model.audio_io import load_audio
 
         wave = load_audio(raw, target_rate=SR)
         os.remove(raw)

@@ -8,21 +8,21 @@ voice it learnt from (EchoX-mini's comparison of the two is in MODEL_CARD.md).
 import json
 import os
 
-from modeling_echox.unit_language import EchoXUnitLanguage
-from modeling_echox.units import EchoXUnitExtractor
+from modeling_echox.units.extractor import EchoXUnitExtractor
+from modeling_echox.units.unit_language import EchoXUnitLanguage
 
 
 class SpokenUnitLabeler:
     """
     `labeler(texts)` → one list of unit-language indices (0-based) per text: the text spoken by `voice`
-    (`training.data.synthesize.VOICES`), its deduplicated units from the stage-0 output in `units_dir` (k-means +
+    (`training.data.tts_voices.VOICES`), its deduplicated units from the stage-0 output in `units_dir` (k-means +
     `unit_language/`), encoded in the unit language. Texts that are empty after stripping get no units. Each distinct
     text is spoken once per labeler; `spoken_units` (a stage-0 `vocoder_units.jsonl` of speech in this same voice)
     supplies the units of the texts it holds without speaking them again.
     """
 
     def __init__(self, units_dir: str, voice: str, encoder: str = "whisper-tiny-en:10", spoken_units: str | None = None):
-        from training.data.synthesize import VOICES, voice_available
+        from training.data.tts_voices import VOICES, voice_available
 
         from .stage0_units import load_encoder
 
@@ -45,7 +45,7 @@ class SpokenUnitLabeler:
                         self._spoken.setdefault(item["text"].strip(), self.language.encode(item["units"]))
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
-        from training.data.synthesize import synthesize_texts
+        from training.data.tts_voices import synthesize_texts
 
         cleaned = [text.strip() for text in texts]
         todo = sorted({text for text in cleaned if text and text not in self._spoken})

@@ -1,4 +1,4 @@
-"""Training recipe of the EchoX unit vocoder (`modeling_echox.vocoder.EchoXCodeHifiGan`): HiFi-GAN discriminators,
+"""Training recipe of the EchoX unit vocoder (`modeling_echox.model.vocoder.EchoXCodeHifiGan`): HiFi-GAN discriminators,
 losses, a unit/duration/waveform-segment dataset, and the entry point `python -m training.train_vocoder`."""
 
 from .data import VocoderCollator, VocoderSegmentDataset, read_manifest

@@ -15,7 +15,7 @@ import soundfile as sf
 import torch
 from torch.utils.data import Dataset
 
-from modeling_echox.audio_io import load_audio
+from modeling_echox.model.audio_io import load_audio
 
 
 def read_manifest(path: str | os.PathLike, num_units: int | None = None) -> list[dict[str, Any]]:

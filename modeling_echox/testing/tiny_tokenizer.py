@@ -15,7 +15,15 @@ Layout of the ids (like Llama-3: the special tokens come after the BPE vocabular
     N+5                   <audio>   (the speech placeholder; the last id)
 """
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
 BOS_TOKEN = "<|begin_of_text|>"

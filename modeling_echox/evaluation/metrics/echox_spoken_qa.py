@@ -1,8 +1,8 @@
 """
 Spoken-QA accuracy as an `evaluate` metric, the rule `echox eval` uses:
 
-    import evaluate, modeling_echox.metrics
-    metric = evaluate.load(modeling_echox.metrics.SPOKEN_QA_METRIC)   # a local path, nothing is downloaded
+    import evaluate, modeling_echox.evaluation.metrics
+    metric = evaluate.load(modeling_echox.evaluation.metrics.SPOKEN_QA_METRIC)   # a local path, nothing is downloaded
     metric.compute(predictions=["the capital of kenya is nairobi"], references=[["nairobi"]])
     # {"accuracy": 1.0, "accuracy_all_words": 1.0}
 
@@ -14,7 +14,7 @@ each question. "accuracy": a gold answer occurs in the normalized prediction as 
 import datasets
 import evaluate
 
-from modeling_echox.text_metrics import is_correct
+from modeling_echox.evaluation.text_metrics import is_correct
 
 _DESCRIPTION = "Spoken-QA accuracy: whole-word containment of any gold answer in the normalized prediction."
 _CITATION = """@article{echox2025, title={EchoX: Towards Mitigating Acoustic-Semantic Gap via Echo Training for

@@ -225,8 +225,9 @@ class EchoXConfig(PreTrainedConfig):
         ctc_loss_weight: weight of the CTC loss on the adapter's CTC head (blank = `audio_token_id`).
         crop_audio_padding: `False` (released): the adapter sees every encoder frame of the window, padding included.
             `True`: the encoder still runs on the whole window, but each clip's adapter sees only that clip's real
-            frames (+ 4, `AUDIO_CROP_MARGIN`), so answers do not depend on the batch and the adapter and its CTC head
-            are several times cheaper on short questions (needs training with it: EchoX-mini does).
+            frames (+ 4, `AUDIO_CROP_MARGIN` in speech_prompt.py), so answers do not depend on the batch and the
+            adapter and its CTC head are several times cheaper on short questions (needs training with it: EchoX-mini
+            does).
         encoder_window: `"full"` (released): the speech encoder runs on its whole window (`audio_config`'s
             `max_source_positions`), padding included. `"clip"` (needs `crop_audio_padding`): it runs on each clip's
             cropped frames only (several times faster on short questions; the frames then never attend to padding, so

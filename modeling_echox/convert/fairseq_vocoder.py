@@ -1,7 +1,7 @@
 """Converts fairseq's CodeHiFiGAN unit vocoder (`g_00500000` + `vocoder_config.json`, shipped with EchoX) to
 [`EchoXCodeHifiGan`].
 
-    python -m modeling_echox.convert_fairseq_vocoder --checkpoint_path g_00500000 \
+    python -m modeling_echox.convert.fairseq_vocoder --checkpoint_path g_00500000 \
         --config_path vocoder_config.json --output_dir echox-vocoder
 """
 
@@ -13,8 +13,8 @@ import re
 
 import torch
 
-from .configuration_echox import EchoXVocoderConfig
-from .vocoder import EchoXCodeHifiGan
+from ..model.configuration_echox import EchoXVocoderConfig
+from ..model.vocoder import EchoXCodeHifiGan
 
 # fairseq `CodeGenerator` name → `EchoXCodeHifiGan` name, applied after folding the weight norm.
 _KEY_RENAMES = [

@@ -3,12 +3,18 @@
 import torch
 from transformers import WhisperFeatureExtractor
 
-from .configuration_echox import EchoXConfig
-from .generation_configuration_echox import EchoXGenerationConfig
-from .modeling_echox import EchoXForSpeechToSpeech
-from .processing_echox import EchoXProcessor
-from .tiny_tokenizer import AUDIO_TOKEN, END_HEADER_TOKEN, EOT_TOKEN, START_HEADER_TOKEN, build_tiny_tokenizer
-from .unit_vocabulary import EchoXUnitVocabulary
+from ..model.configuration_echox import EchoXConfig
+from ..model.generation_configuration_echox import EchoXGenerationConfig
+from ..model.modeling_echox import EchoXForSpeechToSpeech
+from ..model.processing_echox import EchoXProcessor
+from ..model.unit_vocabulary import EchoXUnitVocabulary
+from .tiny_tokenizer import (
+    AUDIO_TOKEN,
+    END_HEADER_TOKEN,
+    EOT_TOKEN,
+    START_HEADER_TOKEN,
+    build_tiny_tokenizer,
+)
 
 # Sub-model sizes. "tiny" loads and generates in well under a second on a laptop CPU.
 SIZES = {

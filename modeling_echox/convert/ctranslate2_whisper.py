@@ -278,7 +278,12 @@ def convert_ctranslate2_whisper(model_dir: str, dtype: torch.dtype = torch.float
     `WhisperForConditionalGeneration` (with its generation config) and a `WhisperProcessor` built from the
     directory's `tokenizer.json`. Usable as a pure-torch ASR: `model.generate(input_features)`.
     """
-    from transformers import GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer
+    from transformers import (
+        GenerationConfig,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
 
     variables, ct2_config = _load_whisper_variables(model_dir)
     tokenizer_file = os.path.join(os.fspath(model_dir), "tokenizer.json")

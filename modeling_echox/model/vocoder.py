@@ -8,7 +8,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.models.seamless_m4t.modeling_seamless_m4t import SeamlessM4THifiGan, SeamlessM4TVariancePredictor
+from transformers.models.seamless_m4t.modeling_seamless_m4t import (
+    SeamlessM4THifiGan,
+    SeamlessM4TVariancePredictor,
+)
 from transformers.utils import ModelOutput
 
 from .configuration_echox import EchoXVocoderConfig

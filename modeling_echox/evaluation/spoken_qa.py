@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .audio_io import load_audio
+from ..model.audio_io import load_audio
 from .text_metrics import answer_in_text, is_correct, normalize_text, word_errors
 
 RULES = ("contained", "all_words")
@@ -100,7 +100,7 @@ def base_text_llm(model, processor, which: str = "auto", checkpoint_dir: str | N
     starts from), "model" (the checkpoint's own language model, e.g. a released EchoX whose LLM was not tuned), or
     "auto": "smollm2" for a built EchoX-mini checkpoint (it has `echox_mini.json`), else "model".
     """
-    from .echox_mini import BUILD_MARKER
+    from ..mini.assembly import BUILD_MARKER
 
     if which not in TEXT_LLM_CHOICES:
         raise ValueError(f"text LLM must be one of {TEXT_LLM_CHOICES}, got {which!r}.")
@@ -108,7 +108,7 @@ def base_text_llm(model, processor, which: str = "auto", checkpoint_dir: str | N
         built_mini = checkpoint_dir and os.path.isfile(os.path.join(checkpoint_dir, BUILD_MARKER))
         which = "smollm2" if built_mini else "model"
     if which == "smollm2":
-        from .base_weights import load_smollm2
+        from ..mini.base_weights import load_smollm2
 
         llm, _ = load_smollm2(audio_token=None)
         llm.generation_config.eos_token_id = model.config.text_config.eos_token_id
@@ -287,8 +287,8 @@ def run_eval(model_dir: str, manifest: str, out: str, asr_model: str | None = No
     result to `out` and return it. The ASR transcribes the spoken answers (unless `text_only`) and, when the manifest
     has `question` texts, the question clips too (`question_asr_wer`, beside the adapter's `dictation_wer`).
     """
+    from ..model.loading import load_echox
     from .asr import WhisperTranscriber
-    from .loading import load_echox
 
     records = read_eval_manifest(manifest, limit=limit, seed=seed)
     model, processor = load_echox(model_dir, int8=int8)

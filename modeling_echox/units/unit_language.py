@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .unit_vocabulary import WORD_MARKER, EchoXUnitVocabulary
+from ..model.unit_vocabulary import WORD_MARKER, EchoXUnitVocabulary
 
 UNIT_LANGUAGE_MODEL_FILE = "unit_language.model"
 UNIT_LANGUAGE_CONFIG_FILE = "unit_language.json"

@@ -1,0 +1,477 @@
+"""
+EchoX speech-to-speech demo (a Gradio Space).
+
+Ask a question out loud (microphone or an uploaded file) and EchoX answers in text and speech. The spoken answer
+streams: each segment is voiced while the model goes on writing the next one, and the player starts as soon as the
+first segment's audio arrives. When the answer is complete, the whole of it is also given as one 16-bit WAV file: the
+API endpoint `/respond` returns `(text, streamed audio playlist, status, answer.wav)`, so a `gradio_client` script
+gets a playable file.
+
+Run locally: `echox demo --model DIR`, or the Space's entry point `python spaces_demo/app.py --model DIR` (DIR is any
+EchoX checkpoint directory; default: `$ECHOX_MODEL`, else EchoX-mini, built once into the user cache by `ensure_mini`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import io
+import logging
+import os
+import queue
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import wave
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gradio as gr  # noqa: E402
+
+from .model.streaming import EchoXStreamChunk  # noqa: E402
+
+logger = logging.getLogger("echox.space")
+
+SAMPLING_RATE = 16000
+MODES = ("faithful", "fast")
+QUEUE_MAX_SIZE = 16
+STREAM_TIMEOUT_S = 300.0  # a segment that takes longer than this to arrive ends the request with a message
+SILENCE_PEAK = 1e-4  # same threshold as modeling_echox.model.audio_io
+# Gradio re-encodes streamed audio to AAC in one ffmpeg process and publishes only the frames ffmpeg has emitted when a
+# chunk is yielded (it waits 0.1 s for the first chunk, 5 ms for later ones). On a busy CPU a segment's audio would so
+# stay unpublished until the *next* segment is yielded, a whole segment late. While the model works on the next
+# segment we therefore yield a one-sample "nudge" (the last sample repeated: inaudible, no click) every
+# NUDGE_INTERVAL_S, at most MAX_NUDGES times per segment, so that gradio collects the frames that are ready.
+NUDGE_INTERVAL_S = 0.25
+MAX_NUDGES = 8
+# Gradio keeps a `SessionState` (a copy of the page's component configs and last output values) for every session,
+# that is every page load or `gradio_client.Client`, up to the launch option `state_session_capacity` (10000 by
+# default: over 100 MB). The app keeps no state between requests, so only the most recent sessions are kept.
+SESSION_CAPACITY = 256
+# The whole-answer WAV files are written to gradio's cache: every hour, those older than an hour are deleted.
+CACHE_CLEANUP_S = 3600
+_END = object()
+
+# Spoken example questions, synthesized with flite at start-up (never committed).
+EXAMPLE_QUESTIONS = (
+    "what is the capital of france",
+    "what day comes after monday",
+    "how many legs does a spider have",
+    "what color is the sky on a clear day",
+)
+
+
+class InputError(ValueError):
+    """Bad user input; its message is shown to the user as is."""
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def wav_bytes(audio: np.ndarray, sampling_rate: int = SAMPLING_RATE) -> bytes:
+    """Mono float audio in [-1, 1] → a complete 16-bit PCM RIFF/WAV file in memory (what gradio streams best)."""
+    pcm = np.clip(np.nan_to_num(np.asarray(audio, dtype=np.float32)), -1.0, 1.0)
+    pcm = np.round(pcm * 32767.0).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(int(sampling_rate))
+        writer.writeframes(pcm.tobytes())
+    return buffer.getvalue()
+
+
+def _find_malloc_trim():
+    """glibc's `malloc_trim`, or `None` where the C library has none (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """
+    Give the heap memory freed by a finished request back to the operating system. glibc serves the threads of a
+    request (the model's decoding and voicing threads, gradio's workers) from per-thread arenas and keeps what they
+    free for later; from request to request that memory fragments and the server's resident size creeps up (about
+    65 MB per 100 EchoX-mini requests without this; tests/test_space_soak.py). `malloc_trim(0)` returns the free
+    pages of every arena. A no-op where the C library has no `malloc_trim`.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+@contextmanager
+def one_torch_thread():
+    """
+    Run the block on one torch intra-op thread, then restore the thread's count. The Space's thread policy for a
+    request's Whisper features (a few ms on one thread): on more, this thread's idle torch workers keep spinning after
+    them and take the cores from the answer, generated in another thread. Requests run one at a time (the queue's
+    concurrency limit), so no other request changes the count meanwhile.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _decode_file(path: str) -> tuple[int, np.ndarray]:
+    """Decode an uploaded or recorded file: soundfile first (wav/flac/ogg/mp3), then ffmpeg via pydub (webm, m4a…)."""
+    import soundfile
+
+    if not os.path.isfile(path):
+        raise InputError("The audio file did not arrive. Please record or upload it again.")
+    if os.path.getsize(path) == 0:
+        raise InputError("The audio file is empty. Please record or upload a question.")
+    try:
+        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        return int(rate), samples
+    except Exception:  # not a format libsndfile reads: let ffmpeg try
+        pass
+    try:
+        from pydub import AudioSegment
+
+        segment = AudioSegment.from_file(path)
+        data = np.array(segment.get_array_of_samples())
+        scale = float(1 << (8 * segment.sample_width - 1))
+        data = (data.astype(np.float64) / scale).astype(np.float32).reshape(-1, segment.channels)
+        return int(segment.frame_rate), data
+    except Exception as error:
+        logger.info("could not decode %s: %s", path, error)
+        raise InputError(
+            "Could not read this audio file: it is corrupt or in a format we cannot decode. "
+            "Please upload a WAV, FLAC, OGG or MP3 file, or record with the microphone."
+        ) from None
+
+
+def check_audio(audio, max_seconds: float) -> tuple[int, np.ndarray]:
+    """
+    Validate the input of the audio component (a file path, or gradio's `(sample_rate, int16 array)`) and return
+    `(sample_rate, mono float32 samples)`. Raises `InputError` with a message for the user.
+    """
+    if audio is None:
+        raise InputError("No question yet: record one with the microphone, upload a file, or pick an example.")
+    if isinstance(audio, dict):  # gradio FileData-like dict (e.g. from the API)
+        audio = audio.get("path") or audio.get("name")
+    if isinstance(audio, (str, os.PathLike)):
+        rate, samples = _decode_file(os.fspath(audio))
+    elif isinstance(audio, (tuple, list)) and len(audio) == 2:
+        rate, samples = audio
+        samples = np.asarray(samples)
+        if np.issubdtype(samples.dtype, np.integer):
+            samples = samples.astype(np.float32) / float(np.iinfo(samples.dtype).max + 1)
+    else:
+        raise InputError("Unsupported audio input. Please record or upload a question.")
+    try:
+        rate = int(rate)
+    except (TypeError, ValueError):
+        rate = 0
+    if rate <= 0:
+        raise InputError("The audio has no valid sample rate. Please record or upload it again.")
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim == 2:  # (samples, channels), as soundfile, pydub and gradio give it → mono
+        samples = samples.mean(axis=1)
+    if samples.ndim != 1 or samples.size == 0:
+        raise InputError("The audio is empty. Please record or upload a question.")
+    if not np.all(np.isfinite(samples)):
+        raise InputError("The audio contains invalid samples (NaN or infinity). Please record or upload it again.")
+    duration = samples.size / rate
+    if duration > max_seconds:
+        raise InputError(
+            f"The question is too long ({duration:.1f} s). Please keep it under {max_seconds:g} seconds."
+        )
+    if float(np.max(np.abs(samples))) < SILENCE_PEAK:
+        raise InputError("The audio is silent. Check your microphone and ask again.")
+    return rate, samples
+
+
+# ---------------------------------------------------------------------------------------------------- examples
+def synthesize_examples(cache_dir: str | os.PathLike | None = None, questions=EXAMPLE_QUESTIONS) -> list[str]:
+    """
+    Speak the example questions with flite into `cache_dir` (default: `$ECHOX_EXAMPLES_DIR`, else a folder in the
+    system temp dir) and return the wav paths; files already there are reused. Returns `[]` when flite is missing
+    or fails, so the app simply offers no examples.
+    """
+    flite = shutil.which("flite")
+    if flite is None:
+        logger.warning("flite not found: the demo starts without example questions")
+        return []
+    folder = Path(cache_dir or os.environ.get("ECHOX_EXAMPLES_DIR") or Path(tempfile.gettempdir()) / "echox-space-examples")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for question in questions:
+        target = folder / (question.replace(" ", "_") + ".wav")
+        if not target.is_file() or target.stat().st_size <= 44:
+            partial = target.with_suffix(f".{os.getpid()}.tmp.wav")
+            try:
+                subprocess.run(
+                    [flite, "-voice", "slt", "-t", question, "-o", str(partial)],
+                    check=True,
+                    capture_output=True,
+                    timeout=60,
+                )
+                os.replace(partial, target)
+            except (OSError, subprocess.SubprocessError) as error:
+                logger.warning("flite could not speak %r (%s); skipping it", question, error)
+                partial.unlink(missing_ok=True)
+                continue
+        paths.append(str(target))
+    return paths
+
+
+# -------------------------------------------------------------------------------------------------- the space
+class EchoXSpace:
+    """The demo's state (model + processor) and its streaming answer function, usable without a server."""
+
+    def __init__(self, model, processor, stream_timeout: float = STREAM_TIMEOUT_S):
+        self.model = model
+        self.processor = processor
+        self.max_seconds = float(getattr(processor, "max_audio_seconds", 30.0))
+        self.stream_timeout = stream_timeout
+        self.default_mode = getattr(model.config, "segmentation_mode", "faithful")
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str) -> EchoXSpace:
+        from .model.loading import load_echox
+
+        model, processor = load_echox(model_dir)
+        return cls(model, processor)
+
+    def respond(self, audio, mode: str | None = None) -> Iterator[tuple[str, bytes | None, str, bytes | None]]:
+        """
+        Answer one spoken question. Yields `(answer text so far, wav bytes of the new audio or None, status, None)`
+        once per voiced segment (and the one-sample nudges, see `NUDGE_INTERVAL_S`), then, when the answer is
+        complete, `(answer text, None, "done …" status, the whole answer as one 16-bit wav file, or None if it has
+        no audio)`. Bad input and failures raise `gr.Error` with a friendly message (never a traceback). When the
+        request ends, however it ends, the memory it freed is returned to the system (`release_freed_memory`).
+        """
+        try:
+            yield from self._respond(audio, mode)
+        finally:
+            release_freed_memory()
+
+    def _respond(self, audio, mode: str | None):
+        started = time.perf_counter()
+        mode = mode if mode in MODES else self.default_mode
+        try:
+            rate, samples = check_audio(audio, self.max_seconds)
+            with one_torch_thread():
+                inputs = self.processor(audio=samples, sampling_rate=rate)
+        except InputError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except (ValueError, OSError, TypeError) as error:  # the processor's own validation
+            raise gr.Error(f"This audio cannot be used: {error}", print_exception=False) from None
+
+        text, seconds, first_audio, segments, nudges, last_sample = "", 0.0, None, 0, 0, None
+        pieces, out_rate = [], SAMPLING_RATE  # the answer's audio, for the whole-answer wav
+        try:
+            for item in self._chunks(inputs, mode):
+                if item is None:  # no new segment for NUDGE_INTERVAL_S
+                    if last_sample is not None and nudges < MAX_NUDGES:
+                        nudges += 1  # see NUDGE_INTERVAL_S: release the audio gradio's encoder still holds
+                        status = self._status(mode, segments, seconds, first_audio, started, False)
+                        yield text, wav_bytes(last_sample, out_rate), status, None
+                    continue
+                chunk = item
+                segments += 1
+                text += chunk.text
+                audio_out = None
+                if chunk.audio is not None and chunk.audio.size:
+                    if first_audio is None:
+                        first_audio = time.perf_counter() - started
+                    seconds += chunk.audio.size / chunk.sampling_rate
+                    pieces.append(chunk.audio)
+                    out_rate = chunk.sampling_rate
+                    audio_out = wav_bytes(chunk.audio, out_rate)
+                    last_sample, nudges = chunk.audio[-1:], 0
+                yield text, audio_out, self._status(mode, segments, seconds, first_audio, started, False), None
+        except gr.Error:
+            raise
+        except Exception:
+            logger.exception("EchoX failed while answering")
+            raise gr.Error("Sorry, something went wrong while answering. Please try again.", title="Error") from None
+        if segments == 0:
+            yield "", None, "The model gave an empty answer.", None
+            return
+        whole = wav_bytes(np.concatenate(pieces), out_rate) if pieces else None
+        yield text, None, self._status(mode, segments, seconds, first_audio, started, True), whole
+
+    def _chunks(self, inputs, mode: str) -> Iterator[EchoXStreamChunk | None]:
+        """The model's chunks, made in a worker thread; `None` whenever none came for `NUDGE_INTERVAL_S`."""
+        import torch
+
+        items: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def pump():
+            try:
+                with torch.inference_mode():
+                    for chunk in self.model.stream(
+                        **inputs,
+                        tokenizer=self.processor.tokenizer,
+                        segmentation_mode=mode,
+                        timeout=self.stream_timeout,
+                    ):
+                        items.put(chunk)
+                        if stop.is_set():  # the listener left: stop voicing further segments
+                            break
+            except BaseException as error:  # handed to the consumer, which re-raises it
+                items.put(error)
+            finally:
+                items.put(_END)
+
+        worker = threading.Thread(target=pump, name="echox-space-stream", daemon=True)
+        worker.start()
+        try:
+            while True:
+                try:
+                    item = items.get(timeout=NUDGE_INTERVAL_S)
+                except queue.Empty:
+                    yield None
+                    continue
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+        worker.join()  # it has put _END: the model's threads are done
+
+    @staticmethod
+    def _status(mode, segments, seconds, first_audio, started, done) -> str:
+        first = f"first audio after {first_audio:.2f} s" if first_audio is not None else "no audio yet"
+        state = "done" if done else "speaking…"
+        return (
+            f"{state} · mode `{mode}` · {segments} segment(s) · {seconds:.2f} s of speech · {first} · "
+            f"{time.perf_counter() - started:.2f} s elapsed"
+        )
+
+
+DESCRIPTION = """\
+# EchoX: speech-to-speech assistant
+Ask a question out loud (microphone or file, at most {max_seconds:g} s), or pick an example, then press **Speak**.
+The spoken answer streams: it starts playing while the rest of the answer is still being written.
+**Segmentation** chooses where the answer is cut into spoken pieces: `faithful` follows the original EchoX rule,
+`fast` cuts earlier at word boundaries so that speech starts sooner.
+Model: `{model_dir}`.
+"""
+
+
+def build_demo(model_dir: str, space: EchoXSpace | None = None, examples_dir: str | None = None) -> gr.Blocks:
+    """The Gradio app for the checkpoint in `model_dir` (pass `space` to reuse an already loaded model)."""
+    space = space or EchoXSpace.from_pretrained(model_dir)
+    example_paths = synthesize_examples(examples_dir)
+
+    with gr.Blocks(
+        title="EchoX speech-to-speech",
+        delete_cache=(CACHE_CLEANUP_S, CACHE_CLEANUP_S),
+    ) as demo:
+        gr.Markdown(
+            DESCRIPTION.format(max_seconds=space.max_seconds, model_dir=os.path.basename(os.path.normpath(model_dir)))
+        )
+        with gr.Row():
+            with gr.Column():
+                question = gr.Audio(
+                    sources=["microphone", "upload"],
+                    type="filepath",
+                    label="Your question",
+                    elem_id="question",
+                )
+                mode = gr.Radio(
+                    list(MODES), value=space.default_mode, label="Segmentation mode", elem_id="mode"
+                )
+                speak = gr.Button("Speak", variant="primary", elem_id="speak")
+                if example_paths:
+                    gr.Examples(
+                        examples=[[path] for path in example_paths],
+                        inputs=[question],
+                        example_labels=[Path(p).stem.replace("_", " ") for p in example_paths],
+                        label="Example questions",
+                        cache_examples=False,
+                    )
+            with gr.Column():
+                answer_audio = gr.Audio(
+                    label="Spoken answer",
+                    streaming=True,
+                    autoplay=True,
+                    interactive=False,
+                    elem_id="answer-audio",
+                )
+                answer_text = gr.Textbox(label="Answer", lines=4, interactive=False, elem_id="answer-text")
+                status = gr.Markdown("", label="Status", elem_id="status")
+                # The whole answer as one wav file once it is complete: a playable file for API clients (the
+                # streamed output reaches them as an HLS playlist of AAC segments) and a download in the page.
+                answer_wav = gr.Audio(
+                    label="Whole answer (WAV)",
+                    format="wav",
+                    interactive=False,
+                    elem_id="answer-wav",
+                )
+
+        speak.click(
+            space.respond,
+            inputs=[question, mode],
+            outputs=[answer_text, answer_audio, status, answer_wav],
+            api_name="respond",
+        )
+    demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
+    demo.echox_space = space  # for tests and callers that want the loaded model
+    demo.echox_examples = example_paths
+    return demo
+
+
+def launch_kwargs(demo: gr.Blocks) -> dict:
+    """Launch options every caller needs: the example folder must be servable; few sessions are kept (see above)."""
+    folders = sorted({str(Path(p).parent) for p in getattr(demo, "echox_examples", [])})
+    return {"allowed_paths": folders, "ssr_mode": False, "state_session_capacity": SESSION_CAPACITY}
+
+
+def default_model_dir(model: str | None = None) -> str:
+    """`model`, else `$ECHOX_MODEL`, else the EchoX-mini checkpoint in the user cache (built first if needed)."""
+    if model or os.environ.get("ECHOX_MODEL"):
+        return model or os.environ["ECHOX_MODEL"]
+    from .mini.assembly import ensure_mini
+
+    return ensure_mini()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="EchoX speech-to-speech Gradio demo")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="EchoX checkpoint directory (default: $ECHOX_MODEL, else EchoX-mini, built once into the user cache)",
+    )
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    return parser
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        demo = build_demo(default_model_dir(args.model))
+    except OSError as error:  # a missing or incomplete checkpoint directory
+        raise SystemExit(f"echox demo: {error}") from None
+    demo.launch(server_name=args.host, server_port=args.port, **launch_kwargs(demo))
+
+
+if __name__ == "__main__":
+    main()

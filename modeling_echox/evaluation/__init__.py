@@ -1,0 +1,1 @@
+"""Spoken-QA evaluation: the harness, its text metrics, the ASR of spoken answers and the `evaluate` metric."""
