@@ -137,7 +137,7 @@ def test_answer_asr_decodes_at_temperature_zero_only(monkeypatch):
 
     import numpy as np
 
-    from modeling_echox.asr import WhisperTranscriber
+    from modeling_echox.evaluation.asr import WhisperTranscriber
 
     calls = []
 

@@ -573,3 +573,26 @@ def test_features_are_computed_on_one_torch_thread_and_the_count_is_restored(spa
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+# What each example question's answer must say (EchoX-mini answers only the kinds it was taught; MODEL_CARD.md).
+EXAMPLE_ANSWERS = {
+    "what is the capital of france": "paris",
+    "what day comes after monday": "tuesday",
+    "what is two plus three": "five",
+    "what month comes after march": "april",
+}
+
+
+def test_echox_mini_answers_every_example_question_right(tmp_path):
+    """The Space offers only questions its default model answers right, spoken as the Space speaks them (flite)."""
+    pytest.importorskip("ctranslate2", reason="EchoX-mini's base weights (the mini extra) are not installed")
+    if shutil.which("flite") is None:
+        pytest.skip("flite is not installed, so the Space has no examples")
+    from modeling_echox.mini.assembly import ensure_mini
+
+    assert set(EXAMPLE_QUESTIONS) == set(EXAMPLE_ANSWERS)
+    space = EchoXSpace.from_pretrained(ensure_mini())
+    for question, path in zip(EXAMPLE_QUESTIONS, synthesize_examples(tmp_path)):
+        text = list(space.respond(path, "faithful"))[-1][0]
+        assert EXAMPLE_ANSWERS[question] in text.lower().split(), (question, text)
