@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from modeling_echox import speech_adapter
+from modeling_echox.model import speech_adapter
 from modeling_echox.model.screened_argmax import ScreenedArgmax
 from modeling_echox.testing.random_checkpoint import build_random_echox
 
