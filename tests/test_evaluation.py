@@ -153,3 +153,12 @@ def test_answer_asr_decodes_at_temperature_zero_only(monkeypatch):
     transcriber = WhisperTranscriber(model_path="unused")
     assert transcriber(np.zeros(1600, np.float32)) == "hello"
     assert calls[0]["temperature"] == 0.0
+
+
+def test_normalize_text_reads_ordinals_only_after_whole_numbers():
+    from modeling_echox.evaluation.text_metrics import normalize_text, word_error_rate
+
+    assert normalize_text("the 3rd and 21st") == "the third and twenty first"
+    assert normalize_text("2.5 kg") == "two point five kg"
+    assert normalize_text("at 2.20th") == "at two point two th"  # a decimal never takes an ordinal suffix
+    assert word_error_rate(["it is two twenty"], ["It's 2.20th."]) > 0  # scored, not an error

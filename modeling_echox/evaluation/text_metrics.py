@@ -6,7 +6,7 @@ resynthesis check).
 import re
 import unicodedata
 
-_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?(?:st|nd|rd|th)?")
+_NUMBER_RE = re.compile(r"\d+(?:st|nd|rd|th)|\d+(?:\.\d+)?")  # an ordinal suffix only after a whole number
 
 
 def _number_to_words(match: re.Match) -> str:
