@@ -60,18 +60,6 @@ def space(checkpoint):
     return EchoXSpace.from_pretrained(checkpoint)
 
 
-@pytest.fixture(scope="module")
-def question_wav(tmp_path_factory):
-    """A spoken question (flite) or, without flite, a voiced-sounding synthetic clip."""
-    path = tmp_path_factory.mktemp("questions") / "question.wav"
-    if shutil.which("flite"):
-        subprocess.run(["flite", "-voice", "slt", "-t", "what is the capital of france", "-o", str(path)], check=True)
-    else:
-        t = np.arange(int(1.5 * SR)) / SR
-        soundfile.write(path, (0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(np.pi * t / 1.5)).astype(np.float32), SR)
-    return str(path)
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

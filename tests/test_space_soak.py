@@ -143,20 +143,6 @@ def _assert_steady(before: dict, after: dict, max_growth_mb: float) -> None:
     assert after["children"] == 0, f"child processes (ffmpeg encoders?) left running: {after}"
 
 
-@pytest.fixture(scope="module")
-def question_wav(tmp_path_factory):
-    import numpy as np
-    import soundfile
-
-    path = tmp_path_factory.mktemp("soak-question") / "question.wav"
-    if shutil.which("flite"):
-        subprocess.run(["flite", "-voice", "slt", "-t", "what is the capital of france", "-o", str(path)], check=True)
-    else:
-        t = np.arange(int(1.5 * SR)) / SR
-        soundfile.write(path, (0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(np.pi * t / 1.5)).astype(np.float32), SR)
-    return str(path)
-
-
 def _needs_ffmpeg():
     if shutil.which("ffmpeg") is None:
         pytest.skip("gradio's streamed audio output needs the ffmpeg binary (apt-get install ffmpeg)")
