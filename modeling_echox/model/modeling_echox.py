@@ -320,8 +320,12 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
             raise ValueError("An EchoXAudioStreamer streams one request at a time (batch size 1).")
         if return_audio and (generation_config.num_beams or 1) > 1:
             raise ValueError("Speech output needs greedy or sampling decoding (num_beams=1); use return_audio=False.")
-        if return_audio or streams_audio:
-            EchoXVoicer(self, generation_config, tokenizer)  # refuses a rule it cannot run before any work is done
+        # One voicer per answer, made before any work: a segmentation rule it cannot run is refused at once.
+        voicers = (
+            [EchoXVoicer(self, generation_config, tokenizer) for _ in range(input_ids.shape[0])]
+            if return_audio or streams_audio
+            else []
+        )
         eos_ids = generation_config.eos_token_id
         eos_ids = set([eos_ids] if isinstance(eos_ids, int) else (eos_ids or []))
 
@@ -331,7 +335,7 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
         # The final-layer state that produced each token, collected step by step (no other layer is kept).
         producing_states = []
         if streams_audio:
-            streamer.start(EchoXVoicer(self, generation_config, tokenizer), eos_ids)
+            streamer.start(voicers[0], eos_ids)
             model_kwargs["hidden_states_callback"] = streamer.put_hidden_state
         elif return_audio:
             model_kwargs["hidden_states_callback"] = producing_states.append
@@ -366,8 +370,7 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
 
         states = torch.stack(producing_states, dim=1)
         output.segments, output.segment_unit_ids, output.unit_ids, output.waveforms = [], [], [], []
-        for row, answer in enumerate(answers):
-            voicer = EchoXVoicer(self, generation_config, tokenizer)
+        for row, (answer, voicer) in enumerate(zip(answers, voicers)):
             segments = [voicer.add(token, states[row, i]) for i, token in enumerate(answer)]
             segments = [segment for segment in [*segments, voicer.finish()] if segment is not None]
             chunks = voicer.voice(segments)
