@@ -128,7 +128,7 @@ def _soak(url: str, pid: int, question: str, requests: int, warmup: int, every: 
             samples.append(usage)
             print(f"after {done:3d} requests: {usage}", flush=True)
     client.close()
-    time.sleep(1.0)  # let the last session's ffmpeg encoder exit
+    time.sleep(1.0)  # let the last client's ffmpeg encoder exit
     return samples[0], _usage(pid), samples
 
 
