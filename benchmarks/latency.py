@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from threading import Thread
 
 import numpy as np
@@ -33,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from modeling_echox.model.loading import load_echox  # noqa: E402
 from modeling_echox.model.streaming import EchoXAudioStreamer  # noqa: E402
+from modeling_echox.torch_threads import torch_threads  # noqa: E402
 
 QUESTIONS = [
     "what is the capital of france",
@@ -69,17 +69,6 @@ def spoken_questions(count: int, directory: str) -> list[np.ndarray]:
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
-
-
-@contextmanager
-def torch_threads(count: int):
-    """Run the block on `count` torch intra-op threads, then restore the previous count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def request(model, processor, clip: str, mode: str, max_new_tokens: int | None, feature_threads: int) -> dict:
@@ -144,10 +133,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    if args.model is None:
-        from modeling_echox.mini.assembly import ensure_mini
+    from modeling_echox.mini.assembly import default_model_dir
 
-        args.model = os.environ.get("ECHOX_MODEL") or ensure_mini()
+    args.model = default_model_dir(args.model)
     model, processor = load_echox(args.model, int8=args.int8)
     with tempfile.TemporaryDirectory() as directory:
         if args.manifest:

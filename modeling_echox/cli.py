@@ -20,12 +20,10 @@ def _init_random(args) -> None:
 
 
 def _default_model(model: str | None) -> str:
-    """`model`, else `$ECHOX_MODEL`, else the EchoX-mini checkpoint in the user cache (built once, see `ensure_mini`)."""
-    if model or os.environ.get("ECHOX_MODEL"):
-        return model or os.environ["ECHOX_MODEL"]
-    from .mini.assembly import ensure_mini
+    """`model`, else `$ECHOX_MODEL`, else EchoX-mini from the user cache (`default_model_dir`)."""
+    from .mini.assembly import default_model_dir
 
-    return ensure_mini()
+    return default_model_dir(model)
 
 
 def _build_mini(args) -> None:

@@ -27,7 +27,6 @@ import threading
 import time
 import wave
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gradio as gr  # noqa: E402
 
+from .mini.assembly import default_model_dir  # noqa: E402
 from .model.streaming import EchoXStreamChunk  # noqa: E402
+from .torch_threads import torch_threads  # noqa: E402
 
 logger = logging.getLogger("echox.space")
 
@@ -111,24 +112,6 @@ def release_freed_memory() -> None:
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
-
-
-@contextmanager
-def one_torch_thread():
-    """
-    Run the block on one torch intra-op thread, then restore the thread's count. The Space's thread policy for a
-    request's Whisper features (a few ms on one thread): on more, this thread's idle torch workers keep spinning after
-    them and take the cores from the answer, generated in another thread. Requests run one at a time (the queue's
-    concurrency limit), so no other request changes the count meanwhile.
-    """
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _decode_file(path: str) -> tuple[int, np.ndarray]:
@@ -271,7 +254,9 @@ class EchoXSpace:
         mode = mode if mode in MODES else self.default_mode
         try:
             rate, samples = check_audio(audio, self.max_seconds)
-            with one_torch_thread():
+            # The Space's thread policy: features on one thread (see `torch_threads`). Requests run one at a time (the
+            # queue's concurrency limit), so no other request changes the count meanwhile.
+            with torch_threads(1):
                 inputs = self.processor(audio=samples, sampling_rate=rate)
         except InputError as error:
             raise gr.Error(str(error), print_exception=False) from None
@@ -441,15 +426,6 @@ def launch_kwargs(demo: gr.Blocks) -> dict:
     """Launch options every caller needs: the example folder must be servable; few sessions are kept (see above)."""
     folders = sorted({str(Path(p).parent) for p in getattr(demo, "echox_examples", [])})
     return {"allowed_paths": folders, "ssr_mode": False, "state_session_capacity": SESSION_CAPACITY}
-
-
-def default_model_dir(model: str | None = None) -> str:
-    """`model`, else `$ECHOX_MODEL`, else the EchoX-mini checkpoint in the user cache (built first if needed)."""
-    if model or os.environ.get("ECHOX_MODEL"):
-        return model or os.environ["ECHOX_MODEL"]
-    from .mini.assembly import ensure_mini
-
-    return ensure_mini()
 
 
 def build_parser() -> argparse.ArgumentParser:

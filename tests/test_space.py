@@ -24,7 +24,6 @@ from modeling_echox.demo import (  # noqa: E402
     EXAMPLE_QUESTIONS,
     EchoXSpace,
     build_demo,
-    default_model_dir,
     launch_kwargs,
     synthesize_examples,
     wav_bytes,
@@ -310,6 +309,7 @@ def test_freed_memory_goes_back_with_glibc():
 def test_default_model_is_the_argument_else_env_else_ensure_mini(monkeypatch, tmp_path):
     import modeling_echox.demo as app
     import modeling_echox.mini.assembly as echox_mini
+    from modeling_echox.mini.assembly import default_model_dir
 
     monkeypatch.setattr(echox_mini, "ensure_mini", lambda: str(tmp_path / "mini"))
     monkeypatch.delenv("ECHOX_MODEL", raising=False)

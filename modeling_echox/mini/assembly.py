@@ -321,3 +321,11 @@ def ensure_mini(out_dir: str | None = None, parts_dir: str = MINI_PARTS_DIR, qui
             print(f"Building EchoX-mini in {out_dir} (once for this version of the parts) ...", file=sys.stderr)
         build_mini(out_dir, parts_dir)
     return out_dir
+
+
+def default_model_dir(model: str | None = None) -> str:
+    """
+    The checkpoint a command uses: `model`, else `$ECHOX_MODEL`, else EchoX-mini from the user cache (`ensure_mini`,
+    built first if needed).
+    """
+    return model or os.environ.get("ECHOX_MODEL") or ensure_mini()
