@@ -81,7 +81,7 @@ def request(model, processor, clip: str, mode: str, max_new_tokens: int | None, 
     streamer = EchoXAudioStreamer()
     worker = Thread(
         target=model.generate,
-        kwargs={**inputs, "tokenizer": processor.tokenizer, "segmentation_mode": mode, "streamer": streamer, **kwargs},
+        kwargs={**inputs, "processor": processor, "segmentation_mode": mode, "streamer": streamer, **kwargs},
     )
     worker.start()
     audio_ready, samples = None, 0

@@ -113,7 +113,7 @@ def _speak(args) -> None:
             _speak_streaming(model, processor, inputs, args, started, generate_kwargs)
             return
         output = model.generate(
-            **inputs, tokenizer=processor.tokenizer, segmentation_mode=args.mode, **generate_kwargs
+            **inputs, processor=processor, segmentation_mode=args.mode, **generate_kwargs
         )
     waveform = output.waveforms[0].numpy()
     soundfile.write(args.output, waveform, output.sampling_rate)
@@ -131,7 +131,7 @@ def _speak_streaming(model, processor, inputs, args, started, generate_kwargs) -
     samples, text = 0, []
     with soundfile.SoundFile(args.output, "w", samplerate=rate, channels=1, subtype="PCM_16") as out:
         for chunk in model.stream(
-            **inputs, tokenizer=processor.tokenizer, segmentation_mode=args.mode, **generate_kwargs
+            **inputs, processor=processor, segmentation_mode=args.mode, **generate_kwargs
         ):
             out.write(chunk.audio)
             out.flush()

@@ -309,7 +309,7 @@ class EchoXSpace:
                 with torch.inference_mode():
                     for chunk in self.model.stream(
                         **inputs,
-                        tokenizer=self.processor.tokenizer,
+                        processor=self.processor,
                         segmentation_mode=mode,
                         timeout=self.stream_timeout,
                     ):

@@ -347,10 +347,10 @@ def reference_echo_decode(tensors, original_cfg, table, h_segment, prefix, suffi
 
 
 def reference_units(tokenizer, ids, num_units):
-    """The original rule: decode (special tokens kept); with "▁" keep only the unit payloads; every integer < K."""
+    """The original rule: decode (special tokens kept); with "▁" keep only the unit payloads, joined; every integer < K."""
     text = tokenizer.batch_decode([ids], skip_special_tokens=False)[0]
     if "\u2581" in text:
-        text = " ".join(re.findall(r"<\|unit_(.*?)\|>", text))
+        text = "".join(re.findall(r"<\|unit_(.*?)\|>", text))
     return [int(n) for n in re.findall(r"\d+", text) if int(n) < num_units]
 
 
@@ -542,22 +542,26 @@ def test_outputs_match_the_original_definitions(converted, loaded):
     assert torch.allclose(our_logits[0, -1], first_logits, atol=1e-4)
     assert ours_ids == expected_ids
 
-    # unit decoding: the original's string rule vs our table lookup
+    # unit decoding: the original's string rule, by the processor; the per-piece table only where it agrees
     offset, K = model.config.unit_token_offset, model.config.num_units
-    assert processor.decode_units(expected_ids, offset, K) == reference_units(tokenizer, expected_ids, K)
+    assert (processor.unit_token_offset, processor.num_units) == (offset, K)
+    assert processor.decode_units(expected_ids) == reference_units(tokenizer, expected_ids, K)
     assert sum(i >= offset for i in expected_ids) >= 3
-    if "\u2581" in tokenizer.decode(expected_ids):
-        assert model.units_from_echo_ids(expected_ids) == reference_units(tokenizer, expected_ids, K)
     pieces = processor.unit_vocabulary.pieces
     marked = [i for i, p in enumerate(pieces) if p.startswith("\u2581")]
     plain = [i for i, p in enumerate(pieces) if not p.startswith("\u2581")]
     digits = tok("12 and 3")[1:]
+    assert model.config.unit_pieces_split_units == processor.unit_vocabulary.splits_units
     for sequence in (
+        expected_ids,
         [offset + marked[0], offset + plain[0], *digits, offset + marked[1]],
         [offset + i for i in range(len(pieces))],
         [offset + plain[1], offset + marked[2], offset + plain[2]],
     ):
-        assert model.units_from_echo_ids(sequence) == reference_units(tokenizer, sequence, K)
+        assert processor.decode_units(sequence) == reference_units(tokenizer, sequence, K)
+        if model.config.unit_pieces_split_units:
+            with pytest.raises(ValueError, match="splits unit ids"):
+                model.units_from_echo_ids(sequence)
 
 
 def test_automodel_save_reload_generate(converted, tmp_path):
@@ -568,15 +572,18 @@ def test_automodel_save_reload_generate(converted, tmp_path):
     processor = AutoProcessor.from_pretrained(converted["out"])
     model.generation_config.echo_max_new_tokens = 6
     inputs = processor(audio=0.1 * np.random.default_rng(0).standard_normal(SR).astype(np.float32), sampling_rate=SR)
+    if model.config.unit_pieces_split_units:  # the released unit language is read by the processor only
+        with pytest.raises(ValueError, match="pass `processor=`"):
+            model.generate(**inputs, max_new_tokens=5, tokenizer=processor.tokenizer)
     torch.manual_seed(0)
-    first = model.generate(**inputs, max_new_tokens=5, tokenizer=processor.tokenizer)
+    first = model.generate(**inputs, max_new_tokens=5, processor=processor)
     assert first.sequences.shape[1] >= 1 and len(first.waveforms) == 1
     model.save_pretrained(tmp_path / "again")
     processor.save_pretrained(tmp_path / "again")
     reloaded = AutoModel.from_pretrained(tmp_path / "again").eval()
     assert reloaded.generation_config.echo_max_new_tokens == 6  # saved in generation_config.json
     torch.manual_seed(0)
-    second = reloaded.generate(**inputs, max_new_tokens=5, tokenizer=processor.tokenizer)
+    second = reloaded.generate(**inputs, max_new_tokens=5, processor=processor)
     assert torch.equal(first.sequences, second.sequences) and first.unit_ids == second.unit_ids
 
     # and through pipeline("speech-to-speech") on the re-saved checkpoint (echo decoder length in its generation config)

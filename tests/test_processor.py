@@ -383,43 +383,54 @@ def test_unit_tokens(processor, unit_vocabulary):
     ]
 
 
-def test_decode_units_with_word_marker_keeps_only_unit_payloads(processor, tokenizer, ids):
+def unit_processor(feature_extractor, tokenizer, unit_vocabulary, num_units=1000):
+    return EchoXProcessor(
+        feature_extractor, tokenizer, unit_vocabulary=unit_vocabulary, unit_token_offset=len(tokenizer), num_units=num_units
+    )
+
+
+def test_decode_units_with_word_marker_joins_unit_payloads(feature_extractor, tokenizer, unit_vocabulary, ids):
+    processor = unit_processor(feature_extractor, tokenizer, unit_vocabulary)
     offset = len(tokenizer)
     digits = tokenizer("42", add_special_tokens=False)["input_ids"]
     sequence = [offset + 0, *digits, offset + 1, offset + 2, ids["eot"]]
-    # "<|unit_▁837_81_194|>42<|unit_902|><|unit_▁819|><|eot_id|>" contains "▁" → only unit payloads count
-    assert processor.decode_units(sequence, unit_token_offset=offset, num_units=1000) == [837, 81, 194, 902, 819]
-    assert processor.decode_units(torch.tensor(sequence), unit_token_offset=offset, num_units=1000) == [
-        837,
-        81,
-        194,
-        902,
-        819,
-    ]
-    # units ≥ num_units are dropped
-    assert processor.decode_units(sequence, unit_token_offset=offset, num_units=500) == [81, 194]
+    # "<|unit_▁837_81_194|>42<|unit_902|><|unit_▁819|><|eot_id|>" contains "▁": only the unit payloads count, joined
+    # with nothing in between: "▁837_81_194902▁819"
+    assert processor.decode_units(sequence) == [837, 81, 819]  # 194902 ≥ 1000 is dropped
+    assert processor.decode_units(torch.tensor(sequence)) == [837, 81, 819]
+    small = unit_processor(feature_extractor, tokenizer, unit_vocabulary, num_units=500)
+    assert small.decode_units(sequence) == [81]  # units ≥ num_units are dropped
 
 
-def test_decode_units_without_word_marker_takes_every_integer(processor, tokenizer, ids):
+def test_decode_units_without_word_marker_takes_every_integer(feature_extractor, tokenizer, unit_vocabulary, ids):
+    processor = unit_processor(feature_extractor, tokenizer, unit_vocabulary)
     offset = len(tokenizer)
     digits = tokenizer("42", add_special_tokens=False)["input_ids"]
     sequence = [offset + 1, *digits, offset + 3, offset + 4, ids["eot"]]
     # "<|unit_902|>42<|unit_5_1200|><|unit_7|><|eot_id|>": every integer (text ids included), 1200 ≥ 1000 dropped
-    assert processor.decode_units(sequence, unit_token_offset=offset, num_units=1000) == [902, 42, 5, 7]
-    assert processor.decode_units([], unit_token_offset=offset, num_units=1000) == []
+    assert processor.decode_units(sequence) == [902, 42, 5, 7]
+    assert processor.decode_units([]) == []
 
 
-def test_decode_units_errors(feature_extractor, tokenizer, processor):
+def test_decode_units_errors(feature_extractor, tokenizer, unit_vocabulary):
+    processor = unit_processor(feature_extractor, tokenizer, unit_vocabulary)
     offset = len(tokenizer)
     with pytest.raises(ValueError, match="beyond the unit vocabulary"):
-        processor.decode_units([offset + 5], unit_token_offset=offset, num_units=1000)
+        processor.decode_units([offset + 5])
     with pytest.raises(ValueError, match="1-D"):
-        processor.decode_units([[offset]], unit_token_offset=offset, num_units=1000)
+        processor.decode_units([[offset]])
+    with pytest.raises(ValueError, match="negative"):
+        processor.decode_units([-1])
     bare = EchoXProcessor(feature_extractor, tokenizer)
     with pytest.raises(ValueError, match="no unit vocabulary"):
-        bare.decode_units([offset], unit_token_offset=offset, num_units=1000)
+        bare.decode_units([offset])
     with pytest.raises(ValueError, match="no unit vocabulary"):
         bare.unit_tokens
+    without_offset = EchoXProcessor(feature_extractor, tokenizer, unit_vocabulary=unit_vocabulary)
+    with pytest.raises(ValueError, match="unit_token_offset"):
+        without_offset.decode_units([offset])
+    with pytest.raises(ValueError, match="num_units must be a positive integer"):
+        EchoXProcessor(feature_extractor, tokenizer, unit_vocabulary=unit_vocabulary, num_units=0)
 
 
 def test_model_input_names(processor):

@@ -86,15 +86,17 @@ def test_piece_format_and_echox_decoding_rule(unigram):
     vocabulary = unigram.to_vocabulary()
     assert isinstance(vocabulary, EchoXUnitVocabulary) and len(vocabulary) == len(unigram)
     assert sum(vocabulary.counts) > 0
+    assert not vocabulary.splits_units
     for piece in vocabulary.pieces:
-        body = piece[1:] if piece.startswith(WORD_MARKER) else piece
+        assert piece.startswith((WORD_MARKER, "_")), piece  # word-initial "▁", else "_": never a digit first
+        body = piece[1:]
         assert WORD_MARKER not in body
         if body:
             assert all(part.isdigit() for part in body.split("_")), piece
         else:
             assert piece == WORD_MARKER
     # every single unit is a piece, so every unit is representable
-    singles = {int(p.lstrip(WORD_MARKER)) for p in vocabulary.pieces if p.lstrip(WORD_MARKER).isdigit()}
+    singles = {int(p[1:]) for p in vocabulary.pieces if p[1:].isdigit()}
     assert singles == set(range(K))
     for seq in corpus(10, seed=3) + [[K - 1, 0, K - 2]]:
         tokens = unigram.tokens(seq)
@@ -113,7 +115,7 @@ def test_multi_unit_piece_example(unigram):
     assert multi
     piece = unigram.pieces[multi[0]]
     units = unigram.units_of(multi[0])
-    assert piece.lstrip(WORD_MARKER) == "_".join(map(str, units))
+    assert piece[1:] == "_".join(map(str, units)) and piece[0] in (WORD_MARKER, "_")
     assert EchoXUnitVocabulary([piece]).decode_text(f"<|unit_{piece}|>", K) == units
 
 

@@ -170,6 +170,7 @@ def convert_original(
         unit_vocab_size=unit_vocab_size,
         unit_token_offset=vocab_size,
         unit_max_piece_length=unit_table.shape[1],
+        unit_pieces_split_units=unit_vocabulary.splits_units,
     )
     config.dtype = str(dtype).removeprefix("torch.") if dtype is not None else llm_dtype
     config.architectures = [EchoXForSpeechToSpeech.__name__]
@@ -276,6 +277,8 @@ def convert_original(
         unit_vocabulary=unit_vocabulary,
         audio_token=AUDIO_TOKEN,
         prompt_format="llama3_pieces",
+        unit_token_offset=config.unit_token_offset,
+        num_units=config.num_units,
     )
     processor.save_pretrained(out_dir)
     return out_dir

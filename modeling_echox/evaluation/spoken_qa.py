@@ -211,7 +211,7 @@ def evaluate_spoken_qa(
         inputs = processor(audio=[record["audio"] for record in batch], return_tensors="pt")
         tic = time.perf_counter()
         with torch.no_grad():
-            output = model.generate(**inputs, tokenizer=processor.tokenizer, return_audio=with_speech,
+            output = model.generate(**inputs, processor=processor, return_audio=with_speech,
                                     segmentation_mode=segmentation_mode)
         generate_seconds += time.perf_counter() - tic
         tic = time.perf_counter()

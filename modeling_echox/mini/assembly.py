@@ -103,7 +103,8 @@ def mini_generation_config(tokenizer, config: EchoXConfig) -> EchoXGenerationCon
     ))
 
 
-def _processor(tokenizer, feature_extractor, unit_vocabulary: EchoXUnitVocabulary, system_prompt: str) -> EchoXProcessor:
+def _processor(tokenizer, feature_extractor, unit_vocabulary: EchoXUnitVocabulary, system_prompt: str,
+               config: EchoXConfig) -> EchoXProcessor:
     return EchoXProcessor(
         feature_extractor=feature_extractor,
         tokenizer=tokenizer,
@@ -111,6 +112,8 @@ def _processor(tokenizer, feature_extractor, unit_vocabulary: EchoXUnitVocabular
         system_prompt=system_prompt,
         prompt_format="chat_template",
         max_audio_seconds=float(WINDOW_SECONDS),
+        unit_token_offset=config.unit_token_offset,
+        num_units=config.num_units,
     )
 
 
@@ -149,7 +152,7 @@ def build_mini_base(
         text_rms = model.get_input_embeddings().weight.pow(2).mean().sqrt()
         model.speech_adapter.look_back_norm.weight.fill_(text_rms)
     model.generation_config = generation_config or mini_generation_config(tokenizer, config)
-    return model.eval(), _processor(tokenizer, feature_extractor, unit_vocabulary, system_prompt)
+    return model.eval(), _processor(tokenizer, feature_extractor, unit_vocabulary, system_prompt, model.config)
 
 
 # ------------------------------------------------------------------------------------------- trained parts (export)

@@ -246,6 +246,10 @@ class EchoXConfig(PreTrainedConfig):
         unit_token_offset: id of the first unit-language token in the echo decoder's vocabulary; ids below it are LLM
             text ids (released: 128257 = LLM vocabulary size).
         unit_max_piece_length: most acoustic units in one unit-language piece (width of the model's unit table).
+        unit_pieces_split_units: the unit language can split a unit id across two tokens (the released vocabularies:
+            `▁837_8` + `1_194` is `[837, 81, 194]`), so its output can only be read joined, by
+            `EchoXProcessor.decode_units`; the model's per-piece unit table cannot, and `generate` then needs
+            `processor=` to speak. False for vocabularies whose pieces hold whole units (EchoX-mini's).
         denoise_loss_cap: the denoising loss is scaled down to at most this fraction of the echo CE loss.
 
     A `config.json` in the first layout (echo-decoder fields `echo_*` at the top level, segmentation fields in the
@@ -283,6 +287,7 @@ class EchoXConfig(PreTrainedConfig):
     unit_vocab_size: int = 1000
     unit_token_offset: int = 128257
     unit_max_piece_length: int = 1
+    unit_pieces_split_units: bool = False
     denoise_loss_cap: float = 0.2
 
     initializer_range: float = 0.02

@@ -252,7 +252,17 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
 
     # --------------------------------------------------------------------------------------------------- generation
     def units_from_echo_ids(self, echo_ids: list[int]) -> list[int]:
-        """Acoustic unit ids of generated echo-decoder ids: unit tokens' pieces in order; text ids and units ≥ K dropped."""
+        """
+        Acoustic unit ids of generated echo-decoder ids, read piece by piece through the unit table (text ids and
+        units ≥ K dropped). For a unit language whose pieces hold whole units this equals
+        `EchoXProcessor.decode_units` (the released rule); one that splits unit ids across pieces
+        (`config.unit_pieces_split_units`) can only be read by the processor, and is refused here.
+        """
+        if self.config.unit_pieces_split_units:
+            raise ValueError(
+                "This checkpoint's unit language splits unit ids across tokens (e.g. '▁837_8' + '1_194'), so its "
+                "echo-decoder output can only be read joined: pass `processor=` (its `decode_units`) to speak."
+            )
         offset = self.config.unit_token_offset
         rows = [i - offset for i in echo_ids if offset <= i < offset + self.config.unit_vocab_size]
         if not rows:
@@ -265,15 +275,19 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
         hidden_states: list[torch.Tensor],
         token_ids: list[torch.LongTensor] | None = None,
         max_new_tokens: int | None = None,
+        unit_decoder=None,
     ) -> list[list[int]]:
         """
         Echo decoder for a list of text segments (their LLM hidden states `[n_i, H]` and, for a spelling decoder,
-        their token ids `[n_i]`): the unit ids of each (at most `max_new_tokens` echo-decoder tokens per segment).
+        their token ids `[n_i]`): the unit ids of each (at most `max_new_tokens` echo-decoder tokens per segment),
+        read by `unit_decoder` (echo-decoder ids → unit ids, e.g. `EchoXProcessor.decode_units`; default: the
+        model's unit table, `units_from_echo_ids`).
         """
+        decode = unit_decoder if unit_decoder is not None else self.units_from_echo_ids
         echo_ids = self.echo_decoder.generate(
             hidden_states, self.text_table, max_new_tokens=max_new_tokens, token_ids=token_ids
         )
-        return [self.units_from_echo_ids(ids) for ids in echo_ids]
+        return [decode(ids) for ids in echo_ids]
 
     @torch.no_grad()
     def generate(
@@ -284,6 +298,7 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
         generation_config=None,
         return_audio: bool = True,
         tokenizer=None,
+        processor=None,
         segmentation_mode: str | None = None,
         streamer=None,
         reuse_prompt_prefix: bool = True,
@@ -297,6 +312,9 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
         spoken by the echo decoder, and the vocoder voicing the segments one after another. EchoX's generation fields
         (`EchoXGenerationConfig`) can be passed as kwargs like transformers' own.
 
+        `processor`: an [`EchoXProcessor`]; its `decode_units` reads the echo decoder's output exactly as the released
+        EchoX does (needed for a unit language that splits unit ids across tokens, `config.unit_pieces_split_units`;
+        otherwise the model's unit table gives the same units), and its tokenizer is used when `tokenizer` is not given.
         `streamer`: a text streamer (e.g. `TextIteratorStreamer`), or an [`EchoXAudioStreamer`] that receives the
         spoken segments while the text is being generated (batch size 1; the returned output then holds text only).
         `reuse_prompt_prefix`: for a single request, start from the kept key/value cache of the text in front of the
@@ -304,6 +322,9 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
         """
         if input_ids is None:
             raise ValueError("EchoX.generate needs input_ids (build them with EchoXProcessor).")
+        if processor is not None and tokenizer is None:
+            tokenizer = processor.tokenizer
+        unit_decoder = processor.decode_units if processor is not None else None
         for key in ("output_hidden_states", "return_dict_in_generate", "inputs_embeds", "position_ids"):
             if key in kwargs:
                 raise ValueError(f"EchoX.generate sets {key} itself.")
@@ -320,9 +341,11 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
             raise ValueError("An EchoXAudioStreamer streams one request at a time (batch size 1).")
         if return_audio and (generation_config.num_beams or 1) > 1:
             raise ValueError("Speech output needs greedy or sampling decoding (num_beams=1); use return_audio=False.")
+        if (return_audio or streams_audio) and unit_decoder is None and self.config.unit_pieces_split_units:
+            self.units_from_echo_ids([])  # refused at once, before any work: see its message
         # One voicer per answer, made before any work: a segmentation rule it cannot run is refused at once.
         voicers = (
-            [EchoXVoicer(self, generation_config, tokenizer) for _ in range(input_ids.shape[0])]
+            [EchoXVoicer(self, generation_config, tokenizer, unit_decoder) for _ in range(input_ids.shape[0])]
             if return_audio or streams_audio
             else []
         )
@@ -388,6 +411,7 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
         input_features: torch.FloatTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
         tokenizer=None,
+        processor=None,
         segmentation_mode: str | None = None,
         timeout: float | None = None,
         **generate_kwargs,
@@ -406,6 +430,7 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
                     input_features=input_features,
                     attention_mask=attention_mask,
                     tokenizer=tokenizer,
+                    processor=processor,
                     segmentation_mode=segmentation_mode,
                     streamer=streamer,
                     **generate_kwargs,

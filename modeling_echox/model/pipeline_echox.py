@@ -127,7 +127,7 @@ class SpeechToSpeechPipeline(Pipeline):
 
     def _forward(self, model_inputs, **generate_kwargs):
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
-        output = self.model.generate(**model_inputs, tokenizer=self.processor.tokenizer, **generate_kwargs)
+        output = self.model.generate(**model_inputs, processor=self.processor, **generate_kwargs)
         return {"text": output.text, "audio": output.waveforms}
 
     def postprocess(self, model_outputs):

@@ -1,5 +1,6 @@
 """Processor of EchoX: audio + text prompt → `input_ids` (one speech placeholder per clip) and Whisper features."""
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -50,6 +51,9 @@ class EchoXProcessor(ProcessorMixin):
               generation prompt (uses the processor's `chat_template` if set, else the tokenizer's).
         max_audio_seconds (`float`): longest accepted clip; longer clips are refused, never truncated.
         chat_template (`str`, *optional*): a Jinja chat template for `prompt_format="chat_template"`.
+        unit_token_offset (`int`, *optional*): echo-decoder id of the first unit token (the model config's), for
+            `decode_units`.
+        num_units (`int`, *optional*): acoustic units the vocoder knows (the model config's), for `decode_units`.
     """
 
     def __init__(
@@ -62,6 +66,8 @@ class EchoXProcessor(ProcessorMixin):
         prompt_format: str = "llama3_pieces",
         max_audio_seconds: float = DEFAULT_MAX_SECONDS,
         chat_template: str | None = None,
+        unit_token_offset: int | None = None,
+        num_units: int | None = None,
     ):
         if prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}.")
@@ -87,6 +93,11 @@ class EchoXProcessor(ProcessorMixin):
         self.prompt_format = prompt_format
         self.max_audio_seconds = float(max_audio_seconds)
         self._unit_vocabulary = unit_vocabulary
+        for name, value in (("unit_token_offset", unit_token_offset), ("num_units", num_units)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        self.unit_token_offset = unit_token_offset
+        self.num_units = num_units
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
         if prompt_format == "llama3_pieces":
             self._llama3_special_ids()  # fail early if the tokenizer lacks the Llama-3 header tokens
@@ -116,39 +127,48 @@ class EchoXProcessor(ProcessorMixin):
         """The unit-language tokens `<|unit_PIECE|>`, in id order (id = `unit_token_offset + index`)."""
         return self._require_unit_vocabulary().tokens
 
-    def decode_units(self, echo_token_ids, unit_token_offset: int, num_units: int) -> list[int]:
+    def decode_units(self, ids) -> list[int]:
         """
-        Turn one echo-decoder output sequence into acoustic unit ids, with the original EchoX rule: ids ≥
-        `unit_token_offset` become their `<|unit_PIECE|>` strings, lower ids are decoded by the tokenizer (special
-        tokens kept), everything is concatenated, then [`EchoXUnitVocabulary.decode_text`] extracts the units (only
-        the unit-token payloads if the string contains "▁", else every integer; integers ≥ `num_units` dropped).
+        The acoustic unit ids the vocoder receives for one echo-decoder output, read exactly as the released EchoX
+        reads it. `ids` (a list or a 1-D tensor) are echo-decoder ids: unit tokens (`unit_token_offset + i` for
+        `<|unit_PIECE_i|>`) and possibly text ids below the offset. The ids are decoded to one string (text ids by the
+        tokenizer, special tokens kept; unit ids as their `<|unit_PIECE|>` tokens); if it contains "▁" only the unit
+        payloads are kept, joined with nothing in between; every decimal integer is then a unit, and integers ≥
+        `num_units` are dropped ([`EchoXUnitVocabulary.decode_text`]). So `<|unit_▁837_8|><|unit_1_194|>` is
+        `[837, 81, 194]`.
         """
         vocabulary = self._require_unit_vocabulary()
-        ids = np.asarray(echo_token_ids.detach().cpu() if hasattr(echo_token_ids, "detach") else echo_token_ids)
-        if ids.ndim > 1:
-            raise ValueError(f"decode_units expects one 1-D sequence of ids, got shape {tuple(ids.shape)}.")
+        if self.unit_token_offset is None or self.num_units is None:
+            raise ValueError(
+                f"This {self.__class__.__name__} does not know `unit_token_offset` and `num_units`; pass them when "
+                "building it (they are the model config's)."
+            )
+        values = ids.detach().cpu() if hasattr(ids, "detach") else ids
+        array = np.asarray(values)
+        if array.ndim != 1 and array.size:
+            raise ValueError(f"decode_units expects one 1-D sequence of ids, got shape {tuple(array.shape)}.")
         parts: list[str] = []
         text_run: list[int] = []
-        for token_id in ids.reshape(-1).tolist():
+        for token_id in array.reshape(-1).tolist():
             token_id = int(token_id)
             if token_id < 0:
                 raise ValueError(f"decode_units: negative token id {token_id}.")
-            if token_id < unit_token_offset:
+            if token_id < self.unit_token_offset:
                 text_run.append(token_id)
                 continue
             if text_run:
                 parts.append(self.tokenizer.decode(text_run, skip_special_tokens=False))
                 text_run = []
-            index = token_id - unit_token_offset
+            index = token_id - self.unit_token_offset
             if index >= len(vocabulary):
                 raise ValueError(
                     f"decode_units: id {token_id} is beyond the unit vocabulary ({len(vocabulary)} tokens from "
-                    f"offset {unit_token_offset})."
+                    f"offset {self.unit_token_offset})."
                 )
             parts.append(vocabulary.token(index))
         if text_run:
             parts.append(self.tokenizer.decode(text_run, skip_special_tokens=False))
-        return vocabulary.decode_text("".join(parts), num_units)
+        return vocabulary.decode_text("".join(parts), self.num_units)
 
     # ------------------------------------------------------------------ text decoding
 
@@ -380,10 +400,26 @@ class EchoXProcessor(ProcessorMixin):
     def from_pretrained(
         cls, pretrained_model_name_or_path, unit_vocabulary: EchoXUnitVocabulary | None = None, **kwargs
     ):
-        """Load the processor; `unit_vocab.txt` (if present) becomes its unit vocabulary."""
+        """
+        Load the processor; `unit_vocab.txt` (if present) becomes its unit vocabulary. A processor saved without
+        `unit_token_offset` / `num_units` takes them from the model config (`config.json`) beside it, if any.
+        """
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
+        if processor.unit_token_offset is None or processor.num_units is None:
+            config_path = cached_file(
+                pretrained_model_name_or_path,
+                "config.json",
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                **hub_kwargs,
+            )
+            if config_path is not None:
+                with open(config_path, encoding="utf-8") as handle:
+                    model_config = json.load(handle)
+                processor.unit_token_offset = processor.unit_token_offset or model_config.get("unit_token_offset")
+                processor.num_units = processor.num_units or model_config.get("num_units")
         if unit_vocabulary is None:
-            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
             path = cached_file(
                 pretrained_model_name_or_path,
                 UNIT_VOCAB_FILE,

@@ -40,14 +40,17 @@ class EchoXVoicer:
     waveform, and a chunk's text, units and audio are those of the same segment of `generate`'s output.
 
     `tokenizer` decodes each token's text (the "fast" rule needs it; without it the segment texts are empty).
+    `unit_decoder` reads the echo decoder's ids as unit ids (`EchoXProcessor.decode_units`; default: the model's unit
+    table, see `EchoXForSpeechToSpeech.speak_units`).
     """
 
-    def __init__(self, model, generation_config: EchoXGenerationConfig, tokenizer=None):
+    def __init__(self, model, generation_config: EchoXGenerationConfig, tokenizer=None, unit_decoder=None):
         self.rule = segmentation_rule(generation_config)
         if isinstance(self.rule, FastSegmentation) and tokenizer is None:
             raise ValueError("The 'fast' segmentation mode needs the tokenizer (it cuts at word boundaries).")
         self.model = model
         self.tokenizer = tokenizer
+        self.unit_decoder = unit_decoder
         self.echo_max_new_tokens = generation_config.echo_max_new_tokens
         self.sampling_rate = model.config.vocoder_config.sampling_rate
         self._boundary = model.text_table[generation_config.segment_boundary_token_id].detach()
@@ -111,6 +114,7 @@ class EchoXVoicer:
                 [segment.hidden_states for segment in spoken],
                 [segment.token_ids for segment in spoken],
                 max_new_tokens=self.echo_max_new_tokens,
+                unit_decoder=self.unit_decoder,
             )
         )
         chunks = []

@@ -128,6 +128,8 @@ def build_random_echox(
         tokenizer=tokenizer,
         unit_vocabulary=unit_vocabulary,
         prompt_format="llama3_pieces",
+        unit_token_offset=config.unit_token_offset,
+        num_units=config.num_units,
     )
     return model, processor
 

@@ -5,8 +5,9 @@ Language Guidance…", ACL 2025 Findings; used by EchoX to shorten the echo deco
 Each unit id becomes one private-use Unicode character, so a unit sequence is a "word" of unit characters and
 SentencePiece learns multi-unit pieces over them: `model_type="unigram"` (a unigram language model with Viterbi
 segmentation — the paper's n-gram-LM segmentation) or `"bpe"`. The pieces are written in EchoX's token format
-`<|unit_PIECE|>`, PIECE = the unit ids joined by "_" with a leading "▁" on word-initial pieces, e.g. `▁837_81_194`,
-which the original decoding rule (`EchoXUnitVocabulary.decode_text`) turns back into `[837, 81, 194]`.
+`<|unit_PIECE|>`, PIECE = the unit ids joined by "_", with a leading "▁" on word-initial pieces and a leading "_" on the
+others, e.g. `▁837_81` + `_194`: the released decoding rule (`EchoXUnitVocabulary.decode_text`: payloads joined with
+nothing in between, then every integer) reads `[837, 81, 194]`, and so does the model's per-piece unit table.
 
 `sentencepiece` is imported lazily, only when a unit language is trained or loaded.
 """
@@ -101,7 +102,7 @@ class EchoXUnitLanguage:
             if any(u >= num_units for u in units):
                 raise ValueError(f"The SentencePiece model has a piece with units ≥ num_units={num_units}.")
             sp_to_index[sp_id] = len(pieces)
-            pieces.append((WORD_MARKER if marker else "") + "_".join(str(u) for u in units))
+            pieces.append((WORD_MARKER if marker else "_") + "_".join(str(u) for u in units))
             units_of.append(units)
         self._sp_to_index = sp_to_index
         self.pieces = pieces
