@@ -584,3 +584,9 @@ def test_int8_quantization_answers_and_refuses_saving(tmp_path):
     assert output.sequences.shape[1] > 0 and output.waveforms[0].numel() > 0
     with pytest.raises(ValueError, match="int8"):
         model.save_pretrained(tmp_path / "quantized")
+
+
+def test_vocoder_stays_float32_when_loading_in_half_precision(saved_dir):
+    model = EchoXForSpeechToSpeech.from_pretrained(saved_dir, dtype=torch.bfloat16)
+    assert model.language_model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert {parameter.dtype for parameter in model.vocoder.parameters()} == {torch.float32}

@@ -90,11 +90,13 @@ def test_vocoder_stream_rejects_bad_settings(loud_vocoder):
     assert EchoXVocoderStream(loud_vocoder).push([]).numel() == 0
 
 
+@pytest.mark.parametrize("vocoding", ["faithful", "crossfade"])
 @pytest.mark.parametrize("mode", ["faithful", "fast"])
-def test_stream_equals_generate(tiny, mode):
+def test_stream_equals_generate(tiny, mode, vocoding):
     model, processor, inputs = tiny
-    reference = model.generate(**inputs, tokenizer=processor.tokenizer, segmentation_mode=mode, max_new_tokens=48)
-    chunks = list(model.stream(**inputs, tokenizer=processor.tokenizer, segmentation_mode=mode, max_new_tokens=48, timeout=120))
+    kwargs = dict(processor=processor, segmentation_mode=mode, vocoding_mode=vocoding, max_new_tokens=48)
+    reference = model.generate(**inputs, **kwargs)
+    chunks = list(model.stream(**inputs, **kwargs, timeout=120))
     assert [chunk.segment for chunk in chunks] == list(range(len(reference.segments[0])))
     assert chunks[-1].is_last and not any(chunk.is_last for chunk in chunks[:-1])
     assert [chunk.unit_ids for chunk in chunks] == reference.segment_unit_ids[0]
@@ -156,11 +158,31 @@ def test_first_tokens_voiced_without_waiting_match_generate(tiny):
     np.testing.assert_allclose(np.concatenate([c.audio for c in chunks]), reference.waveforms[0].numpy(), atol=1e-6)
 
 
+def test_faithful_vocoding_voices_each_segment_alone(tiny):
+    """The released vocoding: each segment's units through the vocoder alone (own durations), waveforms concatenated."""
+    model, processor, inputs = tiny
+    output = model.generate(**inputs, processor=processor, segmentation_mode="fast", vocoding_mode="faithful",
+                            max_new_tokens=48)
+    spoken = [units for units in output.segment_unit_ids[0] if units]
+    assert len(spoken) >= 2
+    with torch.no_grad():
+        alone = [model.vocoder(torch.tensor(units), durations=model.vocoder.predict_durations(torch.tensor(units))[0])
+                 for units in spoken]
+    expected = torch.cat([out.waveform[0, : out.waveform_lengths[0]] for out in alone])
+    torch.testing.assert_close(output.waveforms[0], expected)
+    crossfaded = model.generate(**inputs, processor=processor, segmentation_mode="fast", vocoding_mode="crossfade",
+                                max_new_tokens=48)
+    assert crossfaded.unit_ids == output.unit_ids and not torch.equal(crossfaded.waveforms[0], output.waveforms[0])
+    with pytest.raises(ValueError, match="Unknown vocoding mode"):
+        model.generate(**inputs, processor=processor, vocoding_mode="smooth")
+
+
 def test_answer_ending_at_a_cut_still_streams_its_tail(tiny):
     model, processor, inputs = tiny
-    # The first segment is the whole answer, cut at its last token: the stream's last chunk holds no text, only the
-    # vocoder's held-back tail, as generate's waveform does.
-    kwargs = {**inputs, "tokenizer": processor.tokenizer, "segmentation_mode": "fast", "max_new_tokens": 12,
+    # The first segment is the whole answer, cut at its last token: with cross-faded vocoding the stream's last chunk
+    # holds no text, only the vocoder's held-back tail, as generate's waveform does.
+    kwargs = {**inputs, "tokenizer": processor.tokenizer, "segmentation_mode": "fast", "vocoding_mode": "crossfade",
+              "max_new_tokens": 12,
               "min_new_tokens": 12, "fast_first_segment_tokens": 12, "fast_first_segment_whole_words": False}
     reference = model.generate(**kwargs)
     assert reference.segments[0] == [(0, 12)] and reference.segment_unit_ids[0][0]  # a segment with units to voice

@@ -236,7 +236,9 @@ def convert_original(
     in_memory = {f"vocoder.{key}": tensor for key, tensor in vocoder.state_dict().items()}
     in_memory["unit_table"] = unit_table
     for key, tensor in in_memory.items():
-        out_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        # the vocoder stays float32 (the model keeps it so when loading in half precision); the rest takes `dtype`
+        cast = dtype is not None and tensor.is_floating_point() and not key.startswith("vocoder.")
+        out_dtype = dtype if cast else tensor.dtype
         items[key] = ShardItem(key, out_dtype, tensor.shape, tensor=tensor)
 
     if tied_llm:

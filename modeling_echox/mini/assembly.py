@@ -93,13 +93,15 @@ def mini_config(llm_config, audio_config, tokenizer, num_units: int, unit_vocab_
 def mini_generation_config(tokenizer, config: EchoXConfig) -> EchoXGenerationConfig:
     """
     EchoX-mini's generation config: greedy answers of at most 48 tokens; segments cut at the cosine to "." (faithful)
-    or, in fast mode, after the first token at once; at most 400 echo-decoder tokens per segment.
+    or, in fast mode, after the first token at once; at most 400 echo-decoder tokens per segment; segments vocoded
+    with cross-faded joins.
     """
     return EchoXGenerationConfig.from_generation_config(EchoXGenerationConfig(
         do_sample=False, max_new_tokens=48, bos_token_id=None,
         eos_token_id=config.text_config.eos_token_id, pad_token_id=config.text_pad_token_id,
         segment_boundary_token_id=tokenizer(".", add_special_tokens=False).input_ids[-1],
         fast_first_segment_tokens=1, fast_first_segment_whole_words=False, echo_max_new_tokens=400,
+        vocoding_mode="crossfade",
     ))
 
 

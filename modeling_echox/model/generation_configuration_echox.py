@@ -3,6 +3,7 @@
 from transformers import GenerationConfig
 
 SEGMENTATION_MODES = ("faithful", "fast")
+VOCODING_MODES = ("faithful", "crossfade")
 
 # EchoX's own generation fields and their defaults (the released model's).
 ECHOX_GENERATION_FIELDS = {
@@ -17,6 +18,7 @@ ECHOX_GENERATION_FIELDS = {
     "fast_min_segment_tokens": 8,
     "fast_max_segment_tokens": 24,
     "echo_max_new_tokens": 2048,
+    "vocoding_mode": "faithful",
 }
 # Smallest value of each integer field.
 _MINIMUM = {
@@ -54,8 +56,11 @@ class EchoXGenerationConfig(GenerationConfig):
         fast_min_segment_tokens / fast_max_segment_tokens: later "fast" segments end at punctuation once they hold
             `min` tokens, or at any word boundary once they hold `max`.
 
-    Echo decoding:
+    Echo decoding and vocoding:
         echo_max_new_tokens: longest echo-decoder output per segment (unit-language tokens).
+        vocoding_mode: `"faithful"` (the released EchoX: each segment vocoded alone, in float32, and the waveforms
+            concatenated) or `"crossfade"` (each segment vocoded after 16 units of the one before, whose durations are
+            kept, and the last 8 frames of each segment cross-faded with the next one's start: no clicks at the joins).
     """
 
     def __init__(self, **kwargs):
@@ -69,6 +74,9 @@ class EchoXGenerationConfig(GenerationConfig):
         mode = getattr(self, "segmentation_mode", None)
         if mode is not None and mode not in SEGMENTATION_MODES:
             raise ValueError(f"Unknown segmentation mode {mode!r}; use 'faithful' or 'fast'.")
+        vocoding = getattr(self, "vocoding_mode", None)
+        if vocoding is not None and vocoding not in VOCODING_MODES:
+            raise ValueError(f"Unknown vocoding mode {vocoding!r}; use 'faithful' or 'crossfade'.")
         for name, minimum in _MINIMUM.items():
             value = getattr(self, name, None)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):

@@ -29,6 +29,8 @@ class EchoXPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["EchoXSpeechAdapter"]  # the sub-models add their own layers in post_init
     _skip_keys_device_placement = ["past_key_values"]
+    # The unit vocoder runs in float32 whatever dtype the rest is loaded in, as the released EchoX runs it.
+    _keep_in_fp32_modules_strict = ["vocoder"]
     _supports_sdpa = True
     _supports_flash_attn = True
 

@@ -1,8 +1,51 @@
-"""Click-free synthesis of a unit sequence that arrives in pieces (one EchoX segment after another)."""
+"""
+Synthesis of a unit sequence that arrives in pieces (one EchoX segment after another), in one of two modes
+(`VOCODING_MODES`, the generation config's `vocoding_mode`): "faithful", the released EchoX's (each piece alone,
+concatenated), or "crossfade" (click-free joins).
+"""
 
 import torch
 
+from .generation_configuration_echox import VOCODING_MODES
 from .vocoder import EchoXCodeHifiGan
+
+
+class EchoXSegmentVocoding:
+    """
+    The released EchoX's vocoding: each piece is synthesized alone (its durations predicted from its own units, no
+    context from the piece before) in float32, and the pieces' waveforms are concatenated as they are. Same interface
+    as [`EchoXVocoderStream`]; `flush()` has nothing to release.
+    """
+
+    def __init__(self, vocoder: EchoXCodeHifiGan, speaker_id: int | None = None):
+        self.vocoder = vocoder
+        self.speaker_id = speaker_id
+        self.durations: list[int] = []
+
+    @torch.no_grad()
+    def push(self, unit_ids: list[int] | torch.LongTensor) -> torch.FloatTensor:
+        """Synthesize the next piece alone; returns its samples (float32, CPU)."""
+        device = self.vocoder.unit_embedding.weight.device
+        units = torch.as_tensor(unit_ids, dtype=torch.long, device=device)
+        if units.numel() == 0:
+            return torch.zeros(0)
+        with torch.autocast(device_type=device.type, enabled=False):
+            durations = self.vocoder.predict_durations(units)[0]
+            output = self.vocoder(units, durations=durations, speaker_id=self.speaker_id)
+        self.durations += durations.tolist()
+        return output.waveform[0, : output.waveform_lengths[0]].float().cpu()
+
+    def flush(self) -> torch.FloatTensor:
+        return torch.zeros(0)
+
+
+def vocoding_for(vocoder: EchoXCodeHifiGan, mode: str):
+    """The piecewise synthesis of `mode` ("faithful" or "crossfade") over `vocoder`."""
+    if mode == "faithful":
+        return EchoXSegmentVocoding(vocoder)
+    if mode == "crossfade":
+        return EchoXVocoderStream(vocoder)
+    raise ValueError(f"Unknown vocoding mode {mode!r}; use one of {VOCODING_MODES}.")
 
 
 class EchoXVocoderStream:

@@ -7,7 +7,7 @@ import torch
 from .generation_configuration_echox import EchoXGenerationConfig
 from .segmentation import FastSegmentation, boundary_scores, segmentation_rule
 from .streaming import EchoXStreamChunk
-from .vocoder_streaming import EchoXVocoderStream
+from .vocoder_streaming import vocoding_for
 
 
 @dataclass
@@ -32,8 +32,9 @@ class EchoXVoicer:
     Speaks one answer of [`EchoXForSpeechToSpeech`]. `add` takes each generated token with the final-layer state that
     produced it and returns a segment when the generation config's segmentation rule cuts one; `finish` returns the
     rest of the answer as the last segment. `voice` speaks segments in order: the echo decoder turns them into unit ids
-    (all given segments in one batch), then one vocoder stream per answer makes each segment's audio, joined
-    click-free to the segment before (`EchoXVocoderStream`), and the last segment's audio ends with the stream's tail.
+    (all given segments in one batch), then one piecewise vocoding per answer makes each segment's audio, in the
+    generation config's `vocoding_mode` ("faithful": each segment alone, as released; "crossfade": joined click-free
+    to the segment before, see `vocoder_streaming.py`), and the last segment's audio ends with the vocoding's tail.
 
     `generate` runs one voicer per answer after the text is decoded; an [`EchoXAudioStreamer`] runs the one `generate`
     hands it while the text is decoded. Both make the same calls, so the streamed chunks join into `generate`'s
@@ -54,7 +55,7 @@ class EchoXVoicer:
         self.echo_max_new_tokens = generation_config.echo_max_new_tokens
         self.sampling_rate = model.config.vocoder_config.sampling_rate
         self._boundary = model.text_table[generation_config.segment_boundary_token_id].detach()
-        self._vocoder_stream = EchoXVocoderStream(model.vocoder)
+        self._vocoder_stream = vocoding_for(model.vocoder, generation_config.vocoding_mode)
         self._states: list[torch.Tensor] = []
         self._tokens: list[int] = []
         self._scores: list[float] = []
