@@ -91,11 +91,97 @@ def _expected_layout(tokenizer, ids, text, system_prompt=DEFAULT_SYSTEM_PROMPT, 
     if audio:
         layout += [bos, nl, ids["audio"]]
         layout += [bos, *enc(text), eot]
-    else:
-        layout += [bos, *enc("\n" + text), eot]
+    else:  # a text-only user turn has no "\n" (the released template)
+        layout += [bos, *enc(text), eot]
     layout += [sh, bos, ids["assistant"], eh]
     layout += [bos, nl]
     return layout
+
+
+def _expected_conversation(tokenizer, ids, turns, system_prompt=DEFAULT_SYSTEM_PROMPT):
+    """The released `gen_model_inputs` layout of several turns: (role, text, has_audio) each."""
+    bos, sh, eh, eot, nl = ids["bos"], ids["sh"], ids["eh"], ids["eot"], ids["nl"]
+
+    def enc(s):
+        return [bos, *tokenizer(s, add_special_tokens=False)["input_ids"]]
+
+    layout = [bos, sh, bos, ids["system"], eh, bos, nl, *enc(system_prompt), eot]
+    for role, text, has_audio in turns:
+        if role == "assistant":
+            layout += [sh, bos, ids["assistant"], eh, bos, nl, *enc(text), eot]
+        elif has_audio:
+            layout += [sh, bos, ids["user"], eh, bos, nl, ids["audio"], *enc(text), eot]
+        else:
+            layout += [sh, bos, ids["user"], eh, *enc(text), eot]
+    return layout + [sh, bos, ids["assistant"], eh, bos, nl]
+
+
+def test_conversation_layout_and_clip_order(processor, tokenizer, ids):
+    first = 0.05 * np.sin(np.arange(SR // 2) / 8).astype(np.float32)
+    second = 0.1 * np.ones(SR, dtype=np.float32)
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "audio", "array": first, "sampling_rate": SR}]},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Italy?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Rome."}]},
+        {"role": "user", "content": [{"type": "audio", "audio": {"array": second, "sampling_rate": SR}},
+                                     {"type": "text", "text": "Answer it."}]},
+    ]
+    out = processor(conversation=conversation)
+    expected = _expected_conversation(
+        tokenizer, ids,
+        [("user", "", True), ("assistant", "Paris.", False), ("user", "And of Italy?", False),
+         ("assistant", "Rome.", False), ("user", "Answer it.", True)],
+        system_prompt="Be brief.",
+    )
+    assert out["input_ids"][0].tolist() == expected
+    assert out["input_features"].shape[0] == 2
+    single = processor(audio=second, sampling_rate=SR)["input_features"][0]
+    assert torch.equal(out["input_features"][1], single)  # clips in turn order
+    batch = processor(conversation=[conversation, conversation[1:2]])
+    assert batch["input_features"].shape[0] == 3 and batch["input_ids"].shape[0] == 2
+
+
+@pytest.mark.parametrize(
+    "conversation, message",
+    [
+        ([], "non-empty list"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "last message"),
+        ([{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}, {"role": "user", "content": "a"}],
+         "system message may only be the first"),
+        ([{"role": "robot", "content": "hi"}], "unknown role"),
+        ([{"role": "user", "content": ""}], "needs audio, text, or both"),
+        ([{"role": "user", "content": [{"type": "video", "video": "x"}]}], "unknown content part"),
+        ([{"role": "user", "content": [{"type": "audio"}]}], "exactly one of"),
+        ([{"role": "assistant", "content": [{"type": "audio", "path": "a.wav"}]}, {"role": "user", "content": "x"}],
+         "only user turns carry audio"),
+        ([{"role": "user", "content": "say <audio>"}], "audio placeholder"),
+    ],
+)
+def test_bad_conversations_are_refused(processor, conversation, message):
+    with pytest.raises(ValueError, match=message):
+        processor(conversation=conversation)
+
+
+def test_conversation_excludes_audio_and_text(processor):
+    with pytest.raises(ValueError, match="either `conversation` or"):
+        processor(text="hi", conversation=[{"role": "user", "content": "hi"}])
+
+
+def test_max_prompt_length_cuts_with_a_warning(feature_extractor, tokenizer, unit_vocabulary, caplog):
+    long_text = " ".join(["word"] * 40)
+    full = EchoXProcessor(feature_extractor, tokenizer)(text=long_text)["input_ids"][0].tolist()
+    cut = EchoXProcessor(feature_extractor, tokenizer, max_prompt_length=len(full) - 5)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    with caplog.at_level("WARNING"):
+        row = cut(text=long_text)["input_ids"][0].tolist()
+    assert row == full[: len(full) - 5] and "max_prompt_length" in caplog.text
+    tiny = EchoXProcessor(feature_extractor, tokenizer, max_prompt_length=10)
+    with pytest.raises(ValueError, match="drop an audio placeholder"):
+        tiny(audio=0.1 * np.ones(SR, dtype=np.float32), sampling_rate=SR)
 
 
 # ---------------------------------------------------------------------------------------------- tiny tokenizer

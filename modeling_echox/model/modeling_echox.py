@@ -304,6 +304,7 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
         segmentation_mode: str | None = None,
         streamer=None,
         reuse_prompt_prefix: bool = True,
+        conversation=None,
         **kwargs,
     ) -> EchoXGenerationOutput:
         """
@@ -319,9 +320,15 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
         otherwise the model's unit table gives the same units), and its tokenizer is used when `tokenizer` is not given.
         `streamer`: a text streamer (e.g. `TextIteratorStreamer`), or an [`EchoXAudioStreamer`] that receives the
         spoken segments while the text is being generated (batch size 1; the returned output then holds text only).
+        `conversation`: instead of `input_ids` / `input_features`, a conversation (or a batch of them) in the chat-message
+        format of [`EchoXProcessor`], which `processor` turns into the prompt; the answer is the next assistant turn.
         `reuse_prompt_prefix`: for a single request, start from the kept key/value cache of the text in front of the
         speech (system prompt, template head; see `PromptPrefixCache`) instead of prefilling it again.
         """
+        if conversation is not None:
+            input_ids, attention_mask, input_features = self._conversation_inputs(
+                conversation, processor, input_ids, input_features
+            )
         if input_ids is None:
             raise ValueError("EchoX.generate needs input_ids (build them with EchoXProcessor).")
         if processor is not None and tokenizer is None:
@@ -407,15 +414,28 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
             output.waveforms.append(torch.cat(audio) if audio else torch.zeros(0))
         return output
 
+    def _conversation_inputs(self, conversation, processor, input_ids, input_features):
+        """`input_ids`, `attention_mask` and `input_features` of a conversation, built by `processor`."""
+        if processor is None:
+            raise ValueError("generate(conversation=...) needs `processor=` (an EchoXProcessor) to build the prompt.")
+        if input_ids is not None or input_features is not None:
+            raise ValueError("Pass either `conversation` or `input_ids` / `input_features`, not both.")
+        inputs = processor(conversation=conversation)
+        features = inputs.get("input_features")
+        if features is not None:
+            features = features.to(self.device, self.audio_tower.conv1.weight.dtype)
+        return inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device), features
+
     def stream(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         input_features: torch.FloatTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
         tokenizer=None,
         processor=None,
         segmentation_mode: str | None = None,
         timeout: float | None = None,
+        conversation=None,
         **generate_kwargs,
     ) -> Iterator[EchoXStreamChunk]:
         """
@@ -435,6 +455,7 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
                     processor=processor,
                     segmentation_mode=segmentation_mode,
                     streamer=streamer,
+                    conversation=conversation,
                     **generate_kwargs,
                 )
             except Exception as error:

@@ -8,6 +8,7 @@ import torch
 from transformers import GenerationConfig, Pipeline
 from transformers.pipelines.audio_utils import ffmpeg_read
 
+from .conversation import is_conversation
 from .streaming import EchoXAudioStreamer
 
 # The parameters a call may pass directly to `generate()`: the same set `Pipeline.__init__` sets aside at construction.
@@ -15,10 +16,17 @@ _GENERATION_PARAMETERS = frozenset(
     {key for key in vars(GenerationConfig()) if not key.startswith("_")} | {"generation_config"}
 )
 # The `generate()` arguments the pipeline sets itself: it always decodes the text and speaks the answer.
-_OWN_GENERATE_ARGUMENTS = ("tokenizer", "return_audio")
+_OWN_GENERATE_ARGUMENTS = ("tokenizer", "processor", "return_audio", "conversation")
 # Dict inputs, as in the `automatic-speech-recognition` pipeline: samples under "raw" (or "array", the 🤗 Datasets
 # key, next to which a "path" is ignored) and their "sampling_rate".
 _DICT_KEYS = frozenset({"raw", "array", "sampling_rate", "path"})
+
+
+class _Conversation:
+    """One conversation given to the pipeline (kept whole, where a plain list would be a batch of clips)."""
+
+    def __init__(self, messages):
+        self.messages = list(messages)
 
 
 class SpeechToSpeechPipeline(Pipeline):
@@ -32,7 +40,9 @@ class SpeechToSpeechPipeline(Pipeline):
         - `np.ndarray` / `torch.Tensor`: samples at the feature extractor's rate (16 kHz), unless `sampling_rate=`
           says otherwise;
         - `dict`: `{"raw": samples, "sampling_rate": int}` or `{"array": samples, "sampling_rate": int}` (a 🤗 Datasets
-          audio row), resampled to 16 kHz.
+          audio row), resampled to 16 kHz;
+        - a conversation: a list of `{"role", "content"}` messages (see [`EchoXProcessor`]), whose audio parts take any
+          of the forms above; the answer is the next assistant turn. A list of conversations is a batch.
 
     Parameters: `prompt` (text that goes with the audio in the user turn), `sampling_rate` (of bare arrays),
     `segmentation_mode` ("faithful"/"fast"), and generation parameters, either directly (`max_new_tokens=64`,
@@ -51,6 +61,10 @@ class SpeechToSpeechPipeline(Pipeline):
         """Answer one input or a list of inputs (see the class docstring); a list gives a list of answers."""
         if isinstance(inputs, list) and not inputs:
             raise ValueError("The speech-to-speech pipeline got an empty list of inputs; pass at least one clip.")
+        if is_conversation(inputs):
+            return super().__call__(_Conversation(inputs), **kwargs)
+        if isinstance(inputs, list) and all(is_conversation(item) for item in inputs):
+            return super().__call__([_Conversation(item) for item in inputs], **kwargs)
         return super().__call__(inputs, **kwargs)
 
     def _sanitize_parameters(
@@ -123,7 +137,23 @@ class SpeechToSpeechPipeline(Pipeline):
         )
 
     def preprocess(self, inputs, sampling_rate=None, prompt=""):
+        if isinstance(inputs, _Conversation):
+            if prompt:
+                raise ValueError("A conversation holds its own text; `prompt` is for single clips.")
+            return self.processor(conversation=[self._with_clips(message, sampling_rate) for message in inputs.messages])
         return self.processor(audio=self._clip(inputs, sampling_rate), text=prompt)
+
+    def _with_clips(self, message, sampling_rate):
+        """A conversation message whose audio parts are read like the pipeline's clips (bytes, arrays, dicts)."""
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(content, list):
+            return message
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping) and part.get("type") == "audio" and part.get("audio") is not None:
+                part = {**part, "audio": self._clip(part["audio"], sampling_rate)}
+            parts.append(part)
+        return {**message, "content": parts}
 
     def _forward(self, model_inputs, **generate_kwargs):
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)

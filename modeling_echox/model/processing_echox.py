@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
-from transformers.utils import cached_file
+from transformers.utils import cached_file, logging
 
 from .audio_io import DEFAULT_MAX_SECONDS, load_audio
+from .conversation import EchoXTurn, read_conversation
 from .unit_vocabulary import UNIT_VOCAB_FILE, EchoXUnitVocabulary
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -22,6 +23,7 @@ PROMPT_FORMATS = ("llama3_pieces", "chat_template")
 _START_HEADER = "<|start_header_id|>"
 _END_HEADER = "<|end_header_id|>"
 _EOT = "<|eot_id|>"
+logger = logging.get_logger(__name__)
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
 
 
@@ -54,6 +56,8 @@ class EchoXProcessor(ProcessorMixin):
         unit_token_offset (`int`, *optional*): echo-decoder id of the first unit token (the model config's), for
             `decode_units`.
         num_units (`int`, *optional*): acoustic units the vocoder knows (the model config's), for `decode_units`.
+        max_prompt_length (`int`, *optional*): cut longer prompts to their first ids, with a warning, as the released
+            EchoX does with 1024; `None` (default): never cut.
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class EchoXProcessor(ProcessorMixin):
         chat_template: str | None = None,
         unit_token_offset: int | None = None,
         num_units: int | None = None,
+        max_prompt_length: int | None = None,
     ):
         if prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}.")
@@ -93,11 +98,13 @@ class EchoXProcessor(ProcessorMixin):
         self.prompt_format = prompt_format
         self.max_audio_seconds = float(max_audio_seconds)
         self._unit_vocabulary = unit_vocabulary
-        for name, value in (("unit_token_offset", unit_token_offset), ("num_units", num_units)):
+        limits = (("unit_token_offset", unit_token_offset), ("num_units", num_units), ("max_prompt_length", max_prompt_length))
+        for name, value in limits:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         self.unit_token_offset = unit_token_offset
         self.num_units = num_units
+        self.max_prompt_length = max_prompt_length
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
         if prompt_format == "llama3_pieces":
             self._llama3_special_ids()  # fail early if the tokenizer lacks the Llama-3 header tokens
@@ -203,55 +210,91 @@ class EchoXProcessor(ProcessorMixin):
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
     def build_prompt_ids(self, text: str = "", has_audio: bool = True) -> list[int]:
-        """
-        The token ids of one single-turn prompt, ending where the assistant's answer starts. With audio the user turn
-        holds exactly one `audio_token_id`, placed before the user text.
+        """The token ids of a single-turn prompt: `build_conversation_ids` of one user turn (with audio or not)."""
+        return self.build_conversation_ids([EchoXTurn("user", text, audio=True if has_audio else None)])
 
-        `"llama3_pieces"` layout (each `enc(...)` is a separate tokenizer call with special tokens, i.e. BOS first for
-        a Llama-3 tokenizer):
+    def build_conversation_ids(self, turns: list[EchoXTurn]) -> list[int]:
+        """
+        The token ids of a conversation (`EchoXTurn`s, see `read_conversation`), ending where the assistant's answer
+        starts. Each user turn with audio holds exactly one `audio_token_id`, placed before its text. A first system
+        turn replaces the processor's `system_prompt`.
+
+        `"llama3_pieces"` layout, as the released EchoX builds it (each `enc(...)` is a separate tokenizer call with
+        special tokens, i.e. BOS first for a Llama-3 tokenizer):
 
             enc("")
             <|start_header_id|> enc("system") <|end_header_id|>  enc("\\n")  enc(system_prompt) <|eot_id|>
-            <|start_header_id|> enc("user") <|end_header_id|>    enc("\\n" + audio_token)  enc(text) <|eot_id|>
-            <|start_header_id|> enc("assistant") <|end_header_id|>  enc("\\n")
+            then per turn:
+            user with audio:  <|start_header_id|> enc("user") <|end_header_id|>  enc("\\n" + audio_token)  enc(text) <|eot_id|>
+            user, text only:  <|start_header_id|> enc("user") <|end_header_id|>  enc(text) <|eot_id|>
+            assistant:        <|start_header_id|> enc("assistant") <|end_header_id|>  enc("\\n")  enc(text) <|eot_id|>
+            and last:         <|start_header_id|> enc("assistant") <|end_header_id|>  enc("\\n")
 
-        Without audio the user turn is `enc("\\n" + text) <|eot_id|>`.
+        `"chat_template"`: `apply_chat_template` on the messages (the audio placeholder first in a user turn's text),
+        with the generation prompt. With `max_prompt_length`, a longer prompt is cut to its first `max_prompt_length`
+        ids, with a warning, as the released EchoX does (a cut that would drop an audio placeholder is refused).
         """
-        if self.audio_token in text:
-            raise ValueError(
-                f"The text prompt contains the audio placeholder {self.audio_token!r}; pass the audio through "
-                "`audio=` instead (the processor inserts the placeholder)."
-            )
+        for turn in turns:
+            if self.audio_token in turn.text:
+                raise ValueError(
+                    f"The text prompt contains the audio placeholder {self.audio_token!r}; pass the audio through "
+                    "`audio=` instead (the processor inserts the placeholder)."
+                )
+        system_prompt = self.system_prompt
+        if turns and turns[0].role == "system":
+            system_prompt, turns = turns[0].text, turns[1:]
         if self.prompt_format == "chat_template":
-            return self._build_with_chat_template(text, has_audio)
+            ids = self._build_with_chat_template(system_prompt, turns)
+        else:
+            ids = self._build_llama3_pieces(system_prompt, turns)
+        return self._cut(ids)
 
+    def _build_llama3_pieces(self, system_prompt: str, turns: list[EchoXTurn]) -> list[int]:
         start_header, end_header, eot = self._llama3_special_ids()
 
         def header(role: str) -> list[int]:
             return [start_header, *self._encode(role), end_header]
 
         ids = list(self._encode(""))
-        ids += header("system") + self._encode("\n") + self._encode(self.system_prompt) + [eot]
-        ids += header("user")
-        if has_audio:
-            ids += self._encode("\n" + self.audio_token) + self._encode(text) + [eot]
-        else:
-            ids += self._encode("\n" + text) + [eot]
+        ids += header("system") + self._encode("\n") + self._encode(system_prompt) + [eot]
+        for turn in turns:
+            if turn.role == "assistant":
+                ids += header("assistant") + self._encode("\n") + self._encode(turn.text) + [eot]
+            elif turn.audio is not None:
+                ids += header("user") + self._encode("\n" + self.audio_token) + self._encode(turn.text) + [eot]
+            else:
+                ids += header("user") + self._encode(turn.text) + [eot]
         ids += header("assistant") + self._encode("\n")
         return ids
 
-    def _build_with_chat_template(self, text: str, has_audio: bool) -> list[int]:
+    def _build_with_chat_template(self, system_prompt: str, turns: list[EchoXTurn]) -> list[int]:
         template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise ValueError("prompt_format='chat_template' needs a chat template (processor or tokenizer).")
-        messages = [
-            {"role": "system", "content": self.system_prompt},
-            {"role": "user", "content": (self.audio_token if has_audio else "") + text},
-        ]
+        messages = [{"role": "system", "content": system_prompt}]
+        for turn in turns:
+            placeholder = self.audio_token if turn.audio is not None else ""
+            messages.append({"role": turn.role, "content": placeholder + turn.text})
         encoded = self.tokenizer.apply_chat_template(
             messages, chat_template=template, add_generation_prompt=True, tokenize=True, return_dict=True
         )
         return list(encoded["input_ids"])
+
+    def _cut(self, ids: list[int]) -> list[int]:
+        if self.max_prompt_length is None or len(ids) <= self.max_prompt_length:
+            return ids
+        kept = ids[: self.max_prompt_length]
+        if kept.count(self.audio_token_id) != ids.count(self.audio_token_id):
+            raise ValueError(
+                f"The prompt has {len(ids)} ids; cutting it to max_prompt_length={self.max_prompt_length} would drop "
+                "an audio placeholder. Shorten the conversation."
+            )
+        logger.warning(
+            "The prompt has %d ids, more than max_prompt_length=%d: it is cut to its first %d ids, as the released "
+            "EchoX does (the end of the prompt, with the assistant header, is lost).",
+            len(ids), self.max_prompt_length, self.max_prompt_length,
+        )
+        return kept
 
     # ------------------------------------------------------------------ __call__
 
@@ -297,6 +340,21 @@ class EchoXProcessor(ProcessorMixin):
             )
         return clips, texts
 
+    def _conversations(self, audio, text, conversation) -> list[list[EchoXTurn]]:
+        """The batch as conversations: the given ones, or one single user turn per clip / text."""
+        if conversation is None:
+            clips, texts = self._normalize_inputs(audio, text)
+            return [[EchoXTurn("user", prompt, clip)] for clip, prompt in zip(clips, texts)]
+        if audio is not None or text is not None:
+            raise ValueError("Pass either `conversation` or `audio` / `text`, not both: a conversation holds its audio and text.")
+        if not isinstance(conversation, (list, tuple)):
+            raise ValueError(
+                "`conversation` must be a list of {'role', 'content'} messages, or a list of such lists (a batch)."
+            )
+        is_batch = bool(conversation) and all(isinstance(item, (list, tuple)) for item in conversation)
+        batch = conversation if is_batch else [conversation]
+        return [read_conversation(item, self.audio_token) for item in batch]
+
     def __call__(
         self,
         audio=None,
@@ -304,9 +362,10 @@ class EchoXProcessor(ProcessorMixin):
         sampling_rate: int | None = None,
         padding_side: str = "left",
         return_tensors: str | None = "pt",
+        conversation=None,
     ) -> BatchFeature:
         """
-        Prepare a batch of single-turn requests.
+        Prepare a batch of requests: single turns (`audio` and/or `text`) or conversations.
 
         Args:
             audio: one clip or a list of clips (paths, arrays / tensors with `sampling_rate`, `{"array",
@@ -316,22 +375,28 @@ class EchoXProcessor(ProcessorMixin):
             sampling_rate: sample rate of array clips (files and `{"array", "sampling_rate"}` dicts carry their own).
             padding_side: `"left"` (default, for generation) or `"right"`.
             return_tensors: `"pt"`, `"np"` or `None` (python lists).
+            conversation: instead of `audio` / `text`, one conversation or a list of them: `{"role", "content"}`
+                messages (see `read_conversation`: system first if any, user turns with at most one audio part, assistant
+                text, a user turn last). Every audio turn's clip is encoded, in order.
 
         Returns:
             `BatchFeature` with `input_ids` and `attention_mask` `[B, L]` (padded with the tokenizer's pad id;
             mask 0 = padding only), and when any audio is given `input_features` `[num_clips, n_mels, 3000]` in
-            batch order.
+            batch order (within a sample, in turn order).
         """
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
-        clips, texts = self._normalize_inputs(audio, text)
+        conversations = self._conversations(audio, text, conversation)
 
         waveforms = []
         sequences = []
-        for clip, prompt in zip(clips, texts):
-            if clip is None and not prompt:
+        for turns in conversations:
+            if all(turn.audio is None and not turn.text for turn in turns if turn.role == "user"):
                 raise ValueError("A sample has neither audio nor text.")
-            if clip is not None:
+            for turn in turns:
+                if turn.audio is None:
+                    continue
+                clip = turn.audio
                 # files and dicts with a "sampling_rate" carry their own rate; `sampling_rate` is for bare arrays
                 own_rate = isinstance(clip, Mapping) and clip.get("sampling_rate") is not None
                 waveforms.append(
@@ -342,8 +407,8 @@ class EchoXProcessor(ProcessorMixin):
                         max_seconds=self.max_audio_seconds,
                     )
                 )
-            ids = self.build_prompt_ids(prompt, has_audio=clip is not None)
-            expected = 1 if clip is not None else 0
+            ids = self.build_conversation_ids(turns)
+            expected = sum(turn.audio is not None for turn in turns)
             if ids.count(self.audio_token_id) != expected:  # pragma: no cover - guarded by the text check
                 raise ValueError(f"Internal error: prompt has {ids.count(self.audio_token_id)} audio placeholders.")
             sequences.append(ids)
