@@ -58,6 +58,25 @@ T2U_TABLE = "unit_translator.model.embed_tokens.weight"
 # released echo-prefix id 12800, with `<audio_patch>` as the last LLM id (as 128256 is in the released model).
 TINY_RESERVED = 12300
 TINY_SIZES = dict(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, whisper_dim=32, unit_model="large")
+ABSENT = object()  # a config.json without `unit_model`
+
+# The original's echo decoder presets as tensor sizes (layers, width, heads, kv heads, FFN); `None` kv heads: the LLM's;
+# "large" (`None`): 2 layers of the LLM's sizes.
+ECHO_SHAPES = {"large": None, "small": (4, 512, 8, None, 2048), "medium": (8, 768, 12, 12, 2048), "absent": (6, 512, 8, None, 2048)}
+
+# Layouts of the output table: (config's tie_word_embeddings, the copies the shards hold besides the LLM embedding E).
+# Untied: L (`lm_head.weight`) and / or T (the echo decoder's text table), equal. Tied (E is the LLM's head):
+# (a) "tied": neither stored; (b) "tied_lm_head": L stored, equal to E; (c) "tied_t2u": T stored, equal to the head (E);
+# "tied_all": L and T stored, both equal to E.
+TABLE_LAYOUTS = {
+    "lm_head": (False, ["lm_head.weight"]),
+    "t2u": (False, [T2U_TABLE]),
+    "both": (False, ["lm_head.weight", T2U_TABLE]),
+    "tied": (True, []),
+    "tied_lm_head": (True, ["lm_head.weight"]),
+    "tied_t2u": (True, [T2U_TABLE]),
+    "tied_all": (True, ["lm_head.weight", T2U_TABLE]),
+}
 
 
 # --------------------------------------------------------------------------------------- synthetic original checkpoint
@@ -150,12 +169,14 @@ def build_synthetic_original(
     num_shards=3,
     seed=0,
     whisper_dir=None,
+    echo=None,
 ):
     """
     Write a released-EchoX-like directory `root/echox` (config.json, sharded safetensors + index, tokenizer with
     `<audio_patch>` and the `<|unit_...|>` tokens, fairseq vocoder) and, unless given, a Whisper directory `root/whisper`.
-    `table`: which copies of the tied text table the shards hold ("lm_head", "t2u" or "both"; "embed": none, the LLM
-    has tie_word_embeddings and its input embedding is the table).
+    `table`: the layout of the output table (see `TABLE_LAYOUTS`).
+    `unit_model`: the config's `unit_model` (`ABSENT`: no such field); `echo`: the echo decoder's tensor sizes, one of
+    `ECHO_SHAPES` (default: those of `unit_model`'s preset).
     Returns `(echox_dir, whisper_dir, tensors)`; tensors are returned only for small checkpoints (else `None`).
     """
     echox_dir = os.path.join(root, "echox")
@@ -193,7 +214,7 @@ def build_synthetic_original(
         "mlp_bias": False,
         "initializer_range": 0.02,
         "pretraining_tp": 1,
-        "tie_word_embeddings": table == "embed",
+        "tie_word_embeddings": TABLE_LAYOUTS[table][0],
         "use_cache": True,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": [tokenizer.convert_tokens_to_ids("<|end_of_text|>"), tokenizer.eos_token_id],
@@ -206,24 +227,31 @@ def build_synthetic_original(
         "unit_vocab_size": unit_vocab_size,
         "unit_model": unit_model,
     }
+    if unit_model is ABSENT:
+        del cfg["unit_model"]
     with open(os.path.join(echox_dir, "config.json"), "w") as handle:
         json.dump(cfg, handle, indent=2)
 
-    echo = {"large": (2, hidden, heads, kv_heads, intermediate), "medium": (8, 768, 12, 12, 2048)}[unit_model]
+    if echo is None:
+        echo = "absent" if unit_model is ABSENT else unit_model if unit_model in ECHO_SHAPES else "medium"
+    echo = ECHO_SHAPES[echo] or (2, hidden, heads, kv_heads, intermediate)
+    echo = tuple(kv_heads if size is None else size for size in echo)
     shapes = original_tensor_shapes(cfg, whisper_dim, echo)
-    table_keys = {"lm_head": ["lm_head.weight"], "t2u": [T2U_TABLE], "both": ["lm_head.weight", T2U_TABLE], "embed": []}[table]
+    tied, table_keys = TABLE_LAYOUTS[table]
     keys = list(shapes)
     # the shards hold the keys in a different order than ours; the table copies go in the first and last shard
     keys = keys[len(keys) // 2 :] + keys[: len(keys) // 2]
     generator = torch.Generator().manual_seed(seed)
     table_tensor = _random_tensor("table", (vocab_size, hidden), dtype, generator)
-    keep = sum(shapes[k][0] * (shapes[k][1] if len(shapes[k]) > 1 else 1) for k in keys) < 50_000_000
+    keep = sum(shapes[k][0] * (shapes[k][1] if len(shapes[k]) > 1 else 1) for k in keys) < 100_000_000
     tensors = {} if keep else None
     bounds = np.linspace(0, len(keys), num_shards + 1).astype(int)
     weight_map, total = {}, 0
     for shard in range(num_shards):
         name = f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
         chunk = {key: _random_tensor(key, shapes[key], dtype, generator) for key in keys[bounds[shard] : bounds[shard + 1]]}
+        if tied and "model.embed_tokens.weight" in chunk:  # the LLM's embedding is the table
+            chunk["model.embed_tokens.weight"] = table_tensor.clone()
         if "unit_translator.lm_head.weight" in chunk:  # like a trained echo decoder, favour unit tokens
             chunk["unit_translator.lm_head.weight"][vocab_size:] *= 8
         if shard == 0 and table_keys:
@@ -385,18 +413,26 @@ def _read_output(out_dir):
     return tensors, index
 
 
-def _assert_bit_exact(original, whisper_dir, echox_dir, out_dir):
+def _our_key(key, tied=False):
+    """Our name of an original key; the copies of the output table map to our table (the LLM's embedding when tied)."""
+    if key in ("lm_head.weight", T2U_TABLE):
+        return "language_model.model.embed_tokens.weight" if tied else "language_model.lm_head.weight"
+    return rename_original_key(key)
+
+
+def _assert_bit_exact(original, whisper_dir, echox_dir, out_dir, tied=False):
     """Every original tensor lands unchanged in exactly one of ours; ours are exactly those plus the Whisper encoder,
     the vocoder and the unit table."""
     ours, _ = _read_output(out_dir)
     used = {}
     for key, tensor in original.items():
-        target = "language_model.lm_head.weight" if key in ("lm_head.weight", T2U_TABLE) else rename_original_key(key)
+        target = _our_key(key, tied)
         assert target is not None, key
         assert ours[target].dtype == tensor.dtype and torch.equal(ours[target], tensor), key
         used.setdefault(target, []).append(key)
     duplicates = {k: v for k, v in used.items() if len(v) > 1}
-    assert set(duplicates) <= {"language_model.lm_head.weight"}  # only the two copies of the tied table
+    assert set(duplicates) <= {_our_key("lm_head.weight", tied)}  # only the copies of the tied table
+    assert tied == ("language_model.lm_head.weight" not in ours)
     with safe_open(os.path.join(whisper_dir, "model.safetensors"), "pt") as handle:
         for key in handle.keys():
             if key.startswith("model.encoder."):
@@ -422,35 +458,104 @@ def test_conversion_is_bit_exact_and_sharded(converted):
         assert sum(sizes) <= 10**6 or len(sizes) == 1
 
 
-@pytest.mark.parametrize("table", ["t2u", "both", "embed"])
-def test_tied_table_from_either_copy(tmp_path, converted, table):
+def convert_load_generate(echox_dir, whisper_dir, out, tensors, tied=False):
+    """Convert, check every tensor bit-exact in the files and in the loaded model, then generate text and speech."""
+    convert_original(echox_dir, whisper_dir, out, max_shard_size="5GB")
+    _assert_bit_exact(tensors, whisper_dir, echox_dir, out, tied=tied)
+    model, info = EchoXForSpeechToSpeech.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    model.eval()
+    state = model.state_dict()
+    for key, tensor in tensors.items():
+        assert torch.equal(state[_our_key(key, tied)], tensor), key
+    table = "model.embed_tokens.weight" if tied else "lm_head.weight" if "lm_head.weight" in tensors else T2U_TABLE
+    assert torch.equal(model.text_table, tensors[table])
+    assert model.config.text_config.tie_word_embeddings == tied
+    assert (model.text_table.data_ptr() == model.get_input_embeddings().weight.data_ptr()) == tied
+    processor = AutoProcessor.from_pretrained(out)
+    model.generation_config.echo_max_new_tokens = 8
+    inputs = processor(audio=0.1 * np.random.default_rng(0).standard_normal(SR).astype(np.float32), sampling_rate=SR)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        answer = model.generate(**inputs, max_new_tokens=6, tokenizer=processor.tokenizer)
+    assert answer.sequences.shape[1] >= 1
+    assert len(answer.waveforms) == 1 and answer.waveforms[0].numel() > 0 and torch.isfinite(answer.waveforms[0]).all()
+    return model
+
+
+@pytest.mark.parametrize("table", ["t2u", "both", "tied", "tied_lm_head", "tied_t2u", "tied_all"])
+def test_table_layouts_convert_load_and_generate(tmp_path, converted, table):
+    """Each layout of the output table (see `TABLE_LAYOUTS`; "lm_head" is the module fixture) end to end."""
     echox_dir, _, tensors = build_synthetic_original(
         str(tmp_path), **TINY_SIZES, table=table, dtype=torch.float16, num_shards=2, seed=1, whisper_dir=converted["whisper"]
     )
-    out = str(tmp_path / "out")
-    convert_original(echox_dir, converted["whisper"], out, max_shard_size="5GB")
-    assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) == 1
-    _assert_bit_exact(tensors, converted["whisper"], echox_dir, out)
-    model, info = EchoXForSpeechToSpeech.from_pretrained(out, output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
-    table_tensor = tensors["model.embed_tokens.weight" if table == "embed" else T2U_TABLE if table == "t2u" else "lm_head.weight"]
-    assert torch.equal(model.text_table, table_tensor)
+    tied = TABLE_LAYOUTS[table][0]
+    model = convert_load_generate(echox_dir, converted["whisper"], str(tmp_path / "out"), tensors, tied=tied)
+    assert len([f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")]) == 1
     assert model.dtype == torch.float16
 
 
-def test_different_table_copies_are_refused(tmp_path, converted):
-    echox_dir, _, _ = build_synthetic_original(
-        str(tmp_path), **TINY_SIZES, table="both", num_shards=2, whisper_dir=converted["whisper"]
-    )
+def _change_stored(echox_dir, key):
+    """Add 1 to one element of the stored tensor `key`, in its shard."""
     with open(os.path.join(echox_dir, "model.safetensors.index.json")) as handle:
-        shard = json.load(handle)["weight_map"][T2U_TABLE]
+        shard = json.load(handle)["weight_map"][key]
     path = os.path.join(echox_dir, shard)
     with safe_open(path, "pt") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    tensors[T2U_TABLE][3, 5] += 1
+    tensors[key][3, 5] += 1
     save_file(tensors, path, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="different values"):
+
+
+@pytest.mark.parametrize(
+    ("table", "changed", "named"),
+    [
+        ("both", T2U_TABLE, "lm_head.weight"),
+        ("tied_lm_head", "lm_head.weight", "model.embed_tokens.weight"),
+        ("tied_t2u", T2U_TABLE, "model.embed_tokens.weight"),
+        ("tied_all", "model.embed_tokens.weight", "lm_head.weight"),
+    ],
+)
+def test_different_table_copies_are_refused(tmp_path, converted, table, changed, named):
+    echox_dir, _, _ = build_synthetic_original(
+        str(tmp_path), **TINY_SIZES, table=table, num_shards=2, whisper_dir=converted["whisper"]
+    )
+    _change_stored(echox_dir, changed)
+    with pytest.raises(ValueError, match="different values") as error:
         convert_original(echox_dir, converted["whisper"], str(tmp_path / "out"))
+    assert changed in str(error.value) and named in str(error.value) and "tied" in str(error.value)
+    if table == "tied_lm_head":
+        assert "tie_word_embeddings" in str(error.value)
+
+
+def test_untied_checkpoint_without_output_head_is_refused(tmp_path, converted):
+    echox_dir, _, _ = build_synthetic_original(str(tmp_path), **TINY_SIZES, table="tied", num_shards=2, whisper_dir=converted["whisper"])
+    config = json.load(open(os.path.join(echox_dir, "config.json")))
+    json.dump({**config, "tie_word_embeddings": False}, open(os.path.join(echox_dir, "config.json"), "w"))
+    with pytest.raises(ValueError, match="neither lm_head.weight nor unit_translator.model.embed_tokens.weight"):
+        convert_original(echox_dir, converted["whisper"], str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize(
+    ("unit_model", "echo", "expected"),
+    [
+        (ABSENT, "absent", (6, 512, 8, 2, 64, 2048)),  # the original's decoder without unit_model; kv heads: the LLM's
+        ("medium", "medium", (8, 768, 12, 12, 64, 2048)),  # the released decoder
+        ("small", "small", (4, 512, 8, 2, 64, 2048)),
+        (ABSENT, "large", (2, 64, 4, 2, 16, 96)),  # no unit_model, tensors of the LLM's sizes: only its head split fits
+    ],
+    ids=["absent", "medium", "small", "absent-large-tensors"],
+)
+def test_unit_model_cases_convert_load_and_generate(tmp_path, converted, unit_model, echo, expected):
+    """unit_model absent / "medium" / "small" end to end ("large" is the module fixture); the echo decoder's sizes from
+    the preset or, with no unit_model, read off the tensors."""
+    sizes = {**TINY_SIZES, "unit_model": unit_model}
+    echox_dir, _, tensors = build_synthetic_original(
+        str(tmp_path), **sizes, echo=echo, dtype=torch.float16, num_shards=2, seed=3, whisper_dir=converted["whisper"]
+    )
+    model = convert_load_generate(echox_dir, converted["whisper"], str(tmp_path / "out"), tensors)
+    echo_config = model.config.echo_config
+    assert (echo_config.num_hidden_layers, echo_config.hidden_size, echo_config.num_attention_heads,
+            echo_config.num_key_value_heads, echo_config.head_dim, echo_config.intermediate_size) == expected
 
 
 def test_loads_without_missing_or_unexpected_keys_and_config(converted, loaded):
@@ -622,6 +727,10 @@ def test_refusals(tmp_path, converted):
     json.dump({**config, "vocab_size": config["vocab_size"] + 1}, open(broken / "config.json", "w"))
     with pytest.raises(ValueError, match="vocab_size"):
         convert_original(str(broken), whisper_dir, str(tmp_path / "out"))
+    # a unit_model whose preset is not the checkpoint's echo decoder (2 layers of the LLM's sizes): refused, naming both
+    json.dump({**config, "unit_model": "medium"}, open(broken / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"unit_model='medium'.*8 layers of width 768.*tensors are 2 layers of width 64"):
+        convert_original(str(broken), whisper_dir, str(tmp_path / "out"))
     json.dump(config, open(broken / "config.json", "w"))
     os.remove(broken / "g_00500000")
     with pytest.raises(OSError, match="vocoder"):
@@ -634,6 +743,7 @@ def test_refusals(tmp_path, converted):
 
 
 def test_echo_decoder_presets():
+    """The original's presets by unit_model (the tensors must agree), and the sizes read off the tensors without it."""
     text = text_config_from_original({"vocab_size": 10, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                                       "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 5e5, "unit_model": "x"})
 
@@ -645,12 +755,48 @@ def test_echo_decoder_presets():
             result[f"unit_translator.model.layers.{i}.mlp.gate_proj.weight"] = (ffn, width)
         return result
 
-    medium = echo_config_from_original({"unit_model": "medium"}, text, shapes(8, 768, 768, 768, 2048))
-    assert (medium["num_hidden_layers"], medium["hidden_size"], medium["num_attention_heads"], medium["num_key_value_heads"],
-            medium["head_dim"], medium["intermediate_size"]) == (8, 768, 12, 12, 64, 2048)
-    assert medium["rope_parameters"]["rope_theta"] == 5e5 and medium["max_position_embeddings"] == 2048
-    small = echo_config_from_original({"unit_model": "small"}, text, shapes(4, 512, 512, 512, 2048))
-    assert (small["num_attention_heads"], small["num_key_value_heads"], small["head_dim"]) == (8, 8, 64)
-    absent = echo_config_from_original({}, text, shapes(6, 512, 512, 512, 2048))
-    assert absent["num_hidden_layers"] == 6 and absent["num_attention_heads"] == 8
+    def sizes(original, tensor_shapes):
+        echo = echo_config_from_original(original, text, tensor_shapes)
+        return (echo["num_hidden_layers"], echo["hidden_size"], echo["num_attention_heads"], echo["num_key_value_heads"],
+                echo["head_dim"], echo["intermediate_size"])
+
+    medium, small, absent, large = shapes(8, 768, 768, 768, 2048), shapes(4, 512, 512, 512, 2048), shapes(6, 512, 512, 512, 2048), shapes(2, 4096, 4096, 1024, 14336)
+    for unit_model in ("medium", "x", None, "tiny"):  # any other string, or null: the released 8×768 decoder
+        assert sizes({"unit_model": unit_model}, medium) == (8, 768, 12, 12, 64, 2048)
+    echo = echo_config_from_original({"unit_model": "medium"}, text, medium)
+    assert echo["rope_parameters"]["rope_theta"] == 5e5 and echo["max_position_embeddings"] == 2048
+    assert sizes({"unit_model": "small"}, small) == (4, 512, 8, 8, 64, 2048)  # kv heads: the LLM's
+    assert sizes({"unit_model": "tiny"}, small) == (4, 512, 8, 8, 64, 2048)  # "small" before the original renamed it
+    assert sizes({"unit_model": "large"}, large) == (2, 4096, 32, 8, 128, 14336)
+    assert sizes({}, absent) == (6, 512, 8, 8, 64, 2048)
+    # no unit_model: read off the tensors (head size 64, as every preset but "large")
+    assert sizes({}, medium) == (8, 768, 12, 12, 64, 2048)
+    assert sizes({}, small) == (4, 512, 8, 8, 64, 2048)
+    assert sizes({}, shapes(3, 640, 640, 128, 1024)) == (3, 640, 10, 2, 64, 1024)
+
+    # unit_model present: the tensors must be the preset's
+    for unit_model, tensor_shapes, preset in (("medium", absent, "8 layers of width 768"), (None, small, "8 layers of width 768"),
+                                              ("small", medium, "4 layers of width 512"), ("large", medium, "2 layers of width 4096"),
+                                              ("tiny", absent, "8 layers of width 768 (q_proj 768 rows, k_proj 768 rows, FFN 2048) or 4 layers")):
+        with pytest.raises(ValueError, match=re.escape(f"unit_model={unit_model!r}")) as error:
+            echo_config_from_original({"unit_model": unit_model}, text, tensor_shapes)
+        assert preset in str(error.value) and "tensors are" in str(error.value)
+    with pytest.raises(ValueError, match="tensors are 6 layers of width 512"):  # the decoder of a config without unit_model
+        echo_config_from_original({"unit_model": "small"}, text, absent)
+    with pytest.raises(ValueError, match=r"k_proj 512 rows.*tensors are 4 layers of width 512 \(q_proj 512 rows, k_proj 256 rows"):
+        echo_config_from_original({"unit_model": "small"}, text, shapes(4, 512, 512, 256, 2048))  # another head split
+
+    # unit_model absent, and the rows do not tell the heads
+    with pytest.raises(ValueError, match="ambiguous") as error:  # the LLM's width: 32 heads of 128 or 64 heads of 64
+        echo_config_from_original({}, text, large)
+    assert "32 heads / 8 kv heads of size 128" in str(error.value) and "64 heads / 16 kv heads of size 64" in str(error.value)
+    assert "unit_model" in str(error.value)
+    with pytest.raises(ValueError, match="fit none of the original's head splits"):
+        echo_config_from_original({}, text, shapes(2, 600, 600, 600, 2048))
+    gap = shapes(3, 768, 768, 768, 2048)
+    gap["unit_translator.model.layers.5.mlp.gate_proj.weight"] = (2048, 768)
+    with pytest.raises(ValueError, match=r"numbered \[0, 1, 2, 5\]"):
+        echo_config_from_original({"unit_model": "medium"}, text, gap)
+    with pytest.raises(ValueError, match="no echo decoder tensor unit_translator.model.norm.weight"):
+        echo_config_from_original({"unit_model": "medium"}, text, {})
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(123) == 123

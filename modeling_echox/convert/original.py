@@ -6,8 +6,29 @@ checkpoint directory (sharded safetensors, config, generation config, processor 
 
 Tensors are streamed: each one is copied byte for byte (or cast, with `dtype`) in chunks of 64 MiB from its input
 file into the output shard being written, so the conversion holds a few chunks in memory, not a shard, and maps no
-input file. Every original tensor lands unchanged in exactly one tensor of ours; the echo decoder's text table (tied to the
-LLM's `lm_head` in training) is stored once, as `language_model.lm_head.weight`.
+input file. Every original tensor lands unchanged in exactly one tensor of ours.
+
+The output table. Three original names may hold one table: `model.embed_tokens.weight` (E, the LLM's input embedding,
+always stored), `lm_head.weight` (L, the LLM's output head) and `unit_translator.model.embed_tokens.weight` (T, the echo
+decoder's frozen text table). The original's training script makes T the very tensor L
+(`unit_translator.model.embed_tokens.weight = lm_head.weight`), and with `tie_word_embeddings` true in `config.json` its
+loading makes L the tensor E; `save_pretrained` keeps one or more names of a shared tensor, depending on how it was
+saved. Ours holds the table once: as `language_model.lm_head.weight` (E apart), or, with `tie_word_embeddings` true, as
+the LLM's embedding (our LLM keeps the tie). Accepted layouts:
+
+- untied (`tie_word_embeddings` false, as EchoX-8B): L and / or T stored; when both are, they must be equal.
+- tied (`tie_word_embeddings` true, as a Llama-3.2-3B base has it):
+  (a) neither L nor T stored: the LLM's head is its embedding, and so is the echo decoder's text table;
+  (b) L stored and equal to E (tied, both copies saved);
+  (c) T stored and equal to the LLM's head, i.e. to E, with or without L (then also equal to E).
+
+Refused, naming the tensors: an untied checkpoint with neither L nor T (the original would start its head at random);
+any stored copy that differs from the tensor it is tied to. The original would use such copies apart (L for the LLM, T
+for the echo decoder; tied, it keeps whichever of L and E it reads last); a checkpoint trained by EchoX never has them
+differ, and ours holds a single table, so such a checkpoint is not converted.
+
+The echo decoder's size comes from `unit_model` in `config.json` (the original's presets; the tensors must agree) or,
+without it, from the tensor shapes where they are unambiguous: see `original_layout.echo_config_from_original`.
 """
 
 import logging
@@ -57,6 +78,43 @@ from .safetensors_streaming import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def output_table_source(sources: dict, tie_word_embeddings: bool) -> str | None:
+    """
+    The original key whose tensor becomes our `language_model.lm_head.weight`, or `None` when the LLM keeps
+    `tie_word_embeddings` (its embedding is then the table). See the module docstring for the layouts; every stored
+    copy of the table must equal the tensor it is tied to, else `ValueError` names both.
+    """
+    if LLM_EMBED not in sources:
+        raise ValueError(f"The original checkpoint has no LLM embedding {LLM_EMBED}.")
+    stored = [key for key in (LM_HEAD, T2U_TEXT_TABLE) if key in sources]
+    if tie_word_embeddings:
+        table = LLM_EMBED
+    elif stored:
+        table = stored[0]
+    else:
+        raise ValueError(
+            f"The original checkpoint has neither {LM_HEAD} nor {T2U_TEXT_TABLE} and its config.json has "
+            f"tie_word_embeddings false: the LLM's output head is missing (the original would start it at random)."
+        )
+    for key in stored:
+        if key != table and not same_bytes(sources[table], table, sources[key], key):
+            if tie_word_embeddings and key == LM_HEAD:
+                why = (
+                    "config.json has tie_word_embeddings true, so the original loads both into one tensor and keeps "
+                    "whichever it reads last; set tie_word_embeddings to false if the head is meant to be separate"
+                )
+            else:
+                why = (
+                    "EchoX's training ties the echo decoder's text table to the LLM's output head, and this model holds "
+                    "one table for both (the original would use the two copies apart)"
+                )
+            raise ValueError(
+                f"The original checkpoint stores {table} and {key} with different values, but they are one tied table: "
+                f"{why}. This checkpoint cannot be converted faithfully."
+            )
+    return None if tie_word_embeddings else table
 
 
 def convert_original(
@@ -203,25 +261,9 @@ def convert_original(
     if unknown:
         raise ValueError(f"The original checkpoint has keys this converter does not know: {sorted(unknown)[:20]}")
 
-    # The output table: `lm_head.weight` and the T2U text table are one tensor in training; any stored copy is used.
-    copies = [key for key in (LM_HEAD, T2U_TEXT_TABLE) if key in sources]
-    if tied_llm and LLM_EMBED in sources:
-        copies.append(LLM_EMBED)
-    if not copies:
-        raise ValueError(f"The original checkpoint has neither {LM_HEAD} nor {T2U_TEXT_TABLE}.")
-    for other in copies[1:]:
-        if not same_bytes(sources[copies[0]], copies[0], sources[other], other):
-            raise ValueError(
-                f"The original checkpoint stores {copies[0]} and {other} with different values; they are one tied "
-                "table in EchoX, so this checkpoint cannot be converted faithfully."
-            )
-    if not tied_llm:
-        add("language_model.lm_head.weight", sources[copies[0]], copies[0])
-    elif copies[0] != LLM_EMBED:
-        raise ValueError(
-            f"tie_word_embeddings is true but the original checkpoint has {copies[0]} without {LLM_EMBED}; "
-            "cannot place the tied table."
-        )
+    table = output_table_source(sources, tied_llm)
+    if table is not None:
+        add("language_model.lm_head.weight", sources[table], table)
 
     whisper_keys = 0
     for key, source in whisper_sources.items():

@@ -67,15 +67,18 @@ T2U_TEXT_TABLE = "unit_translator.model.embed_tokens.weight"
 LLM_EMBED = "model.embed_tokens.weight"
 IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
-# Echo decoder ("T2U") size presets of the original, by `config.unit_model`: (layers, hidden, heads, kv heads, FFN);
-# `None` = the LLM's value. Any other string gives the released "medium" decoder; no `unit_model` gives the last row.
+# Echo decoder ("T2U") size presets of the original's `T2ULlamaForCausalLM`, chosen by `config.unit_model`:
+# (layers, hidden, heads, kv heads, head size, FFN); `None` = the LLM's value. A `unit_model` that is none of these names
+# (the released "medium", or JSON null) gives UNIT_MODEL_OTHER; a config without the field gives UNIT_MODEL_ABSENT.
+# "tiny" was the name of "small" before the original renamed it; the released code gives it UNIT_MODEL_OTHER.
 UNIT_MODEL_PRESETS = {
-    "large": (2, None, None, None, None),
-    "small": (4, 512, 8, None, 2048),
-    "tiny": (4, 512, 8, None, 2048),  # the name of "small" before the original renamed it
+    "large": (2, None, None, None, None, None),
+    "small": (4, 512, 8, None, 64, 2048),
 }
-UNIT_MODEL_DEFAULT = (8, 768, 12, 12, 2048)
-UNIT_MODEL_ABSENT = (6, 512, 8, None, 2048)
+UNIT_MODEL_OTHER = (8, 768, 12, 12, 64, 2048)
+UNIT_MODEL_ABSENT = (6, 512, 8, None, 64, 2048)
+PRESET_HEAD_SIZE = 64  # the head size of every preset but "large" (which keeps the LLM's)
+T2U_LAYER = re.compile(r"unit_translator\.model\.layers\.(\d+)\.")
 
 
 def rename_original_key(key: str) -> str | None:
@@ -112,46 +115,110 @@ def text_config_from_original(original: dict) -> dict:
     return LlamaConfig(**fields).to_dict()
 
 
+def _preset_shape(preset: tuple, text_config: dict) -> tuple[int, ...]:
+    """A preset as `(layers, hidden, heads, kv heads, head size, FFN)`, the LLM's values filled in."""
+    llm = (
+        None,
+        text_config["hidden_size"],
+        text_config["num_attention_heads"],
+        text_config["num_key_value_heads"],
+        text_config.get("head_dim") or text_config["hidden_size"] // text_config["num_attention_heads"],
+        text_config["intermediate_size"],
+    )
+    return tuple(llm[i] if value is None else value for i, value in enumerate(preset))
+
+
+def _describe(layers, hidden, q_rows, k_rows, ffn) -> str:
+    return f"{layers} layers of width {hidden} (q_proj {q_rows} rows, k_proj {k_rows} rows, FFN {ffn})"
+
+
+def _echo_tensor_shapes(shapes: dict[str, tuple]) -> tuple[int, int, int, int, int]:
+    """`(layers, hidden, q rows, k rows, FFN)` of the original echo decoder's tensors."""
+    layer_numbers = sorted({int(m.group(1)) for key in shapes if (m := T2U_LAYER.match(key))})
+    if layer_numbers != list(range(len(layer_numbers))):
+        raise ValueError(f"The original echo decoder's layers are numbered {layer_numbers}, not 0 … n-1.")
+    names = {
+        "hidden": "unit_translator.model.norm.weight",
+        "q": "unit_translator.model.layers.0.self_attn.q_proj.weight",
+        "k": "unit_translator.model.layers.0.self_attn.k_proj.weight",
+        "ffn": "unit_translator.model.layers.0.mlp.gate_proj.weight",
+    }
+    missing = [key for key in names.values() if key not in shapes]
+    if missing:
+        raise ValueError(f"The original checkpoint has no echo decoder tensor {missing[0]}; was it saved with unit_output?")
+    return (len(layer_numbers), *(shapes[key][0] for key in names.values()))
+
+
+def _head_split_from_shapes(found: tuple[int, ...], text_config: dict) -> tuple[int, int, int]:
+    """
+    `(heads, kv heads, head size)` of an echo decoder whose config has no `unit_model`, read off its q/k rows. The
+    original's presets split heads in two ways: a head size of 64 (every preset but "large"), or the LLM's own split
+    ("large"). The split is taken when exactly one of them fits the rows (or both fit and agree); otherwise the rows
+    do not tell the number of heads, and the conversion is refused.
+    """
+    layers, hidden, q_rows, k_rows, ffn = found
+    readings = {}
+    if q_rows % PRESET_HEAD_SIZE == 0 and k_rows % PRESET_HEAD_SIZE == 0:
+        heads, kv_heads = q_rows // PRESET_HEAD_SIZE, k_rows // PRESET_HEAD_SIZE
+        if kv_heads and heads % kv_heads == 0:
+            readings[f"a head size of {PRESET_HEAD_SIZE} (the small, medium and default presets)"] = (heads, kv_heads, PRESET_HEAD_SIZE)
+    _, _, heads, kv_heads, head_dim, _ = _preset_shape(UNIT_MODEL_PRESETS["large"], text_config)
+    if (q_rows, k_rows) == (heads * head_dim, kv_heads * head_dim):
+        readings["the LLM's split (the large preset)"] = (heads, kv_heads, head_dim)
+    splits = set(readings.values())
+    if len(splits) == 1:
+        return splits.pop()
+    what = _describe(*found)
+    if not splits:
+        raise ValueError(
+            f"The original config.json has no unit_model and the echo decoder's tensors ({what}) fit none of the "
+            f"original's head splits (a head size of {PRESET_HEAD_SIZE}, or the LLM's {heads} heads / {kv_heads} kv heads "
+            f"of size {head_dim}), so its number of attention heads is unknown; add the right unit_model to config.json."
+        )
+    options = "; ".join(f"{heads} heads / {kv} kv heads of size {size} ({name})" for name, (heads, kv, size) in readings.items())
+    raise ValueError(
+        f"The original config.json has no unit_model and the echo decoder's tensors ({what}) are ambiguous: its "
+        f"attention could be {options}. Add the right unit_model to config.json (\"large\" for the LLM's split)."
+    )
+
+
 def echo_config_from_original(original: dict, text_config: dict, shapes: dict[str, tuple]) -> dict:
     """
-    The echo decoder's transformer settings (the Llama fields of `EchoXEchoDecoderConfig`) as a dict: number of heads
-    from the original `unit_model` preset, layers and widths from the checkpoint's tensor shapes, RoPE / norm /
-    activation settings inherited from the LLM, 2048 positions.
-    """
-    unit_model = original.get("unit_model")
-    if unit_model is None:
-        preset = UNIT_MODEL_ABSENT
-    else:
-        preset = UNIT_MODEL_PRESETS.get(unit_model, UNIT_MODEL_DEFAULT)
-    layers, hidden, heads, kv_heads, ffn = preset
-    heads = heads or text_config["num_attention_heads"]
+    The echo decoder's transformer settings (the Llama fields of `EchoXEchoDecoderConfig`) as a dict, with RoPE / norm
+    / activation settings inherited from the LLM and 2048 positions, as the original builds it.
 
-    layer_numbers = {int(m.group(1)) for key in shapes if (m := re.match(r"unit_translator\.model\.layers\.(\d+)\.", key))}
-    try:
-        shape_hidden = shapes["unit_translator.model.norm.weight"][0]
-        q_rows = shapes["unit_translator.model.layers.0.self_attn.q_proj.weight"][0]
-        k_rows = shapes["unit_translator.model.layers.0.self_attn.k_proj.weight"][0]
-        shape_ffn = shapes["unit_translator.model.layers.0.mlp.gate_proj.weight"][0]
-    except KeyError as error:
-        raise ValueError(f"The original checkpoint has no echo decoder tensor {error}; was it saved with unit_output?") from None
-    if q_rows % heads:
-        raise ValueError(f"The echo decoder's q_proj has {q_rows} rows, not a multiple of its {heads} heads (unit_model={unit_model!r}).")
-    head_dim = q_rows // heads
-    found = (len(layer_numbers), shape_hidden, shape_ffn)
-    expected = (layers, hidden or text_config["hidden_size"], ffn or text_config["intermediate_size"])
-    if found != expected:
-        logger.warning(
-            "The echo decoder's tensors (layers, hidden, FFN = %s) differ from the unit_model=%r preset %s; using the tensors.",
-            found,
-            unit_model,
-            expected,
-        )
+    With `unit_model` in `config.json` its preset (see `UNIT_MODEL_PRESETS`) gives every size, and the checkpoint's
+    tensors must have exactly those sizes (the original would not load them otherwise): a disagreement is refused,
+    naming both. Without `unit_model` the layers, width and FFN size are read off the tensors and the head split from
+    the q/k rows where that is unambiguous (see `_head_split_from_shapes`); an ambiguous split is refused.
+    """
+    found = _echo_tensor_shapes(shapes)
+    if "unit_model" in original:
+        unit_model = original["unit_model"]
+        presets = [UNIT_MODEL_PRESETS.get(unit_model, UNIT_MODEL_OTHER)]
+        if unit_model == "tiny":  # the released code's meaning, then the one the name had before the rename
+            presets.append(UNIT_MODEL_PRESETS["small"])
+        expected = []
+        for preset in presets:
+            layers, hidden, heads, kv_heads, head_dim, ffn = _preset_shape(preset, text_config)
+            expected.append((layers, hidden, heads * head_dim, kv_heads * head_dim, ffn))
+            if found == expected[-1]:
+                break
+        else:
+            raise ValueError(
+                f"The original config.json has unit_model={unit_model!r}, for which the original builds an echo decoder "
+                f"of {' or '.join(_describe(*shape) for shape in expected)}, but the checkpoint's echo decoder tensors "
+                f"are {_describe(*found)}; the config and the checkpoint do not belong together."
+            )
+    else:
+        heads, kv_heads, head_dim = _head_split_from_shapes(found, text_config)
+    layers, hidden, _, _, ffn = found
     return {
-        "hidden_size": shape_hidden,
-        "intermediate_size": shape_ffn,
-        "num_hidden_layers": len(layer_numbers),
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": k_rows // head_dim,
+        "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "max_position_embeddings": ECHO_MAX_POSITIONS,
         "vocab_size": 1,
