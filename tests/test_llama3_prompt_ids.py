@@ -119,13 +119,26 @@ def test_speech_turn_matches_the_released_template(processor, llama3_tokenizer, 
         assert user[-3:] == [AUDIO_PATCH, BOS, EOT]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the original's text-only user turn is header + enc(text) + eot, with no enc('\\n') piece; "
-    "build_prompt_ids(has_audio=False) encodes '\\n' + text",
-)
 def test_text_only_turn_matches_the_released_template(processor, llama3_tokenizer):
     text = "What is the capital of France?"
     # the original's text-only user turn: header, then the text piece (BOS first), then eot
     user = [START_HEADER, BOS, USER, END_HEADER] + llama3_tokenizer(text).input_ids + [EOT]
     assert processor.build_prompt_ids(text, has_audio=False) == _system_turn(llama3_tokenizer) + user + ASSISTANT_START
+
+
+def test_conversation_matches_the_released_template(processor, llama3_tokenizer):
+    """Earlier turns as the released `gen_model_inputs` lays them out: speech turn, assistant answer, text turn."""
+    turns = [
+        {"role": "user", "content": [{"type": "audio", "path": "question.wav"}]},
+        {"role": "assistant", "content": "Paris is the capital of France."},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    from modeling_echox.model.conversation import read_conversation
+
+    ids = processor.build_conversation_ids(read_conversation(turns, processor.audio_token))
+    tok = llama3_tokenizer
+    expected = _system_turn(tok)
+    expected += [START_HEADER, BOS, USER, END_HEADER, BOS, NEWLINE, AUDIO_PATCH] + tok("").input_ids + [EOT]
+    expected += [START_HEADER, BOS, ASSISTANT, END_HEADER, BOS, NEWLINE] + tok("Paris is the capital of France.").input_ids + [EOT]
+    expected += [START_HEADER, BOS, USER, END_HEADER] + tok("And of Italy?").input_ids + [EOT]
+    assert ids == expected + ASSISTANT_START

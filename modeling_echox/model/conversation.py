@@ -3,9 +3,12 @@ EchoX conversations: the turns a prompt is built from (system, user with audio a
 transformers' chat-message format and checked.
 """
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 ROLES = ("system", "user", "assistant")
 _AUDIO_KEYS = ("audio", "path", "array")
@@ -97,4 +100,56 @@ def is_conversation(value) -> bool:
     )
 
 
-__all__ = ["EchoXTurn", "ROLES", "is_conversation", "read_conversation"]
+def _is_clip(value: Any) -> bool:
+    """One audio clip (as opposed to a batch of clips): a path, an array / tensor or a dict."""
+    return isinstance(value, (str, os.PathLike, Mapping, np.ndarray)) or type(value).__module__.startswith("torch")
+
+
+def single_turns(audio, text) -> list[list[EchoXTurn]]:
+    """
+    One single-turn conversation per request of `EchoXProcessor(audio=..., text=...)`: one clip or a list of clips
+    (`None` entries are text-only), with one text for all or one per clip.
+    """
+    if text is not None:
+        if isinstance(text, str):
+            texts = [text]
+        elif isinstance(text, Sequence) and all(isinstance(t, str) for t in text):
+            texts = list(text)
+            if not texts:
+                raise ValueError("`text` is an empty list.")
+        else:
+            raise ValueError("`text` must be a string or a list of strings.")
+    if audio is None:
+        if text is None:
+            raise ValueError("EchoXProcessor needs audio, text, or both; got neither.")
+        return [[EchoXTurn("user", prompt)] for prompt in texts]
+
+    if _is_clip(audio):
+        clips = [audio]
+    elif isinstance(audio, (list, tuple)):
+        clips = list(audio)
+        if not clips:
+            raise ValueError("`audio` is an empty list.")
+        if any(isinstance(clip, (int, float)) and not isinstance(clip, bool) for clip in clips):
+            raise ValueError(
+                "`audio` looks like a list of samples: pass one clip as a numpy array (with `sampling_rate`) "
+                "and a batch as a list of clips."
+            )
+    else:
+        raise ValueError(
+            f"Unsupported `audio` of type {type(audio).__name__}: expected a path, an array, a dict or a list "
+            "of those."
+        )
+
+    if text is None:
+        texts = [""] * len(clips)
+    elif isinstance(text, str) and len(clips) > 1:
+        texts = texts * len(clips)  # one instruction for every clip
+    elif len(texts) != len(clips):
+        raise ValueError(
+            f"Got {len(clips)} audio clip(s) but {len(texts)} text prompt(s); pass one text per clip."
+        )
+    return [[EchoXTurn("user", prompt, clip)] for clip, prompt in zip(clips, texts)]
+
+
+__all__ = ["EchoXTurn", "ROLES", "is_conversation", "read_conversation", "single_turns"]

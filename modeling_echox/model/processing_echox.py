@@ -2,7 +2,7 @@
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -11,7 +11,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import cached_file, logging
 
 from .audio_io import DEFAULT_MAX_SECONDS, load_audio
-from .conversation import EchoXTurn, read_conversation
+from .conversation import EchoXTurn, read_conversation, single_turns
 from .unit_vocabulary import UNIT_VOCAB_FILE, EchoXUnitVocabulary
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -25,11 +25,6 @@ _END_HEADER = "<|end_header_id|>"
 _EOT = "<|eot_id|>"
 logger = logging.get_logger(__name__)
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
-
-
-def _is_clip(value: Any) -> bool:
-    """One audio clip (as opposed to a batch of clips): a path, an array / tensor or a dict."""
-    return isinstance(value, (str, os.PathLike, Mapping, np.ndarray)) or type(value).__module__.startswith("torch")
 
 
 class EchoXProcessor(ProcessorMixin):
@@ -298,53 +293,10 @@ class EchoXProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------ __call__
 
-    def _normalize_inputs(self, audio, text) -> tuple[list[Any], list[str]]:
-        if text is not None:
-            if isinstance(text, str):
-                texts = [text]
-            elif isinstance(text, Sequence) and all(isinstance(t, str) for t in text):
-                texts = list(text)
-                if not texts:
-                    raise ValueError("`text` is an empty list.")
-            else:
-                raise ValueError("`text` must be a string or a list of strings.")
-        if audio is None:
-            if text is None:
-                raise ValueError(f"{self.__class__.__name__} needs audio, text, or both; got neither.")
-            return [None] * len(texts), texts
-
-        if _is_clip(audio):
-            clips = [audio]
-        elif isinstance(audio, (list, tuple)):
-            clips = list(audio)
-            if not clips:
-                raise ValueError("`audio` is an empty list.")
-            if any(isinstance(clip, (int, float)) and not isinstance(clip, bool) for clip in clips):
-                raise ValueError(
-                    "`audio` looks like a list of samples: pass one clip as a numpy array (with `sampling_rate`) "
-                    "and a batch as a list of clips."
-                )
-        else:
-            raise ValueError(
-                f"Unsupported `audio` of type {type(audio).__name__}: expected a path, an array, a dict or a list "
-                "of those."
-            )
-
-        if text is None:
-            texts = [""] * len(clips)
-        elif isinstance(text, str) and len(clips) > 1:
-            texts = texts * len(clips)  # one instruction for every clip
-        elif len(texts) != len(clips):
-            raise ValueError(
-                f"Got {len(clips)} audio clip(s) but {len(texts)} text prompt(s); pass one text per clip."
-            )
-        return clips, texts
-
     def _conversations(self, audio, text, conversation) -> list[list[EchoXTurn]]:
         """The batch as conversations: the given ones, or one single user turn per clip / text."""
         if conversation is None:
-            clips, texts = self._normalize_inputs(audio, text)
-            return [[EchoXTurn("user", prompt, clip)] for clip, prompt in zip(clips, texts)]
+            return single_turns(audio, text)
         if audio is not None or text is not None:
             raise ValueError("Pass either `conversation` or `audio` / `text`, not both: a conversation holds its audio and text.")
         if not isinstance(conversation, (list, tuple)):
