@@ -567,3 +567,13 @@ def test_round_trip_without_unit_vocabulary_and_explicit_override(feature_extrac
     override = EchoXUnitVocabulary.from_num_units(3)
     with_units = EchoXProcessor.from_pretrained(tmp_path, unit_vocabulary=override)
     assert with_units.unit_tokens == ["<|unit_0|>", "<|unit_1|>", "<|unit_2|>"]
+
+
+def test_truncate_long_audio_is_an_option(feature_extractor, tokenizer):
+    long_clip = 0.1 * np.sin(np.arange(SR * 31) / 5).astype(np.float32)
+    with pytest.raises(ValueError, match="too long"):
+        EchoXProcessor(feature_extractor, tokenizer)(audio=long_clip, sampling_rate=SR)
+    truncating = EchoXProcessor(feature_extractor, tokenizer, truncate_long_audio=True)
+    features = truncating(audio=long_clip, sampling_rate=SR)["input_features"]
+    expected = EchoXProcessor(feature_extractor, tokenizer)(audio=long_clip[: SR * 30], sampling_rate=SR)["input_features"]
+    assert torch.equal(features, expected)

@@ -46,7 +46,9 @@ class EchoXProcessor(ProcessorMixin):
               Llama-3 tokenizer prepends `<|begin_of_text|>` to each piece (see `build_prompt_ids`).
             - `"chat_template"`: `tokenizer.apply_chat_template` on `[system, user: audio_token + text]` with the
               generation prompt (uses the processor's `chat_template` if set, else the tokenizer's).
-        max_audio_seconds (`float`): longest accepted clip; longer clips are refused, never truncated.
+        max_audio_seconds (`float`): longest accepted clip; longer clips are refused (unless `truncate_long_audio`).
+        truncate_long_audio (`bool`): cut longer clips to `max_audio_seconds`, with a warning, as the released EchoX's
+            feature extractor does with its 30 s window (default `False`: refuse them, naming the length).
         chat_template (`str`, *optional*): a Jinja chat template for `prompt_format="chat_template"`.
         unit_token_offset (`int`, *optional*): echo-decoder id of the first unit token (the model config's), for
             `decode_units`.
@@ -68,6 +70,7 @@ class EchoXProcessor(ProcessorMixin):
         unit_token_offset: int | None = None,
         num_units: int | None = None,
         max_prompt_length: int | None = None,
+        truncate_long_audio: bool = False,
     ):
         if prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}.")
@@ -100,6 +103,7 @@ class EchoXProcessor(ProcessorMixin):
         self.unit_token_offset = unit_token_offset
         self.num_units = num_units
         self.max_prompt_length = max_prompt_length
+        self.truncate_long_audio = bool(truncate_long_audio)
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
         if prompt_format == "llama3_pieces":
             self._llama3_special_ids()  # fail early if the tokenizer lacks the Llama-3 header tokens
@@ -293,6 +297,17 @@ class EchoXProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------ __call__
 
+    def _truncated(self, waveform: np.ndarray) -> np.ndarray:
+        """`waveform` cut to `max_audio_seconds` when `truncate_long_audio` (with a warning), else as it is."""
+        limit = int(self.max_audio_seconds * self.feature_extractor.sampling_rate)
+        if not self.truncate_long_audio or waveform.shape[0] <= limit:
+            return waveform
+        logger.warning(
+            "A clip of %.2f s is cut to its first %g s (truncate_long_audio=True, as the released EchoX does).",
+            waveform.shape[0] / self.feature_extractor.sampling_rate, self.max_audio_seconds,
+        )
+        return waveform[:limit]
+
     def _conversations(self, audio, text, conversation) -> list[list[EchoXTurn]]:
         """The batch as conversations: the given ones, or one single user turn per clip / text."""
         if conversation is None:
@@ -351,14 +366,13 @@ class EchoXProcessor(ProcessorMixin):
                 clip = turn.audio
                 # files and dicts with a "sampling_rate" carry their own rate; `sampling_rate` is for bare arrays
                 own_rate = isinstance(clip, Mapping) and clip.get("sampling_rate") is not None
-                waveforms.append(
-                    load_audio(
-                        clip,
-                        sampling_rate=None if own_rate else sampling_rate,
-                        target_rate=self.feature_extractor.sampling_rate,
-                        max_seconds=self.max_audio_seconds,
-                    )
+                waveform = load_audio(
+                    clip,
+                    sampling_rate=None if own_rate else sampling_rate,
+                    target_rate=self.feature_extractor.sampling_rate,
+                    max_seconds=None if self.truncate_long_audio else self.max_audio_seconds,
                 )
+                waveforms.append(self._truncated(waveform))
             ids = self.build_conversation_ids(turns)
             expected = sum(turn.audio is not None for turn in turns)
             if ids.count(self.audio_token_id) != expected:  # pragma: no cover - guarded by the text check
