@@ -32,8 +32,9 @@ class EchoXProcessor(ProcessorMixin):
     Builds EchoX prompts. Wraps a `WhisperFeatureExtractor` (speech → log-mel features of the 30 s window), the LLM
     tokenizer and the unit-language vocabulary ([`EchoXUnitVocabulary`], stored as `unit_vocab.txt`).
 
-    Every prompt that comes with audio holds exactly one `audio_token` id; the model replaces it by the clip's
-    (variable number of) speech vectors.
+    A prompt holds one `audio_token` id per audio clip (one per user turn with audio); the model replaces each by its
+    clip's (variable number of) speech vectors. Requests are single turns (`audio` / `text`) or conversations
+    (`conversation`, see `read_conversation`), laid out as the released template does (`build_conversation_ids`).
 
     Args:
         feature_extractor (`WhisperFeatureExtractor`): computes `input_features`.
@@ -43,8 +44,8 @@ class EchoXProcessor(ProcessorMixin):
         system_prompt (`str`): the system message (default: the original EchoX one).
         prompt_format (`str`):
             - `"llama3_pieces"` (default, the original): the prompt is assembled from separately tokenized pieces, so a
-              Llama-3 tokenizer prepends `<|begin_of_text|>` to each piece (see `build_prompt_ids`).
-            - `"chat_template"`: `tokenizer.apply_chat_template` on `[system, user: audio_token + text]` with the
+              Llama-3 tokenizer prepends `<|begin_of_text|>` to each piece (see `build_conversation_ids`).
+            - `"chat_template"`: `tokenizer.apply_chat_template` on the turns (the audio placeholder first in a user turn) with the
               generation prompt (uses the processor's `chat_template` if set, else the tokenizer's).
         max_audio_seconds (`float`): longest accepted clip; longer clips are refused (unless `truncate_long_audio`).
         truncate_long_audio (`bool`): cut longer clips to `max_audio_seconds`, with a warning, as the released EchoX's
