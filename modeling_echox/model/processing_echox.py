@@ -45,8 +45,8 @@ class EchoXProcessor(ProcessorMixin):
         prompt_format (`str`):
             - `"llama3_pieces"` (default, the original): the prompt is assembled from separately tokenized pieces, so a
               Llama-3 tokenizer prepends `<|begin_of_text|>` to each piece (see `build_conversation_ids`).
-            - `"chat_template"`: `tokenizer.apply_chat_template` on the turns (the audio placeholder first in a user turn) with the
-              generation prompt (uses the processor's `chat_template` if set, else the tokenizer's).
+            - `"chat_template"`: `tokenizer.apply_chat_template` on the turns (the audio placeholder first in a user
+              turn) with the generation prompt (uses the processor's `chat_template` if set, else the tokenizer's).
         max_audio_seconds (`float`): longest accepted clip; longer clips are refused (unless `truncate_long_audio`).
         truncate_long_audio (`bool`): cut longer clips to `max_audio_seconds`, with a warning, as the released EchoX's
             feature extractor does with its 30 s window (default `False`: refuse them, naming the length).
