@@ -57,7 +57,7 @@ class EchoXServer:
         self._engine = Engine(model, processor)
         self._state = threading.Condition()
         self._waiting: deque[PendingRequest] = deque()
-        self._answering = 0  # requests admitted and not ended, as of the engine's last turn
+        self._taken: list[RequestChannel] = []  # submitted, not ended: what the limits count
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="echox-server", daemon=True)
         self._thread.start()
@@ -79,13 +79,16 @@ class EchoXServer:
         with self._state:
             if self._closed:
                 raise EchoXServerClosed("This EchoXServer is closed.")
-            waiting = sum(not request.channel.cancelled for request in self._waiting)
-            if self._answering + waiting >= self.max_batch_size + self.max_queue_size:
+            # Requests count until they end or are cancelled (a cancelled one leaves the batch at the next step).
+            self._taken = [taken for taken in self._taken if not (taken.done or taken.cancelled)]
+            if len(self._taken) >= self.max_batch_size + self.max_queue_size:
+                waiting = sum(not request.channel.cancelled for request in self._waiting)
                 raise EchoXServerBusy(
-                    f"EchoX is busy: {self._answering} questions are being answered and {waiting} are waiting, the "
-                    f"most this server takes ({self.max_batch_size} answered together, {self.max_queue_size} waiting). "
-                    "Please try again in a moment."
+                    f"EchoX is busy: {len(self._taken) - waiting} questions are being answered and {waiting} are "
+                    f"waiting, the most this server takes ({self.max_batch_size} answered together, "
+                    f"{self.max_queue_size} waiting). Please try again in a moment."
                 )
+            self._taken.append(channel)
             self._waiting.append(PendingRequest(channel, audio, sampling_rate, config))
             self._state.notify()
         return EchoXRequest(channel)
@@ -130,17 +133,14 @@ class EchoXServer:
         try:
             while True:
                 with self._state:
-                    while not self._waiting and not self._answering and not self._closed:
+                    while not self._waiting and not len(self._engine) and not self._closed:
                         self._state.wait()
                     if self._closed:
                         break
                     room = self.max_batch_size - len(self._engine)
                     admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-                    self._answering = len(self._engine) + len(admitted)
                 self._engine.admit(admitted)
                 self._engine.turn()
-                with self._state:
-                    self._answering = len(self._engine)
         except BaseException as failure:  # a fault of the loop itself: nothing more can be answered
             logger.exception("The EchoX server stopped")
             error = failure
