@@ -1,133 +1,101 @@
 """
-The server's engine: one thread that owns the model and answers every admitted request, step by step.
+The server's engine: the thread that owns the LLM and writes every admitted answer, step by step.
 
-Each turn of its loop: requests that arrived join (each prefilled alone, its first segment voiced at once), one
-decoding step runs over all answers being written, the segments cut during that step are voiced (the echo decoder
-reading all answers' segments in one batch, then each answer's vocoder stream), and finished, cancelled or failed
-answers leave the batch.
+Each turn of its loop: requests that arrived join (each prefilled alone, as a lone `generate` call would be), then one
+decoding step runs over all answers being written; the segments cut along the way go to the voicing thread
+(`VoicingThread`), which speaks them while the engine goes on, and finished, cancelled or failed answers leave the
+batch.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from ..model.generation_configuration_echox import EchoXGenerationConfig
-from ..model.streaming import EchoXStreamChunk
-from ..model.voicing import EchoXSegment, EchoXVoicer, echo_units_together
-from .decoding_batch import DecodingBatch, DecodingRow
+from ..model.voicing import EchoXVoicer
+from .answer import AnswerInProgress
+from .decoding_batch import DecodingBatch
 from .errors import EchoXInputError, EchoXRequestCancelled
-from .request import EchoXAnswer, RequestChannel
+from .request import PendingRequest
+from .voicing_thread import VoicingThread
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PendingRequest:
-    """A submitted request, not yet admitted: its audio (as `submit` got it) and its generation config."""
-
-    channel: RequestChannel
-    audio: object
-    sampling_rate: int | None
-    generation_config: EchoXGenerationConfig
-
-
-@dataclass(eq=False)
-class _Answer:
-    """An admitted request: its row in the decoding batch, its voicer, the segments waiting to be voiced."""
-
-    channel: RequestChannel
-    generation_config: EchoXGenerationConfig
-    voicer: EchoXVoicer
-    eos_token_ids: set[int]
-    row: DecodingRow | None = None
-    tokens: list[int] = field(default_factory=list)
-    segments: list[EchoXSegment] = field(default_factory=list)  # cut, not voiced yet
-    chunks: list[EchoXStreamChunk] = field(default_factory=list)
-    segment_unit_ids: list[list[int]] = field(default_factory=list)  # of the non-empty segments, as `generate` gives them
-    writing: bool = True  # the LLM is still writing it
-
-    @property
-    def voiced(self) -> bool:
-        return not self.writing and not self.segments
 
 
 class Engine:
     """
     The loop body of an `EchoXServer`'s thread. `admit` takes new requests into the batch; `turn` runs one decoding
-    step and voices what it cut; `abort` ends every admitted request with an error. Not thread-safe: only the
-    server's thread calls it, so the model, its prompt-prefix cache and the voicers are used by that thread alone.
+    step; `abort` ends every answer being written; `close` stops the voicing thread. Not thread-safe: only the
+    server's thread calls it, so the LLM and the prompt-prefix cache are used by that thread alone (the voicing thread
+    uses the echo decoder and the vocoder).
     """
 
     def __init__(self, model, processor):
         self.model = model
         self.processor = processor
         self.batch = DecodingBatch(model)
-        self.answers: list[_Answer] = []
+        self.answers: list[AnswerInProgress] = []  # being written
+        self.voicing = VoicingThread(processor.tokenizer)
 
     def __len__(self) -> int:
         return len(self.answers)
 
     @torch.no_grad()
     def admit(self, pending: list[PendingRequest]) -> None:
-        """Prefill each new request and voice its first segment if its first token cut one; a failure ends it alone."""
+        """Prefill each new request (its first segment goes to the voicing thread at once); a failure ends it alone."""
         for request in pending:
             if request.channel.cancelled:
                 request.channel.fail(EchoXRequestCancelled("The request was cancelled before it was answered."))
                 continue
-            answer = self._prepare(request)
-            if answer is None:
-                continue
-            self.answers.append(answer)
-            self._voice([answer])
-            self._retire()
+            self._prepare(request)
 
     @torch.no_grad()
     def turn(self) -> None:
-        """Drop cancelled answers, run one decoding step over the rest, voice the segments it cut, retire finished ones."""
-        for answer in self.answers:
+        """Drop cancelled and failed answers, then run one decoding step over the rest."""
+        for answer in list(self.answers):
             if answer.channel.cancelled:
                 self._end(answer, EchoXRequestCancelled("The request was cancelled."))
-        self._retire()
-        if len(self.batch):
-            writing = {id(answer.row): answer for answer in self.answers if answer.writing}
-            try:
-                chosen = self.batch.step()
-            except Exception as error:  # a failed forward leaves no usable cache: every answer being written ends
-                logger.exception("EchoX decoding step failed")
-                for answer in writing.values():
-                    self._end(answer, error)
-                self.batch.clear()
-            else:
-                for row, (token, state) in zip(list(self.batch.rows), chosen):
-                    self._take(writing[id(row)], token, state)
-        self._voice([answer for answer in self.answers if answer.segments])
-        self._retire()
+            elif answer.channel.done:  # its voicing failed
+                self._stop_writing(answer)
+        if not self.answers:
+            return
+        rows = {id(answer.row): answer for answer in self.answers}
+        try:
+            chosen = self.batch.step()
+        except Exception as error:  # a failed forward leaves no usable cache: every answer being written ends
+            logger.exception("EchoX decoding step failed")
+            for answer in list(self.answers):
+                self._end(answer, error)
+            self.batch.clear()
+            return
+        for row, (token, state) in zip(list(self.batch.rows), chosen):
+            self._take(rows[id(row)], token, state)
 
     def abort(self, error: BaseException) -> None:
-        """End every admitted request with `error`."""
-        for answer in self.answers:
+        """End every answer being written with `error`."""
+        for answer in list(self.answers):
             self._end(answer, error)
-        self._retire()
+
+    def close(self, error: BaseException) -> None:
+        """Stop the voicing thread; answers it has not completed end with `error`."""
+        self.voicing.close(error)
 
     # ----------------------------------------------------------------------------------------------------- steps
-    def _prepare(self, request: PendingRequest) -> _Answer | None:
-        """Features, prompt and prefill of one request; `None` when it failed (its channel says why)."""
+    def _prepare(self, request: PendingRequest) -> None:
+        """Features, prompt and prefill of one request; a failure ends it (its channel says why)."""
         try:
             inputs = self.processor(audio=request.audio, sampling_rate=request.sampling_rate)
         except (ValueError, TypeError, OSError) as error:
             request.channel.fail(EchoXInputError(f"This audio cannot be used: {error}"))
-            return None
+            return
         except Exception as error:
             request.channel.fail(error)
-            return None
+            return
         config = request.generation_config
         eos = config.eos_token_id
         try:
-            answer = _Answer(
+            answer = AnswerInProgress(
                 channel=request.channel,
                 generation_config=config,
                 voicer=EchoXVoicer(self.model, config, self.processor.tokenizer),
@@ -137,76 +105,34 @@ class Engine:
         except Exception as error:
             logger.exception("EchoX failed to start an answer")
             request.channel.fail(error)
-            return None
+            return
+        self.answers.append(answer)
         self._take(answer, token, state)
-        return answer
 
-    def _take(self, answer: _Answer, token: int, state: torch.Tensor) -> None:
-        """Hand the answer its next token: cut a segment if the rule says so; end it at eos or at its length limit."""
-        if token in answer.eos_token_ids:
+    def _take(self, answer: AnswerInProgress, token: int, state: torch.Tensor) -> None:
+        """
+        Hand the answer its next token: a segment the rule cuts goes to the voicing thread; at eos or at its length
+        limit the answer leaves the batch and its rest goes to the voicing thread as its last segment.
+        """
+        segments, last = [], token in answer.eos_token_ids
+        if not last:
+            answer.tokens.append(token)
+            segment = answer.voicer.add(token, state)
+            if segment is not None:
+                segments.append(segment)
+            last = len(answer.tokens) >= answer.generation_config.max_new_tokens
+        if last:
             self._stop_writing(answer)
-            return
-        answer.tokens.append(token)
-        segment = answer.voicer.add(token, state)
-        if segment is not None:
-            answer.segments.append(segment)
-        if len(answer.tokens) >= answer.generation_config.max_new_tokens:
-            self._stop_writing(answer)
+            segment = answer.voicer.finish()
+            if segment is not None:
+                segments.append(segment)
+        if segments or last:
+            self.voicing.hand_over(answer, segments, last)
 
-    def _stop_writing(self, answer: _Answer) -> None:
-        answer.writing = False
+    def _stop_writing(self, answer: AnswerInProgress) -> None:
         self.batch.remove([answer.row])
-        segment = answer.voicer.finish()
-        if segment is not None:
-            answer.segments.append(segment)
+        self.answers.remove(answer)
 
-    def _voice(self, answers: list[_Answer]) -> None:
-        """Voice the cut segments of these answers and hand their chunks out; a failure ends the answers it hit."""
-        answers = [answer for answer in answers if answer.segments and not answer.channel.done]
-        if not answers:
-            return
-        work = [(answer.voicer, answer.segments) for answer in answers]
-        try:
-            units = echo_units_together(work)
-        except Exception as error:
-            logger.exception("EchoX echo decoding failed")
-            for answer in answers:
-                self._end(answer, error)
-            return
-        for answer, (voicer, segments), spoken in zip(answers, work, units):
-            answer.segments = []
-            try:
-                chunks = voicer.vocode(segments, spoken)
-            except Exception as error:
-                logger.exception("EchoX vocoding failed")
-                self._end(answer, error)
-                continue
-            for segment, chunk in zip(segments, chunks):
-                answer.chunks.append(chunk)
-                if segment.end > segment.start:
-                    answer.segment_unit_ids.append(chunk.unit_ids)
-                answer.channel.put(chunk)
-
-    def _retire(self) -> None:
-        """Complete the answers that are written and voiced; forget every answer that has ended."""
-        for answer in self.answers:
-            if answer.voiced and not answer.channel.done:
-                answer.channel.finish(self._answer(answer))
-        self.answers = [answer for answer in self.answers if not answer.channel.done]
-
-    def _end(self, answer: _Answer, error: BaseException) -> None:
-        if answer.writing:
-            answer.writing = False
-            self.batch.remove([answer.row])
-        answer.segments = []
+    def _end(self, answer: AnswerInProgress, error: BaseException) -> None:
+        self._stop_writing(answer)
         answer.channel.fail(error)
-
-    def _answer(self, answer: _Answer) -> EchoXAnswer:
-        audio = [chunk.audio for chunk in answer.chunks]
-        return EchoXAnswer(
-            text=self.processor.tokenizer.decode(answer.tokens, skip_special_tokens=True),
-            token_ids=list(answer.tokens),
-            segment_unit_ids=list(answer.segment_unit_ids),
-            audio=np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32),
-            sampling_rate=self.model.config.vocoder_config.sampling_rate,
-        )

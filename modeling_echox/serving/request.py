@@ -7,6 +7,7 @@ from queue import Empty, Queue
 
 import numpy as np
 
+from ..model.generation_configuration_echox import EchoXGenerationConfig
 from ..model.streaming import EchoXStreamChunk
 
 _END = object()
@@ -72,6 +73,16 @@ class RequestChannel:
 
     def get(self, timeout: float | None):
         return self._chunks.get(timeout=timeout)
+
+
+@dataclass
+class PendingRequest:
+    """A submitted request, not yet admitted: its channel, its audio (as `submit` got it) and its generation config."""
+
+    channel: RequestChannel
+    audio: object
+    sampling_rate: int | None
+    generation_config: EchoXGenerationConfig
 
 
 class EchoXRequest:

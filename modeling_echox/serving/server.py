@@ -8,9 +8,9 @@ from collections import deque
 
 from ..model.generation_configuration_echox import EchoXGenerationConfig
 from ..model.segmentation import segmentation_rule
-from .engine import Engine, PendingRequest
+from .engine import Engine
 from .errors import EchoXServerBusy, EchoXServerClosed
-from .request import EchoXRequest, RequestChannel
+from .request import EchoXRequest, PendingRequest, RequestChannel
 
 logger = logging.getLogger(__name__)
 
@@ -149,5 +149,6 @@ class EchoXServer:
                 self._closed = True
                 pending, self._waiting = list(self._waiting), deque()
             self._engine.abort(error)
+            self._engine.close(error)
             for request in pending:
                 request.channel.fail(error)
