@@ -104,7 +104,7 @@ _MALLOC_TRIM = _find_malloc_trim()
 def release_freed_memory() -> None:
     """
     Give the heap memory freed by a finished request back to the operating system. glibc serves the threads of a
-    request (the model's decoding and voicing threads, gradio's workers) from per-thread arenas and keeps what they
+    request (the EchoX server's thread, gradio's workers) from per-thread arenas and keeps what they
     free for later; from request to request that memory fragments and the server's resident size creeps up (about
     65 MB per 100 EchoX-mini requests without this; tests/test_space_soak.py). `malloc_trim(0)` returns the free
     pages of every arena. A no-op where the C library has no `malloc_trim`.

@@ -16,9 +16,9 @@ from .request import EchoXAnswer, RequestChannel
 @dataclass(eq=False)
 class AnswerInProgress:
     """
-    An admitted request. The engine's thread writes it (`row` in the decoding batch, `tokens`, the voicer's segments)
-    until it leaves the batch; the voicing thread says it (`deliver` each voiced chunk, then `complete`). Once the
-    channel is done (answered, failed or cancelled) both threads leave it.
+    An admitted request: its row in the decoding batch, the tokens written so far, the segments cut and not yet
+    voiced (`segments`), and what its client has been given (`deliver` each voiced chunk, then `complete`). `writing`
+    is true until the LLM has written all of it; once every segment is voiced too, it is complete.
     """
 
     channel: RequestChannel
@@ -27,6 +27,8 @@ class AnswerInProgress:
     eos_token_ids: set[int]
     row: DecodingRow | None = None
     tokens: list[int] = field(default_factory=list)
+    writing: bool = True
+    segments: list[EchoXSegment] = field(default_factory=list)  # cut, not voiced yet
     chunks: list[EchoXStreamChunk] = field(default_factory=list)
     segment_unit_ids: list[list[int]] = field(default_factory=list)  # of the non-empty segments, as `generate` gives them
 

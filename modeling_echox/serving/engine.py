@@ -1,10 +1,10 @@
 """
-The server's engine: the thread that owns the LLM and writes every admitted answer, step by step.
+The server's engine: one thread that owns the model and answers every admitted request, step by step.
 
-Each turn of its loop: requests that arrived join (each prefilled alone, as a lone `generate` call would be), then one
-decoding step runs over all answers being written; the segments cut along the way go to the voicing thread
-(`VoicingThread`), which speaks them while the engine goes on, and finished, cancelled or failed answers leave the
-batch.
+Each turn of its loop: requests that arrived join (each prefilled alone, its first segment voiced at once), one
+decoding step runs over all answers being written, the segments cut during that step are voiced (the echo decoder
+reading all answers' segments in one batch, then each answer's vocoder stream), and finished, cancelled or failed
+answers leave the batch.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import logging
 
 import torch
 
-from ..model.voicing import EchoXVoicer
+from ..model.voicing import EchoXVoicer, echo_units_together
 from .answer import AnswerInProgress
 from .decoding_batch import DecodingBatch
 from .errors import EchoXInputError, EchoXRequestCancelled
 from .request import PendingRequest
-from .voicing_thread import VoicingThread
 
 logger = logging.getLogger(__name__)
 
@@ -26,72 +25,72 @@ logger = logging.getLogger(__name__)
 class Engine:
     """
     The loop body of an `EchoXServer`'s thread. `admit` takes new requests into the batch; `turn` runs one decoding
-    step; `abort` ends every answer being written; `close` stops the voicing thread. Not thread-safe: only the
-    server's thread calls it, so the LLM and the prompt-prefix cache are used by that thread alone (the voicing thread
-    uses the echo decoder and the vocoder).
+    step and voices what it cut; `abort` ends every admitted request with an error. Not thread-safe: only the
+    server's thread calls it, so the model, its prompt-prefix cache and the voicers are used by that thread alone.
     """
 
     def __init__(self, model, processor):
         self.model = model
         self.processor = processor
         self.batch = DecodingBatch(model)
-        self.answers: list[AnswerInProgress] = []  # being written
-        self.voicing = VoicingThread(processor.tokenizer)
+        self.answers: list[AnswerInProgress] = []
 
     def __len__(self) -> int:
         return len(self.answers)
 
     @torch.no_grad()
     def admit(self, pending: list[PendingRequest]) -> None:
-        """Prefill each new request (its first segment goes to the voicing thread at once); a failure ends it alone."""
+        """Prefill each new request and voice its first segment if its first token cut one; a failure ends it alone."""
         for request in pending:
             if request.channel.cancelled:
                 request.channel.fail(EchoXRequestCancelled("The request was cancelled before it was answered."))
                 continue
-            self._prepare(request)
+            answer = self._prepare(request)
+            if answer is None:
+                continue
+            self.answers.append(answer)
+            self._voice([answer])
+            self._retire()
 
     @torch.no_grad()
     def turn(self) -> None:
-        """Drop cancelled and failed answers, then run one decoding step over the rest."""
-        for answer in list(self.answers):
+        """Drop cancelled answers, run one decoding step over the rest, voice the segments it cut, retire finished ones."""
+        for answer in self.answers:
             if answer.channel.cancelled:
                 self._end(answer, EchoXRequestCancelled("The request was cancelled."))
-            elif answer.channel.done:  # its voicing failed
-                self._stop_writing(answer)
-        if not self.answers:
-            return
-        rows = {id(answer.row): answer for answer in self.answers}
-        try:
-            chosen = self.batch.step()
-        except Exception as error:  # a failed forward leaves no usable cache: every answer being written ends
-            logger.exception("EchoX decoding step failed")
-            for answer in list(self.answers):
-                self._end(answer, error)
-            self.batch.clear()
-            return
-        for row, (token, state) in zip(list(self.batch.rows), chosen):
-            self._take(rows[id(row)], token, state)
+        self._retire()
+        if len(self.batch):
+            writing = {id(answer.row): answer for answer in self.answers if answer.writing}
+            try:
+                chosen = self.batch.step()
+            except Exception as error:  # a failed forward leaves no usable cache: every answer being written ends
+                logger.exception("EchoX decoding step failed")
+                for answer in writing.values():
+                    self._end(answer, error)
+                self.batch.clear()
+            else:
+                for row, (token, state) in zip(list(self.batch.rows), chosen):
+                    self._take(writing[id(row)], token, state)
+        self._voice([answer for answer in self.answers if answer.segments])
+        self._retire()
 
     def abort(self, error: BaseException) -> None:
-        """End every answer being written with `error`."""
-        for answer in list(self.answers):
+        """End every admitted request with `error`."""
+        for answer in self.answers:
             self._end(answer, error)
-
-    def close(self, error: BaseException) -> None:
-        """Stop the voicing thread; answers it has not completed end with `error`."""
-        self.voicing.close(error)
+        self._retire()
 
     # ----------------------------------------------------------------------------------------------------- steps
-    def _prepare(self, request: PendingRequest) -> None:
-        """Features, prompt and prefill of one request; a failure ends it (its channel says why)."""
+    def _prepare(self, request: PendingRequest) -> AnswerInProgress | None:
+        """Features, prompt and prefill of one request; `None` when it failed (its channel says why)."""
         try:
             inputs = self.processor(audio=request.audio, sampling_rate=request.sampling_rate)
         except (ValueError, TypeError, OSError) as error:
             request.channel.fail(EchoXInputError(f"This audio cannot be used: {error}"))
-            return
+            return None
         except Exception as error:
             request.channel.fail(error)
-            return
+            return None
         config = request.generation_config
         eos = config.eos_token_id
         try:
@@ -105,34 +104,63 @@ class Engine:
         except Exception as error:
             logger.exception("EchoX failed to start an answer")
             request.channel.fail(error)
-            return
-        self.answers.append(answer)
+            return None
         self._take(answer, token, state)
+        return answer
 
     def _take(self, answer: AnswerInProgress, token: int, state: torch.Tensor) -> None:
-        """
-        Hand the answer its next token: a segment the rule cuts goes to the voicing thread; at eos or at its length
-        limit the answer leaves the batch and its rest goes to the voicing thread as its last segment.
-        """
-        segments, last = [], token in answer.eos_token_ids
-        if not last:
-            answer.tokens.append(token)
-            segment = answer.voicer.add(token, state)
-            if segment is not None:
-                segments.append(segment)
-            last = len(answer.tokens) >= answer.generation_config.max_new_tokens
-        if last:
+        """Hand the answer its next token: cut a segment if the rule says so; end it at eos or at its length limit."""
+        if token in answer.eos_token_ids:
             self._stop_writing(answer)
-            segment = answer.voicer.finish()
-            if segment is not None:
-                segments.append(segment)
-        if segments or last:
-            self.voicing.hand_over(answer, segments, last)
+            return
+        answer.tokens.append(token)
+        segment = answer.voicer.add(token, state)
+        if segment is not None:
+            answer.segments.append(segment)
+        if len(answer.tokens) >= answer.generation_config.max_new_tokens:
+            self._stop_writing(answer)
 
     def _stop_writing(self, answer: AnswerInProgress) -> None:
+        answer.writing = False
         self.batch.remove([answer.row])
-        self.answers.remove(answer)
+        segment = answer.voicer.finish()
+        if segment is not None:
+            answer.segments.append(segment)
+
+    def _voice(self, answers: list[AnswerInProgress]) -> None:
+        """Voice the cut segments of these answers and hand their chunks out; a failure ends the answers it hit."""
+        answers = [answer for answer in answers if answer.segments and not answer.channel.done]
+        if not answers:
+            return
+        work = [(answer.voicer, answer.segments) for answer in answers]
+        try:
+            units = echo_units_together(work)
+        except Exception as error:
+            logger.exception("EchoX echo decoding failed")
+            for answer in answers:
+                self._end(answer, error)
+            return
+        for answer, (voicer, segments), spoken in zip(answers, work, units):
+            answer.segments = []
+            try:
+                chunks = voicer.vocode(segments, spoken)
+            except Exception as error:
+                logger.exception("EchoX vocoding failed")
+                self._end(answer, error)
+                continue
+            for segment, chunk in zip(segments, chunks):
+                answer.deliver(segment, chunk)
+
+    def _retire(self) -> None:
+        """Complete the answers that are written and voiced; forget every answer that has ended."""
+        for answer in self.answers:
+            if not answer.writing and not answer.segments and not answer.channel.done:
+                answer.complete(self.processor.tokenizer)
+        self.answers = [answer for answer in self.answers if not answer.channel.done]
 
     def _end(self, answer: AnswerInProgress, error: BaseException) -> None:
-        self._stop_writing(answer)
+        if answer.writing:
+            answer.writing = False
+            self.batch.remove([answer.row])
+        answer.segments = []
         answer.channel.fail(error)

@@ -149,6 +149,5 @@ class EchoXServer:
                 self._closed = True
                 pending, self._waiting = list(self._waiting), deque()
             self._engine.abort(error)
-            self._engine.close(error)
             for request in pending:
                 request.channel.fail(error)
