@@ -10,6 +10,9 @@ its next question as soon as its last one is answered (a closed loop, as people 
 - `space`: through the Gradio Space (`spaces_demo/app.py`, started on 127.0.0.1 in a process of its own) with one
   `gradio_client.Client` per client (output files are not downloaded).
 
+With one client, every question is also answered by `model.stream` alone right after its engine request (`lone` in
+the engine's results, timed as benchmarks/latency.py times it), so that the two compare on the same machine state.
+
 Per request: first audio (from handing over the question until the first chunk with audio reaches the client; for the
 Space, the first update whose status counts some speech) and answer time (until the whole answer is there). Per N:
 their p50 / p90 in ms, answers per second (answered requests / wall time of the run), errors (failed or timed-out
@@ -43,6 +46,7 @@ from latency import spoken_questions  # noqa: E402
 
 from modeling_echox.model.loading import load_echox  # noqa: E402
 from modeling_echox.serving import EchoXServer  # noqa: E402
+from modeling_echox.torch_threads import torch_threads  # noqa: E402
 
 APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "spaces_demo", "app.py")
 SPEECH_SECONDS = re.compile(r"([0-9.]+) s of speech")
@@ -115,17 +119,58 @@ def engine_asker(server: EchoXServer, clips: list[tuple[np.ndarray, int]], mode:
     return ask
 
 
+def lone_asker(model, processor, clips: list[tuple[np.ndarray, int]], mode: str):
+    """One question answered by `model.stream` alone, as benchmarks/latency.py times it (features on one thread)."""
+
+    def ask(index: int) -> dict:
+        audio, rate = clips[index % len(clips)]
+        started = time.perf_counter()
+        first_audio, error = None, None
+        try:
+            with torch_threads(1):
+                inputs = processor(audio=audio, sampling_rate=rate)
+            for chunk in model.stream(**inputs, tokenizer=processor.tokenizer, segmentation_mode=mode):
+                if first_audio is None and chunk.audio.size:
+                    first_audio = time.perf_counter()
+        except Exception as failure:  # counted, with its message
+            error = f"{type(failure).__name__}: {failure}"
+        finished = time.perf_counter()
+        return {
+            "first_audio_ms": None if first_audio is None else (first_audio - started) * 1000,
+            "answer_ms": (finished - started) * 1000,
+            "error": error,
+        }
+
+    return ask
+
+
 def bench_engine(model, processor, clips, levels, questions, mode, timeout) -> dict:
+    """
+    The engine at each number of clients. With one client, each question is also answered by `model.stream` alone
+    right after (`lone`: the same questions, interleaved, so that the machine's drift hits both alike).
+    """
     results = {}
     with EchoXServer(model, processor, max_batch_size=max(levels), max_queue_size=0) as server:
         ask = engine_asker(server, clips, mode, timeout)
-        ask(0)  # warm-up
+        lone = lone_asker(model, processor, clips, mode)
+        ask(0), lone(0)  # warm-up
         for clients in levels:
             load_before = os.getloadavg()[0]
-            records, wall = run_clients(clients, questions, ask)
+            if clients == 1:
+                records, lone_records = [], []
+                for index in range(questions):
+                    records.append(ask(index))
+                    lone_records.append(lone(index))
+                wall = sum(record["answer_ms"] for record in records) / 1000
+                lone_wall = sum(record["answer_ms"] for record in lone_records) / 1000
+            else:
+                records, wall = run_clients(clients, questions, ask)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             results[str(clients)] = summarize(records, wall, peak, load_before, os.getloadavg()[0])
             print(f"engine, {clients} client(s): {json.dumps(results[str(clients)])}", flush=True)
+            if clients == 1:
+                results["lone"] = summarize(lone_records, lone_wall, peak, load_before, os.getloadavg()[0])
+                print(f"model.stream alone: {json.dumps(results['lone'])}", flush=True)
     return results
 
 
@@ -239,6 +284,9 @@ def targets(engine: dict, levels: list[int]) -> dict:
     one, most = engine["1"], engine[str(max(levels))]
     return {
         "clients": max(levels),
+        "one_client_first_audio_ms_p50_over_lone": one["first_audio_ms_p50"] / engine["lone"]["first_audio_ms_p50"],
+        "one_client_first_audio_within_10_percent_of_lone": one["first_audio_ms_p50"]
+        <= 1.1 * engine["lone"]["first_audio_ms_p50"],
         "answer_ms_p50_over_one_client": most["answer_ms_p50"] / one["answer_ms_p50"],
         "answer_ms_p50_at_most_2x": most["answer_ms_p50"] <= 2 * one["answer_ms_p50"],
         "first_audio_ms_p50_at_most_1000": most["first_audio_ms_p50"] <= 1000,

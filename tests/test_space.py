@@ -446,6 +446,38 @@ def test_api_streams_text_and_audio(served, question_wav):
     client.close()
 
 
+def test_a_listener_who_leaves_takes_the_question_out_of_the_batch(served, question_wav, monkeypatch):
+    """gradio closes the generator of a cancelled job; its question then leaves the server's batch unanswered."""
+    from gradio_client import Client, handle_file
+
+    from modeling_echox.serving import EchoXRequestCancelled
+    from modeling_echox.serving.decoding_batch import DecodingBatch
+
+    space, step, submitted = served.echox_space, DecodingBatch.step, []
+
+    def slow_step(self):  # a slow model: the answer takes seconds
+        time.sleep(0.25)
+        return step(self)
+
+    def recording_submit(*args, **kwargs):
+        submitted.append(submit(*args, **kwargs))
+        return submitted[-1]
+
+    submit = space.server.submit
+    monkeypatch.setattr(DecodingBatch, "step", slow_step)
+    monkeypatch.setattr(space.server, "submit", recording_submit)
+    client = Client(served.local_url, verbose=False, analytics_enabled=False)
+    job = client.submit(handle_file(question_wav), "fast", api_name="/respond")
+    deadline = time.monotonic() + 60
+    while not job.outputs() and time.monotonic() < deadline:  # the first segment has arrived
+        time.sleep(0.05)
+    job.cancel()
+    (request,) = submitted
+    with pytest.raises(EchoXRequestCancelled):
+        request.result(timeout=60)
+    client.close()
+
+
 # ------------------------------------------------------------------------------------- a real browser (chromium)
 @pytest.fixture(scope="module")
 def browser(served, tmp_path_factory):
