@@ -244,9 +244,9 @@ class EchoXSpace:
     def respond(self, audio, mode: str | None = None) -> Iterator[tuple[str, bytes | None, str, bytes | None]]:
         """
         Answer one spoken question (through the server, together with the other listeners' questions). Yields
-        `(answer text so far, wav bytes of the new audio or None, status, None)`
-        once per voiced segment (and the one-sample nudges, see `NUDGE_INTERVAL_S`), then, when the answer is
-        complete, `(answer text, None, "done …" status, the whole answer as one 16-bit wav file, or None if it has
+        `(answer text so far, wav bytes of the new audio or None, status, None)` once per voiced segment, and every
+        `NUDGE_INTERVAL_S` without one (a one-sample nudge, see `NUDGE_INTERVAL_S`, or the status alone: gradio
+        closes the generator of a cancelled request only between yields), then, when the answer is complete, `(answer text, None, "done …" status, the whole answer as one 16-bit wav file, or None if it has
         no audio)`. Bad input and failures raise `gr.Error` with a friendly message (never a traceback). When the
         request ends, however it ends, the memory it freed is returned to the system (`release_freed_memory`).
         """
@@ -278,10 +278,12 @@ class EchoXSpace:
                     waited += NUDGE_INTERVAL_S
                     if waited >= self.stream_timeout:
                         raise
+                    status = self._status(mode, segments, seconds, first_audio, started, False)
                     if last_sample is not None and nudges < MAX_NUDGES:
                         nudges += 1  # see NUDGE_INTERVAL_S: release the audio gradio's encoder still holds
-                        status = self._status(mode, segments, seconds, first_audio, started, False)
                         yield text, wav_bytes(last_sample, out_rate), status, None
+                    else:  # the status ticks on, and gradio can close the generator of a listener who left
+                        yield text, None, status, None
                     continue
                 if chunk is None:
                     break
