@@ -246,9 +246,10 @@ class EchoXSpace:
         Answer one spoken question (through the server, together with the other listeners' questions). Yields
         `(answer text so far, wav bytes of the new audio or None, status, None)` once per voiced segment, and every
         `NUDGE_INTERVAL_S` without one (a one-sample nudge, see `NUDGE_INTERVAL_S`, or the status alone: gradio
-        closes the generator of a cancelled request only between yields), then, when the answer is complete, `(answer text, None, "done …" status, the whole answer as one 16-bit wav file, or None if it has
-        no audio)`. Bad input and failures raise `gr.Error` with a friendly message (never a traceback). When the
-        request ends, however it ends, the memory it freed is returned to the system (`release_freed_memory`).
+        closes the generator of a cancelled request only between yields), then, when the answer is complete,
+        `(answer text, None, "done …" status, the whole answer as one 16-bit wav file, or None if it has no audio)`.
+        Bad input and failures raise `gr.Error` with a friendly message (never a traceback). When the request ends,
+        however it ends, the memory it freed is returned to the system (`release_freed_memory`).
         """
         try:
             yield from self._respond(audio, mode)
