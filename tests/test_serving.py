@@ -31,8 +31,8 @@ def tiny():
 
 
 def _lone(model, processor, clip, **kwargs):
-    """`generate`'s answer to one clip alone: (answer tokens, text, units per segment, waveform)."""
-    inputs = processor(audio=clip, sampling_rate=SR)
+    """`generate`'s answer to one clip (an array at 16 kHz, or a file) alone: (tokens, text, units per segment, waveform)."""
+    inputs = processor(audio=clip, sampling_rate=None if isinstance(clip, str) else SR)
     output = model.generate(**inputs, tokenizer=processor.tokenizer, **kwargs)
     eos = model.generation_config.eos_token_id
     tokens = output.sequences[0].tolist()
@@ -66,6 +66,43 @@ def batch_sizes(monkeypatch):
 
     monkeypatch.setattr(DecodingBatch, "step", recording)
     return sizes
+
+
+def test_padded_batch_cache_keeps_each_rows_keys_and_drops_unneeded_padding():
+    from transformers import DynamicCache
+
+    from modeling_echox.serving.batch_cache import PaddedBatchCache
+
+    generator = torch.Generator().manual_seed(0)
+    rows = {}
+    for name, length in (("a", 5), ("b", 9), ("c", 3)):
+        layers = [(torch.randn(1, 2, length, 4, generator=generator), torch.randn(1, 2, length, 4, generator=generator))
+                  for _ in range(2)]
+        mask = torch.ones(1, length, dtype=torch.long)
+        mask[0, 1] = 0  # a masked prompt position stays masked
+        rows[name] = (layers, mask)
+    batch = PaddedBatchCache()
+    for name in "abc":
+        layers, mask = rows[name]
+        batch.add(DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in layers]), mask)
+
+    def check(names):
+        width = batch.mask.shape[1]
+        assert width == max(rows[name][1].shape[1] for name in names)  # no column that every row pads
+        for index, name in enumerate(names):
+            layers, mask = rows[name]
+            length = mask.shape[1]
+            assert batch.mask[index, : width - length].eq(0).all() and batch.mask[index, width - length :].equal(mask[0])
+            for layer, (keys, values) in zip(batch.cache.layers, layers):
+                assert layer.keys[index, :, width - length :].equal(keys[0])
+                assert layer.values[index, :, width - length :].equal(values[0])
+
+    check("abc")
+    batch.remove([1])  # the longest row leaves: the padding only it needed goes
+    check("ac")
+    assert batch.next_mask().shape == (2, 6) and batch.mask[:, -1].eq(1).all()
+    batch.remove([0, 1])
+    assert len(batch) == 0 and batch.cache is None
 
 
 @pytest.mark.parametrize("mode", ["fast", "faithful"])
@@ -229,3 +266,30 @@ def test_sampling_is_served(tiny):
     with EchoXServer(model, processor) as server:
         answer = server.submit(clips[0], sampling_rate=SR, do_sample=True, top_k=5, max_new_tokens=6).result(TIMEOUT)
     assert len(answer.token_ids) <= 6 and answer.audio.dtype == np.float32
+
+
+def test_echox_mini_answers_eight_spoken_questions_together_as_alone(tmp_path):
+    """EchoX-mini: eight flite questions asked at once get the text, units and audio `generate` gives each alone."""
+    import shutil
+    import subprocess
+
+    pytest.importorskip("ctranslate2", reason="EchoX-mini's base weights (the mini extra) are not installed")
+    if shutil.which("flite") is None:
+        pytest.skip("flite is not installed")
+    from modeling_echox.mini.assembly import ensure_mini
+    from modeling_echox.model.loading import load_echox
+
+    model, processor = load_echox(ensure_mini())
+    questions = ["what is the capital of france", "what day comes after monday", "what is two plus three",
+                 "what month comes after march", "what is the capital of japan", "which continent is brazil in",
+                 "what is six times two", "what is the capital of spain"]
+    paths = []
+    for index, question in enumerate(questions):
+        paths.append(str(tmp_path / f"q{index}.wav"))
+        subprocess.run(["flite", "-voice", "awb", "-t", question, "-o", paths[-1]], check=True)
+    lone = [_lone(model, processor, path, segmentation_mode="fast") for path in paths]
+    with EchoXServer(model, processor) as server:
+        requests = [server.submit(path, segmentation_mode="fast") for path in paths]
+        for request, answer in zip(requests, lone):
+            _assert_lone_answer(request, answer)
+    assert "paris" in lone[0][1]

@@ -1,6 +1,11 @@
 """Serving EchoX to many listeners at once: `EchoXServer` (see server.py)."""
 
-from .errors import EchoXInputError, EchoXRequestCancelled, EchoXServerBusy, EchoXServerClosed
+from .errors import (
+    EchoXInputError,
+    EchoXRequestCancelled,
+    EchoXServerBusy,
+    EchoXServerClosed,
+)
 from .request import EchoXAnswer, EchoXRequest
 from .server import EchoXServer
 

@@ -108,18 +108,14 @@ class EchoXRequest:
         been handed out and the answer is complete. Raises `TimeoutError` when no chunk came in time, and the
         request's error if it failed (or `EchoXRequestCancelled` after `cancel`).
         """
-        if self._ended:
-            return self._end()
-        try:
-            item = self._channel.get(timeout)
-        except Empty:
-            raise TimeoutError(f"No chunk of the answer arrived within {timeout} s.") from None
-        if item is _END:
+        if not self._ended:
+            try:
+                item = self._channel.get(timeout)
+            except Empty:
+                raise TimeoutError(f"No chunk of the answer arrived within {timeout} s.") from None
+            if item is not _END:
+                return item
             self._ended = True
-            return self._end()
-        return item
-
-    def _end(self) -> None:
         if self._channel.error is not None:
             raise self._channel.error
         return None
