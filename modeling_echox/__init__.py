@@ -24,6 +24,7 @@ from .model.unit_vocabulary import EchoXUnitVocabulary
 from .model.vocoder import EchoXCodeHifiGan
 from .model.vocoder_istft import EchoXIstftGenerator
 from .model.voicing import EchoXVoicer
+from .serving import EchoXServer, EchoXServerBusy
 from .units.extractor import EchoXUnitExtractor
 from .units.kmeans import EchoXUnitKMeans, fit_kmeans
 from .units.unit_language import EchoXUnitLanguage, train_unit_language
@@ -58,6 +59,8 @@ __all__ = [
     "EchoXOutput",
     "EchoXPreTrainedModel",
     "EchoXProcessor",
+    "EchoXServer",
+    "EchoXServerBusy",
     "EchoXUnitExtractor",
     "EchoXUnitKMeans",
     "EchoXUnitLanguage",

@@ -3,7 +3,9 @@ EchoX speech-to-speech demo (a Gradio Space).
 
 Ask a question out loud (microphone or an uploaded file) and EchoX answers in text and speech. The spoken answer
 streams: each segment is voiced while the model goes on writing the next one, and the player starts as soon as the
-first segment's audio arrives. When the answer is complete, the whole of it is also given as one 16-bit WAV file: the
+first segment's audio arrives. Listeners are served together: every question goes to one `EchoXServer`
+(modeling_echox/serving), which answers up to `CONCURRENT_ANSWERS` of them in one batch; up to `QUEUE_MAX_SIZE` more
+wait in gradio's queue, and past that gradio turns new ones away. When the answer is complete, the whole of it is also given as one 16-bit WAV file: the
 API endpoint `/respond` returns `(text, streamed audio playlist, status, answer.wav)`, so a `gradio_client` script
 gets a playable file.
 
@@ -19,11 +21,9 @@ import ctypes.util
 import io
 import logging
 import os
-import queue
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import wave
 from collections.abc import Iterator
@@ -37,14 +37,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gradio as gr  # noqa: E402
 
 from .mini.assembly import default_model_dir  # noqa: E402
-from .model.streaming import EchoXStreamChunk  # noqa: E402
-from .torch_threads import torch_threads  # noqa: E402
+from .serving import EchoXInputError, EchoXServer, EchoXServerBusy  # noqa: E402
 
 logger = logging.getLogger("echox.space")
 
 SAMPLING_RATE = 16000
 MODES = ("faithful", "fast")
-QUEUE_MAX_SIZE = 16
+CONCURRENT_ANSWERS = 8  # questions answered together (the server's batch, and gradio's concurrency for /respond)
+QUEUE_MAX_SIZE = 16  # questions waiting in gradio's queue beyond those; more are turned away by gradio
 STREAM_TIMEOUT_S = 300.0  # a segment that takes longer than this to arrive ends the request with a message
 SILENCE_PEAK = 1e-4  # same threshold as modeling_echox.model.audio_io
 # Gradio re-encodes streamed audio to AAC in one ffmpeg process and publishes only the frames ffmpeg has emitted when a
@@ -58,9 +58,11 @@ MAX_NUDGES = 8
 # that is every page load or `gradio_client.Client`, up to the launch option `state_session_capacity` (10000 by
 # default: over 100 MB). The app keeps no state between requests, so only the most recent sessions are kept.
 SESSION_CAPACITY = 256
+# Earlier exchanges (question audio + answer text) a listener's conversation keeps in the prompt, as the released EchoX
+# keeps earlier turns; older ones are dropped, which bounds the prompt and each session's memory (16-bit audio kept).
+MAX_EARLIER_EXCHANGES = 3
 # The whole-answer WAV files are written to gradio's cache: every hour, those older than an hour are deleted.
 CACHE_CLEANUP_S = 3600
-_END = object()
 
 # Spoken example questions, synthesized with flite at start-up (never committed): questions EchoX-mini answers right
 # (tests/test_space.py checks each answer).
@@ -105,7 +107,7 @@ _MALLOC_TRIM = _find_malloc_trim()
 def release_freed_memory() -> None:
     """
     Give the heap memory freed by a finished request back to the operating system. glibc serves the threads of a
-    request (the model's decoding and voicing threads, gradio's workers) from per-thread arenas and keeps what they
+    request (the EchoX server's thread, gradio's workers) from per-thread arenas and keeps what they
     free for later; from request to request that memory fragments and the server's resident size creeps up (about
     65 MB per 100 EchoX-mini requests without this; tests/test_space_soak.py). `malloc_trim(0)` returns the free
     pages of every arena. A no-op where the C library has no `malloc_trim`.
@@ -218,9 +220,25 @@ def synthesize_examples(cache_dir: str | os.PathLike | None = None, questions=EX
     return paths
 
 
+def _with_float_audio(message: dict) -> dict:
+    """A conversation message whose 16-bit audio parts (as the Space keeps them) are float32 in [-1, 1]."""
+    if not isinstance(message.get("content"), list):
+        return message
+    parts = []
+    for part in message["content"]:
+        if part.get("type") == "audio":
+            clip = part["audio"]
+            part = {**part, "audio": {**clip, "array": clip["array"].astype(np.float32) / 32767.0}}
+        parts.append(part)
+    return {**message, "content": parts}
+
+
 # -------------------------------------------------------------------------------------------------- the space
 class EchoXSpace:
-    """The demo's state (model + processor) and its streaming answer function, usable without a server."""
+    """
+    The demo's state (model, processor and the `EchoXServer` that answers every listener's question) and its streaming
+    answer function, usable without a web server.
+    """
 
     def __init__(self, model, processor, stream_timeout: float = STREAM_TIMEOUT_S):
         self.model = model
@@ -228,6 +246,9 @@ class EchoXSpace:
         self.max_seconds = float(getattr(processor, "max_audio_seconds", 30.0))
         self.stream_timeout = stream_timeout
         self.default_mode = getattr(model.config, "segmentation_mode", "faithful")
+        # Gradio's queue holds the questions that wait (QUEUE_MAX_SIZE) and hands the server at most
+        # CONCURRENT_ANSWERS at a time, so the server keeps no queue of its own.
+        self.server = EchoXServer(model, processor, max_batch_size=CONCURRENT_ANSWERS, max_queue_size=0)
 
     @classmethod
     def from_pretrained(cls, model_dir: str) -> EchoXSpace:
@@ -236,44 +257,95 @@ class EchoXSpace:
         model, processor = load_echox(model_dir)
         return cls(model, processor)
 
-    def respond(self, audio, mode: str | None = None) -> Iterator[tuple[str, bytes | None, str, bytes | None]]:
+    def respond(
+        self, audio, mode: str | None = None, history: list | None = None, keep_question: bool = False
+    ) -> Iterator[tuple[str, bytes | None, str, bytes | None]]:
         """
-        Answer one spoken question. Yields `(answer text so far, wav bytes of the new audio or None, status, None)`
-        once per voiced segment (and the one-sample nudges, see `NUDGE_INTERVAL_S`), then, when the answer is
-        complete, `(answer text, None, "done …" status, the whole answer as one 16-bit wav file, or None if it has
-        no audio)`. Bad input and failures raise `gr.Error` with a friendly message (never a traceback). When the
-        request ends, however it ends, the memory it freed is returned to the system (`release_freed_memory`).
+        Answer one spoken question (through the server, together with the other listeners' questions). Yields
+        `(answer text so far, wav bytes of the new audio or None, status, None)` once per voiced segment, and every
+        `NUDGE_INTERVAL_S` without one (a one-sample nudge, see `NUDGE_INTERVAL_S`, or the status alone: gradio
+        closes the generator of a cancelled request only between yields), then, when the answer is complete,
+        `(answer text, None, "done …" status, the whole answer as one 16-bit wav file, or None if it has no audio)`.
+        Bad input and failures raise `gr.Error` with a friendly message (never a traceback). When the request ends,
+        however it ends, the memory it freed is returned to the system (`release_freed_memory`). `history`: earlier
+        conversation messages that go into the prompt before the question (see `converse`); with `keep_question`, the
+        question's own message (its audio as 16-bit samples) is yielded first, in place of the text.
         """
         try:
-            yield from self._respond(audio, mode)
+            yield from self._respond(audio, mode, history, keep_question)
         finally:
             release_freed_memory()
 
-    def _respond(self, audio, mode: str | None):
+    def converse(self, audio, mode: str | None, history: list | None):
+        """
+        `respond` within a conversation: `history` (a gradio `State`) holds the earlier exchanges as conversation
+        messages, which go into the prompt before this question. Yields `respond`'s outputs plus the history, which
+        gains this exchange (question audio, answer text) once the answer is complete; at most
+        `MAX_EARLIER_EXCHANGES` exchanges are kept.
+        """
+        history = list(history or [])
+        question, answer, status, whole = None, None, "", None
+        for text, audio_out, status, whole in self.respond(audio, mode, history=history, keep_question=True):
+            if isinstance(text, dict):  # the question as it was asked, handed back once at the start
+                question = text
+                continue
+            answer = text
+            yield text, audio_out, status, whole, history
+        if question is not None and answer:
+            history = (history + [question, {"role": "assistant", "content": answer}])[-2 * MAX_EARLIER_EXCHANGES :]
+        yield answer or "", None, status, whole, history
+
+    @staticmethod
+    def transcript(history: list | None) -> str:
+        """The conversation so far, as the page shows it (the answers; the questions were spoken)."""
+        answers = [message["content"] for message in history or [] if message["role"] == "assistant"]
+        if not answers:
+            return ""
+        lines = [f"{i}. (spoken question) → {answer}" for i, answer in enumerate(answers, 1)]
+        return "Earlier in this conversation (kept in the prompt):\n\n" + "\n".join(lines)
+
+    def _respond(self, audio, mode: str | None, history: list | None = None, keep_question: bool = False):
         started = time.perf_counter()
         mode = mode if mode in MODES else self.default_mode
         try:
             rate, samples = check_audio(audio, self.max_seconds)
-            # The Space's thread policy: features on one thread (see `torch_threads`). Requests run one at a time (the
-            # queue's concurrency limit), so no other request changes the count meanwhile.
-            with torch_threads(1):
-                inputs = self.processor(audio=samples, sampling_rate=rate)
         except InputError as error:
             raise gr.Error(str(error), print_exception=False) from None
-        except (ValueError, OSError, TypeError) as error:  # the processor's own validation
-            raise gr.Error(f"This audio cannot be used: {error}", print_exception=False) from None
+        # kept as 16-bit samples (half the memory of float32) in the listener's history
+        pcm = np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
+        question = {"role": "user", "content": [{"type": "audio", "audio": {"array": pcm, "sampling_rate": rate}}]}
+        if keep_question:
+            yield question, None, None, None
+        try:
+            if history:
+                conversation = [_with_float_audio(message) for message in [*history, question]]
+                request = self.server.submit(conversation=conversation, segmentation_mode=mode)
+            else:
+                request = self.server.submit(samples, sampling_rate=rate, segmentation_mode=mode)
+        except EchoXServerBusy:
+            raise gr.Error("EchoX is answering as many questions as it can. Please ask again in a moment.") from None
 
         text, seconds, first_audio, segments, nudges, last_sample = "", 0.0, None, 0, 0, None
         pieces, out_rate = [], SAMPLING_RATE  # the answer's audio, for the whole-answer wav
+        waited = 0.0  # since the last chunk
         try:
-            for item in self._chunks(inputs, mode):
-                if item is None:  # no new segment for NUDGE_INTERVAL_S
+            while True:
+                try:
+                    chunk = request.get(timeout=NUDGE_INTERVAL_S)
+                except TimeoutError:  # no new segment for NUDGE_INTERVAL_S
+                    waited += NUDGE_INTERVAL_S
+                    if waited >= self.stream_timeout:
+                        raise
+                    status = self._status(mode, segments, seconds, first_audio, started, False)
                     if last_sample is not None and nudges < MAX_NUDGES:
                         nudges += 1  # see NUDGE_INTERVAL_S: release the audio gradio's encoder still holds
-                        status = self._status(mode, segments, seconds, first_audio, started, False)
                         yield text, wav_bytes(last_sample, out_rate), status, None
+                    else:  # the status ticks on, and gradio can close the generator of a listener who left
+                        yield text, None, status, None
                     continue
-                chunk = item
+                if chunk is None:
+                    break
+                waited = 0.0
                 segments += 1
                 text += chunk.text
                 audio_out = None
@@ -286,58 +358,18 @@ class EchoXSpace:
                     audio_out = wav_bytes(chunk.audio, out_rate)
                     last_sample, nudges = chunk.audio[-1:], 0
                 yield text, audio_out, self._status(mode, segments, seconds, first_audio, started, False), None
-        except gr.Error:
-            raise
+        except EchoXInputError as error:  # the processor's own validation
+            raise gr.Error(str(error), print_exception=False) from None
         except Exception:
             logger.exception("EchoX failed while answering")
             raise gr.Error("Sorry, something went wrong while answering. Please try again.", title="Error") from None
+        finally:
+            request.cancel()  # a listener who left takes the question out of the batch (no-op once answered)
         if segments == 0:
             yield "", None, "The model gave an empty answer.", None
             return
         whole = wav_bytes(np.concatenate(pieces), out_rate) if pieces else None
         yield text, None, self._status(mode, segments, seconds, first_audio, started, True), whole
-
-    def _chunks(self, inputs, mode: str) -> Iterator[EchoXStreamChunk | None]:
-        """The model's chunks, made in a worker thread; `None` whenever none came for `NUDGE_INTERVAL_S`."""
-        import torch
-
-        items: queue.Queue = queue.Queue()
-        stop = threading.Event()
-
-        def pump():
-            try:
-                with torch.inference_mode():
-                    for chunk in self.model.stream(
-                        **inputs,
-                        processor=self.processor,
-                        segmentation_mode=mode,
-                        timeout=self.stream_timeout,
-                    ):
-                        items.put(chunk)
-                        if stop.is_set():  # the listener left: stop voicing further segments
-                            break
-            except BaseException as error:  # handed to the consumer, which re-raises it
-                items.put(error)
-            finally:
-                items.put(_END)
-
-        worker = threading.Thread(target=pump, name="echox-space-stream", daemon=True)
-        worker.start()
-        try:
-            while True:
-                try:
-                    item = items.get(timeout=NUDGE_INTERVAL_S)
-                except queue.Empty:
-                    yield None
-                    continue
-                if item is _END:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-        worker.join()  # it has put _END: the model's threads are done
 
     @staticmethod
     def _status(mode, segments, seconds, first_audio, started, done) -> str:
@@ -352,7 +384,10 @@ class EchoXSpace:
 DESCRIPTION = """\
 # EchoX: speech-to-speech assistant
 Ask a question out loud (microphone or file, at most {max_seconds:g} s), or pick an example, then press **Speak**.
-The spoken answer streams: it starts playing while the rest of the answer is still being written.
+The spoken answer streams: it starts playing while the rest of the answer is still being written. Your earlier
+questions and answers stay in the prompt, as in the original EchoX (the last {kept} exchanges); **New conversation**
+starts afresh.
+Up to {concurrent} listeners are answered together; {queued} more can wait in the queue.
 **Segmentation** chooses where the answer is cut into spoken pieces: `faithful` follows the original EchoX rule,
 `fast` cuts earlier at word boundaries so that speech starts sooner.
 Model: `{model_dir}`.
@@ -369,7 +404,13 @@ def build_demo(model_dir: str, space: EchoXSpace | None = None, examples_dir: st
         delete_cache=(CACHE_CLEANUP_S, CACHE_CLEANUP_S),
     ) as demo:
         gr.Markdown(
-            DESCRIPTION.format(max_seconds=space.max_seconds, model_dir=os.path.basename(os.path.normpath(model_dir)))
+            DESCRIPTION.format(
+                max_seconds=space.max_seconds,
+                model_dir=os.path.basename(os.path.normpath(model_dir)),
+                concurrent=space.server.max_batch_size,
+                kept=MAX_EARLIER_EXCHANGES,
+                queued=QUEUE_MAX_SIZE,
+            )
         )
         with gr.Row():
             with gr.Column():
@@ -382,7 +423,9 @@ def build_demo(model_dir: str, space: EchoXSpace | None = None, examples_dir: st
                 mode = gr.Radio(
                     list(MODES), value=space.default_mode, label="Segmentation mode", elem_id="mode"
                 )
-                speak = gr.Button("Speak", variant="primary", elem_id="speak")
+                with gr.Row():
+                    speak = gr.Button("Speak", variant="primary", elem_id="speak")
+                    new_conversation = gr.Button("New conversation", elem_id="new-conversation")
                 if example_paths:
                     gr.Examples(
                         examples=[[path] for path in example_paths],
@@ -409,14 +452,23 @@ def build_demo(model_dir: str, space: EchoXSpace | None = None, examples_dir: st
                     interactive=False,
                     elem_id="answer-wav",
                 )
+                transcript = gr.Markdown("", elem_id="conversation")
+        history = gr.State([])  # this listener's earlier exchanges (EchoXSpace.converse)
 
-        speak.click(
-            space.respond,
-            inputs=[question, mode],
-            outputs=[answer_text, answer_audio, status, answer_wav],
-            api_name="respond",
+        new_conversation.click(
+            lambda: ([], "", None, "New conversation: the next question starts it.", None, ""),
+            outputs=[history, answer_text, answer_audio, status, answer_wav, transcript],
+            api_name="new_conversation",
         )
-    demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
+        answered = speak.click(
+            space.converse,
+            inputs=[question, mode, history],
+            outputs=[answer_text, answer_audio, status, answer_wav, history],
+            api_name="respond",
+            concurrency_limit=space.server.max_batch_size,  # every listener's question goes to the one server
+        )
+        answered.then(space.transcript, inputs=[history], outputs=[transcript], api_name=False)
+    demo.queue(max_size=QUEUE_MAX_SIZE)
     demo.echox_space = space  # for tests and callers that want the loaded model
     demo.echox_examples = example_paths
     return demo

@@ -201,13 +201,39 @@ def test_gradio_numpy_input_and_unknown_mode(space, question_wav):
 
 
 def test_model_failure_is_reported_without_a_traceback(space, question_wav, monkeypatch):
+    from modeling_echox.serving.decoding_batch import DecodingBatch
+
     def broken(*args, **kwargs):
         raise RuntimeError("kaboom inside the model")
-        yield  # pragma: no cover
 
-    monkeypatch.setattr(space.model, "stream", broken)
+    monkeypatch.setattr(DecodingBatch, "add", broken)
     message = _raise(space, question_wav)
     assert "something went wrong" in message and "kaboom" not in message
+
+
+class ScriptedRequest:
+    """Stands in for an `EchoXRequest`: hands out `(delay_s, chunk)` pairs, each chunk `delay_s` after the one before."""
+
+    def __init__(self, script):
+        self._script = list(script)
+        self._due = time.perf_counter() + (self._script[0][0] if self._script else 0.0)
+        self.cancelled = False
+
+    def get(self, timeout=None):
+        if not self._script:
+            return None
+        wait = self._due - time.perf_counter()
+        if timeout is not None and wait > timeout:
+            time.sleep(timeout)
+            raise TimeoutError
+        time.sleep(max(0.0, wait))
+        _, chunk = self._script.pop(0)
+        if self._script:
+            self._due = time.perf_counter() + self._script[0][0]
+        return chunk
+
+    def cancel(self):
+        self.cancelled = True
 
 
 def test_slow_segments_are_followed_by_one_sample_nudges(space, question_wav, monkeypatch):
@@ -215,13 +241,11 @@ def test_slow_segments_are_followed_by_one_sample_nudges(space, question_wav, mo
     from modeling_echox.model.streaming import EchoXStreamChunk
 
     first = np.linspace(0.0, 0.5, 800, dtype=np.float32)
-
-    def slow_stream(**kwargs):
-        yield EchoXStreamChunk("Hello ", first, [], 0, False, SR)
-        time.sleep(0.8)
-        yield EchoXStreamChunk("world.", np.full(800, 0.5, np.float32), [], 1, True, SR)
-
-    monkeypatch.setattr(space.model, "stream", slow_stream)
+    script = [
+        (0.0, EchoXStreamChunk("Hello ", first, [], 0, False, SR)),
+        (0.8, EchoXStreamChunk("world.", np.full(800, 0.5, np.float32), [], 1, True, SR)),
+    ]
+    monkeypatch.setattr(space.server, "submit", lambda *args, **kwargs: ScriptedRequest(script))
     outputs = list(space.respond(question_wav, "fast"))
     sizes = [_wav_info(audio)[3] for _, audio, _, _ in outputs if audio is not None]
     assert sizes[0] == 800 and sizes[-1] == 800
@@ -232,6 +256,47 @@ def test_slow_segments_are_followed_by_one_sample_nudges(space, question_wav, mo
     # the whole answer holds the two segments, not the nudges
     expected = np.round(np.concatenate([first, np.full(800, 0.5, np.float32)]) * 32767.0).astype(np.int16)
     assert np.array_equal(_wav_pcm(outputs[-1][3]), expected)
+
+
+def test_listeners_are_answered_together_by_the_server(space, question_wav, tmp_path, monkeypatch):
+    """Questions asked at the same time share the server's decoding steps, and each gets its lone answer."""
+    from modeling_echox.serving.decoding_batch import DecodingBatch
+
+    sizes, step = [], DecodingBatch.step
+
+    def recording(self):
+        sizes.append(len(self))
+        return step(self)
+
+    monkeypatch.setattr(DecodingBatch, "step", recording)
+    samples, rate = soundfile.read(question_wav, dtype="float32")
+    louder = tmp_path / "louder.wav"
+    soundfile.write(louder, 0.5 * samples, rate)
+    questions = [question_wav, str(louder), question_wav]
+    results = [None] * len(questions)
+
+    def listen(index):
+        results[index] = list(space.respond(questions[index], "fast"))
+
+    listeners = [threading.Thread(target=listen, args=(index,)) for index in range(len(questions))]
+    for listener in listeners:
+        listener.start()
+    for listener in listeners:
+        listener.join(120)
+    assert max(sizes) >= 2  # answered in one batch
+    for question, outputs in zip(questions, results):
+        text, pcm = _generated(space, question, "fast")
+        assert outputs[-1][0] == text and _same_pcm(_wav_pcm(outputs[-1][3]), pcm)
+
+
+def test_a_busy_server_gives_a_friendly_error(space, question_wav, monkeypatch):
+    from modeling_echox.serving import EchoXServerBusy
+
+    def busy(*args, **kwargs):
+        raise EchoXServerBusy("EchoX is busy")
+
+    monkeypatch.setattr(space.server, "submit", busy)
+    assert "as many questions as it can" in _raise(space, question_wav)
 
 
 def test_examples_are_synthesized_and_cached(tmp_path, monkeypatch):
@@ -259,17 +324,25 @@ def test_without_flite_the_demo_offers_no_examples(checkpoint, space, tmp_path, 
 
 
 def test_demo_layout_and_queue(checkpoint, space, tmp_path):
+    from modeling_echox.demo import CONCURRENT_ANSWERS, QUEUE_MAX_SIZE
+
     demo = build_demo(checkpoint, space=space, examples_dir=str(tmp_path))
     fns = [fn for fn in demo.fns.values() if fn.api_name == "respond"]
-    assert len(fns) == 1 and fns[0].concurrency_limit == "default"
-    assert demo._queue.default_concurrency_limit == 1  # one request at a time on the shared model
-    assert demo._queue.max_size is not None
+    # several listeners at once, all answered by the one server (which batches them); the rest wait in gradio's queue
+    assert len(fns) == 1 and fns[0].concurrency_limit == CONCURRENT_ANSWERS == space.server.max_batch_size > 1
+    assert demo._queue.max_size == QUEUE_MAX_SIZE
     audios = {block.elem_id: block for block in demo.blocks.values() if isinstance(block, gr.Audio)}
     question, answer, whole = audios["question"], audios["answer-audio"], audios["answer-wav"]
     assert question.sources == ["microphone", "upload"] and not question.streaming
     assert answer.autoplay and answer.streaming
     assert not whole.streaming and whole.format == "wav" and not whole.interactive
-    assert [block.elem_id for block in fns[0].outputs] == ["answer-text", "answer-audio", "status", "answer-wav"]
+    outputs = fns[0].outputs
+    assert [block.elem_id for block in outputs[:4]] == ["answer-text", "answer-audio", "status", "answer-wav"]
+    assert isinstance(outputs[4], gr.State) and fns[0].inputs[2] is outputs[4]  # the listener's conversation
+    shown = next(fn for fn in demo.fns.values() if [block.elem_id for block in fn.outputs] == ["conversation"])
+    assert shown.inputs == [outputs[4]]
+    reset = next(fn for fn in demo.fns.values() if fn.api_name == "new_conversation")
+    assert reset.outputs[0] is outputs[4]
     radio = next(block for block in demo.blocks.values() if isinstance(block, gr.Radio))
     assert [choice[1] for choice in radio.choices] == ["faithful", "fast"]
 
@@ -290,9 +363,6 @@ def test_each_request_gives_its_freed_memory_back(space, question_wav, monkeypat
     assert len(calls) == 2
     answer.close()  # the listener left after the first segment
     assert len(calls) == 3
-    for thread in threading.enumerate():  # let the abandoned answer's worker finish before the model is used again
-        if thread.name == "echox-space-stream":
-            thread.join(timeout=60)
 
 
 def test_freed_memory_goes_back_with_glibc():
@@ -372,13 +442,47 @@ def test_api_streams_text_and_audio(served, question_wav):
     # real decoded audio (the first chunk's length depends on when the first segment was cut: short on a loaded machine)
     assert len(pcm) >= 2 * 1024  # at least one AAC frame (1024 samples) of decoded audio
 
-    # Bad input: a friendly error, and the next request still works.
+    # Bad input: a friendly error, and the next request still works (in a new conversation: the session's first
+    # exchange would otherwise stay in the prompt).
     with pytest.raises(AppError, match="No question yet"):
         client.predict(None, "fast", api_name="/respond")
+    client.predict(api_name="/new_conversation")
     text, audio, status, whole = client.predict(handle_file(question_wav), "faithful", api_name="/respond")
     assert text.strip() and status.startswith("done")
     pcm, rate = soundfile.read(whole, dtype="int16")
     assert rate == SR and _same_pcm(pcm, _generated(served.echox_space, question_wav, "faithful")[1])
+    client.close()
+
+
+def test_a_listener_who_leaves_takes_the_question_out_of_the_batch(served, question_wav, monkeypatch):
+    """gradio closes the generator of a cancelled job; its question then leaves the server's batch unanswered."""
+    from gradio_client import Client, handle_file
+
+    from modeling_echox.serving import EchoXRequestCancelled
+    from modeling_echox.serving.decoding_batch import DecodingBatch
+
+    space, step, submitted = served.echox_space, DecodingBatch.step, []
+
+    def slow_step(self):  # a slow model: the answer takes seconds
+        time.sleep(0.25)
+        return step(self)
+
+    def recording_submit(*args, **kwargs):
+        submitted.append(submit(*args, **kwargs))
+        return submitted[-1]
+
+    submit = space.server.submit
+    monkeypatch.setattr(DecodingBatch, "step", slow_step)
+    monkeypatch.setattr(space.server, "submit", recording_submit)
+    client = Client(served.local_url, verbose=False, analytics_enabled=False)
+    job = client.submit(handle_file(question_wav), "fast", api_name="/respond")
+    deadline = time.monotonic() + 60
+    while not job.outputs() and time.monotonic() < deadline:  # the first segment has arrived
+        time.sleep(0.05)
+    job.cancel()
+    (request,) = submitted
+    with pytest.raises(EchoXRequestCancelled):
+        request.result(timeout=60)
     client.close()
 
 
@@ -460,6 +564,10 @@ def test_browser_plays_the_streamed_answer(served, browser, shots):
         assert "Traceback" not in page.content()
         page.wait_for_timeout(800)  # let the toast finish sliding in
         page.screenshot(path=str(shots / "echox-space-error.png"))
+        # A new conversation (the first exchange leaves the prompt), then the next question is answered and played.
+        page.click("#new-conversation")
+        page.wait_for_function("() => document.querySelector('#status')?.innerText.includes('New conversation')",
+                               timeout=30_000)
         before = page.evaluate(STATUS)
         _pick_example(page, EXAMPLE_QUESTIONS[1])
         page.click("#speak")
@@ -473,14 +581,12 @@ def test_browser_starts_playing_before_the_answer_is_finished(served, browser, s
     """A slow three-segment answer (a stand-in for a real model): the player must start while it is still being made."""
     from modeling_echox.model.streaming import EchoXStreamChunk
 
-    def slow_stream(**kwargs):
-        t = np.arange(SR) / SR
-        for index, word in enumerate(["One, ", "two, ", "three."]):
-            time.sleep(1.5)
-            tone = (0.3 * np.sin(2 * np.pi * (300 + 100 * index) * t)).astype(np.float32)
-            yield EchoXStreamChunk(word, tone, [], index, index == 2, SR)
-
-    monkeypatch.setattr(served.echox_space.model, "stream", slow_stream)
+    t = np.arange(SR) / SR
+    script = [
+        (1.5, EchoXStreamChunk(word, (0.3 * np.sin(2 * np.pi * (300 + 100 * index) * t)).astype(np.float32), [], index, index == 2, SR))
+        for index, word in enumerate(["One, ", "two, ", "three."])
+    ]
+    monkeypatch.setattr(served.echox_space.server, "submit", lambda *args, **kwargs: ScriptedRequest(script))
     if not served.echox_examples:
         pytest.skip("flite is not installed, so the page has no example to click")
     page = browser.new_page()
@@ -540,29 +646,6 @@ def test_browser_microphone_and_upload(served, browser, shots, question_wav, tmp
         page.close()
 
 
-def test_features_are_computed_on_one_torch_thread_and_the_count_is_restored(space, question_wav, monkeypatch):
-    import torch
-
-    processor, seen = space.processor, []
-
-    class Recording:
-        def __call__(self, *args, **kwargs):
-            seen.append(torch.get_num_threads())
-            return processor(*args, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(processor, name)
-
-    monkeypatch.setattr(space, "processor", Recording())
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        list(space.respond(question_wav, "fast"))
-        assert seen == [1] and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(previous)
-
-
 # What each example question's answer must say (EchoX-mini answers only the kinds it was taught; MODEL_CARD.md).
 EXAMPLE_ANSWERS = {
     "what is the capital of france": "paris",
@@ -584,3 +667,31 @@ def test_echox_mini_answers_every_example_question_right(tmp_path):
     for question, path in zip(EXAMPLE_QUESTIONS, synthesize_examples(tmp_path)):
         text = list(space.respond(path, "faithful"))[-1][0]
         assert EXAMPLE_ANSWERS[question] in text.lower().split(), (question, text)
+
+
+def test_conversation_keeps_earlier_exchanges(space, question_wav, monkeypatch):
+    """The second question goes to the server with the first exchange before it; at most MAX_EARLIER_EXCHANGES kept."""
+    from modeling_echox.demo import MAX_EARLIER_EXCHANGES
+
+    submitted = []
+    submit = space.server.submit
+
+    def recording(*args, **kwargs):
+        submitted.append(kwargs.get("conversation"))
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(space.server, "submit", recording)
+    outputs = list(space.converse(question_wav, "fast", []))
+    text, _, status, whole, history = outputs[-1]
+    assert submitted == [None] and text and status.startswith("done") and whole
+    assert [message["role"] for message in history] == ["user", "assistant"] and history[1]["content"] == text
+    assert history[0]["content"][0]["audio"]["array"].dtype == np.int16  # kept as 16-bit samples
+    assert text in space.transcript(history) and space.transcript([]) == ""
+    second = list(space.converse(question_wav, "fast", history))[-1]
+    assert [message["role"] for message in submitted[1]] == ["user", "assistant", "user"]
+    assert submitted[1][0]["content"][0]["audio"]["array"].dtype == np.float32
+    assert len(second[4]) == 4
+    longer = second[4]
+    for _ in range(MAX_EARLIER_EXCHANGES):
+        longer = list(space.converse(question_wav, "fast", longer))[-1][4]
+    assert len(longer) == 2 * MAX_EARLIER_EXCHANGES and longer[0]["role"] == "user"

@@ -110,14 +110,23 @@ class EchoXVoicer:
     def voice(self, segments: list[EchoXSegment]) -> list[EchoXStreamChunk]:
         """Speak `segments` (the next ones of this answer, in order): one `EchoXStreamChunk` each."""
         spoken = [segment for segment in segments if segment.end > segment.start]
-        units = iter(
-            self.model.speak_units(
-                [segment.hidden_states for segment in spoken],
-                [segment.token_ids for segment in spoken],
-                max_new_tokens=self.echo_max_new_tokens,
-                unit_decoder=self.unit_decoder,
-            )
+        units = self.model.speak_units(
+            [segment.hidden_states for segment in spoken],
+            [segment.token_ids for segment in spoken],
+            max_new_tokens=self.echo_max_new_tokens,
+            unit_decoder=self.unit_decoder,
         )
+        return self.vocode(segments, units)
+
+    @torch.no_grad()
+    def vocode(self, segments: list[EchoXSegment], spoken_units: list[list[int]]) -> list[EchoXStreamChunk]:
+        """
+        The vocoder half of `voice`: `spoken_units` are the echo decoder's unit ids of the non-empty `segments`, in
+        order (`echo_units_together` computes them for several answers at once). One `EchoXStreamChunk` per segment.
+        """
+        if len(spoken_units) != sum(segment.end > segment.start for segment in segments):
+            raise ValueError("vocode needs one list of unit ids per non-empty segment.")
+        units = iter(spoken_units)
         chunks = []
         for segment in segments:
             segment_units = next(units) if segment.end > segment.start else []
@@ -128,3 +137,29 @@ class EchoXVoicer:
                 EchoXStreamChunk(segment.text, audio.numpy(), segment_units, segment.index, segment.is_last, self.sampling_rate)
             )
         return chunks
+
+
+@torch.no_grad()
+def echo_units_together(work: list[tuple[EchoXVoicer, list[EchoXSegment]]]) -> list[list[list[int]]]:
+    """
+    The echo decoder's unit ids for the next segments of several answers (each voicer with its segments, in order),
+    read in one batch (one per `echo_max_new_tokens` value and unit decoder) instead of one per answer: for each
+    answer, the unit ids of its non-empty segments, in order, ready for that voicer's `vocode`.
+    """
+    units: list[list[list[int]]] = [[] for _ in work]
+    groups: dict[tuple, list[tuple[int, EchoXSegment]]] = {}
+    for answer, (voicer, segments) in enumerate(work):
+        for segment in segments:
+            if segment.end > segment.start:
+                groups.setdefault((voicer.echo_max_new_tokens, voicer.unit_decoder), []).append((answer, segment))
+    for (max_new_tokens, unit_decoder), members in groups.items():
+        model = work[members[0][0]][0].model
+        spoken = model.speak_units(
+            [segment.hidden_states for _, segment in members],
+            [segment.token_ids for _, segment in members],
+            max_new_tokens=max_new_tokens,
+            unit_decoder=unit_decoder,
+        )
+        for (answer, _), ids in zip(members, spoken):
+            units[answer].append(ids)
+    return units
