@@ -475,11 +475,24 @@ def convert_load_generate(echox_dir, whisper_dir, out, tensors, tied=False):
     processor = AutoProcessor.from_pretrained(out)
     model.generation_config.echo_max_new_tokens = 8
     inputs = processor(audio=0.1 * np.random.default_rng(0).standard_normal(SR).astype(np.float32), sampling_rate=SR)
+    # by default: the released unit reading (the processor's decode_units) and per-segment float32 vocoding
+    assert model.generation_config.vocoding_mode == "faithful"
+    assert model.config.unit_pieces_split_units and processor.unit_vocabulary.splits_units
+    read = []
+    decode_units = processor.decode_units
+    processor.decode_units = lambda ids: read.append(decode_units(ids)) or read[-1]
     torch.manual_seed(0)
     with torch.no_grad():
-        answer = model.generate(**inputs, max_new_tokens=6, tokenizer=processor.tokenizer)
+        answer = model.generate(**inputs, max_new_tokens=6, processor=processor)
     assert answer.sequences.shape[1] >= 1
     assert len(answer.waveforms) == 1 and answer.waveforms[0].numel() > 0 and torch.isfinite(answer.waveforms[0]).all()
+    spoken = [units for units in answer.segment_unit_ids[0] if units]
+    assert spoken and spoken == [units for units in read if units]
+    with torch.no_grad():
+        alone = [model.vocoder(torch.tensor(u), durations=model.vocoder.predict_durations(torch.tensor(u))[0]) for u in spoken]
+    expected = torch.cat([out.waveform[0, : out.waveform_lengths[0]].float() for out in alone])
+    torch.testing.assert_close(answer.waveforms[0], expected)
+    assert {p.dtype for p in model.vocoder.parameters()} == {torch.float32}
     return model
 
 
