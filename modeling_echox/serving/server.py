@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import weakref
 from collections import deque
 
 from ..model.generation_configuration_echox import EchoXGenerationConfig
@@ -61,6 +63,9 @@ class EchoXServer:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="echox-server", daemon=True)
         self._thread.start()
+        # A server still running when the interpreter exits is closed first (its thread would otherwise be cut off
+        # inside torch, which aborts the process with "terminate called without an active exception").
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def submit(
         self, audio=None, sampling_rate: int | None = None, conversation=None, **generation_kwargs
@@ -157,3 +162,9 @@ class EchoXServer:
             self._engine.abort(error)
             for request in pending:
                 request.channel.fail(error)
+
+
+def _close_at_exit(server_ref: weakref.ref) -> None:
+    server = server_ref()
+    if server is not None and not server.closed:
+        server.close(timeout=5.0)
