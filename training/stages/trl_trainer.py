@@ -8,7 +8,7 @@ EchoX's CTC, echo and denoising losses would silently not train. `EchoXSFTTraine
 `EchoXTrainer`, i.e. `Trainer.compute_loss`: `EchoXForSpeechToSpeech.forward(**batch).loss` (LM CE + CTC + echo +
 denoise, whatever the batch carries), with the components logged. The fused head TRL attaches to the model stays
 unused (it only runs when called with `fused_lm_head=True`); TRL's token metrics (`entropy`, `mean_token_accuracy`)
-come from it and are therefore not logged.
+come from it and are therefore not logged. TRL's text-generation model card is not written (`create_model_card`).
 
 The dataset is passed as is (`dataset_kwargs={"skip_prepare_dataset": True}`: TRL's tokenization knows nothing of
 audio), every column reaches the collator (`remove_unused_columns=False`), and batches are built by
@@ -31,6 +31,12 @@ class EchoXSFTTrainer(EchoXTrainer, SFTTrainer):
     never TRL's fused-LM-head cross-entropy. Takes `SFTTrainer`'s arguments (`peft_config`, `processing_class`, ...)
     plus `EchoXTrainer`'s `s_align`.
     """
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """
+        Writes nothing: TRL's card (saved with every checkpoint) describes a text-generation model — its quick start
+        runs `pipeline("text-generation")` — which EchoX is not. `training.finetune` writes EchoX's own card.
+        """
 
 
 def sft_config(config: dict, label_names: list[str]) -> SFTConfig:
