@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--stage", default="1", help="1: speech to text (default); 3: echo training of the spoken answer")
     tune.add_argument("--max-steps", type=_positive_int, default=100)
     tune.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 16 for stage 1, none for stage 3; 0: none)")
-    tune.add_argument("--learning-rate", type=float, default=None, help="default 1e-3 (stage 1), 3e-4 (stage 3)")
+    tune.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (default 3e-4, cosine schedule)")
     tune.add_argument("--batch-size", type=_positive_int, default=4, help="clips per step and process (default 4)")
     tune.add_argument("--seed", type=int, default=1234)
     tune.add_argument("--save-adapter", action="store_true",

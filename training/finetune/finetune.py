@@ -40,7 +40,7 @@ STAGE_NAMES = {1: "stage I (speech → text)", 3: "stage III (echo)"}
 ADAPTER_MODULES = ["speech_adapter.projector", "speech_adapter.frame_block", "speech_adapter.out_norm",
                    "speech_adapter.look_back", "speech_adapter.look_back_norm"]
 DEFAULT_LORA_R = {1: 16, 3: 0}
-DEFAULT_LEARNING_RATE = {1: 1e-3, 3: 3e-4}
+DEFAULT_LEARNING_RATE = {1: 3e-4, 3: 3e-4}
 RUN_DIR = "training"
 
 
@@ -99,7 +99,7 @@ def finetune(
         stage: 1 (speech → text) or 3 (echo training).
         trainer: "trl" (TRL's `SFTTrainer`) or "trainer" (`transformers.Trainer`); both optimize EchoX's own loss.
         max_steps: optimizer steps. lora_r: LoRA rank (default 16 for stage I, none for stage III; 0: no LoRA).
-        learning_rate: default 1e-3 (stage I) / 3e-4 (stage III). batch_size: clips per step and process.
+        learning_rate: default 3e-4 (cosine schedule). batch_size: clips per step and process.
         save_adapter: keep the LoRA as a peft adapter (naming `model` as its base) instead of merging it.
         overrides: `KEY=VALUE` settings of any stage-config field (`training/stages/README.md`).
 
@@ -142,7 +142,7 @@ def finetune(
             "max_steps": max_steps,
             "per_device_train_batch_size": batch_size,
             "learning_rate": DEFAULT_LEARNING_RATE[stage] if learning_rate is None else float(learning_rate),
-            "lr_scheduler_type": "constant_with_warmup",
+            "lr_scheduler_type": "cosine",
             "warmup_steps": min(10, max_steps // 10),
             "weight_decay": 0.0,
             "logging_steps": max(1, min(10, max_steps // 10)),
