@@ -185,14 +185,19 @@ def _import_finetune():
 
 
 def _finetune(args) -> None:
+    from contextlib import nullcontext
+
     from accelerate import PartialState
 
+    from .torch_threads import torch_threads
+
     finetune = _import_finetune()
-    summary = finetune(
-        _default_model(args.model), args.data, args.out, stage=args.stage, trainer=args.trainer,
-        max_steps=args.max_steps, lora_r=args.lora_r, learning_rate=args.learning_rate, batch_size=args.batch_size,
-        seed=args.seed, save_adapter=args.save_adapter, overrides=args.set,
-    )
+    with torch_threads(args.threads) if args.threads else nullcontext():
+        summary = finetune(
+            _default_model(args.model), args.data, args.out, stage=args.stage, trainer=args.trainer,
+            max_steps=args.max_steps, lora_r=args.lora_r, learning_rate=args.learning_rate,
+            batch_size=args.batch_size, seed=args.seed, save_adapter=args.save_adapter, overrides=args.set,
+        )
     if PartialState().is_main_process:
         losses = " -> ".join(f"{summary[key]:.3f}" for key in ("first_loss", "last_loss") if summary[key] is not None)
         print(f"Fine-tuned {summary['model']} on {summary['examples']} examples ({summary['trainer']}, stage "
@@ -295,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=1234)
     tune.add_argument("--save-adapter", action="store_true",
                       help="keep the LoRA as a peft adapter on the base model instead of merging it")
+    tune.add_argument("--threads", type=_positive_int, default=None,
+                      help="torch threads of the run (default: torch's; 1 where the cores are busy with other work)")
     tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="any stage-config field (training/stages/README.md), e.g. training_args.logging_steps=1")
     tune.set_defaults(run=_finetune)
