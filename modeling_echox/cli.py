@@ -180,7 +180,9 @@ def _import_finetune():
     try:
         from training.finetune import finetune
     except ModuleNotFoundError as error:
-        raise OSError(f"echox finetune needs the train extra ({error.name} is missing): pip install -e '.[train]'.") from None
+        raise OSError(
+            f"echox finetune needs the train extra ({error.name} is missing): pip install -e '.[train]'."
+        ) from None
     return finetune
 
 
@@ -290,12 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--data", required=True,
                       help='JSONL of {"audio": path, "transcript": text, "answer": text} (paths relative to the file), '
                            "or a datasets folder (save_to_disk) with audio, question/transcript and answer columns")
-    tune.add_argument("--out", required=True, help="folder of the fine-tuned checkpoint (the run itself in OUT/training)")
-    tune.add_argument("--trainer", default="trl", help="trl (TRL's SFTTrainer, default) or trainer (transformers.Trainer)")
+    tune.add_argument("--out", required=True, help="folder of the fine-tuned checkpoint (the run in OUT/training)")
+    tune.add_argument("--trainer", default="trl", help="trl (TRL's SFTTrainer, default) or trainer (Trainer)")
     tune.add_argument("--stage", default="1", help="1: speech to text (default); 3: echo training of the spoken answer")
     tune.add_argument("--max-steps", type=_positive_int, default=100)
-    tune.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 16 for stage 1, none for stage 3; 0: none)")
-    tune.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (default 3e-4, cosine schedule)")
+    tune.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 16 at stage 1, none at stage 3; 0: none)")
+    tune.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (default 3e-4, cosine)")
     tune.add_argument("--batch-size", type=_positive_int, default=4, help="clips per step and process (default 4)")
     tune.add_argument("--seed", type=int, default=1234)
     tune.add_argument("--save-adapter", action="store_true",

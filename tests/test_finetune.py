@@ -69,7 +69,7 @@ def test_stage1_on_trl_gives_the_trainer_loss_curve(tmp_path, data):
               "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj"]},
               "training_args": {"max_steps": 4, "logging_steps": 1, "save_steps": 100}}
     started = time.time()
-    runs = {trainer: run_stage(stage1_s2t, "stage1", tmp_path / trainer, trainer, **common) for trainer in ("trainer", "trl")}
+    runs = {t: run_stage(stage1_s2t, "stage1", tmp_path / t, t, **common) for t in ("trainer", "trl")}
     print(f"two 4-step stage-I runs: {time.time() - started:.1f} s")
     starts = {trainer: next(e for e in read_log(out) if e.get("event") == "start") for trainer, out in runs.items()}
     assert starts["trl"]["trainer"] == "trl" and starts["trainer"]["trainer"] == "trainer"
@@ -86,8 +86,9 @@ def test_stage3_on_trl_gives_the_trainer_loss_curve(tmp_path, data):
     """Stage III (pseudo labels made once, shared): the echo and denoising losses train the same on both trainers."""
     common = {"model": "random:tiny", "echo_decoder_from": None, "train_manifest": data,
               "feature_cache_dir": str(tmp_path / "cache"), "targets_cache": str(tmp_path / "targets.jsonl"),
-              "generation": {"max_new_tokens": 6}, "training_args": {"max_steps": 3, "logging_steps": 1, "save_steps": 100}}
-    runs = {trainer: run_stage(stage3_echo, "stage3", tmp_path / trainer, trainer, **common) for trainer in ("trainer", "trl")}
+              "generation": {"max_new_tokens": 6},
+              "training_args": {"max_steps": 3, "logging_steps": 1, "save_steps": 100}}
+    runs = {t: run_stage(stage3_echo, "stage3", tmp_path / t, t, **common) for t in ("trainer", "trl")}
     for key in ("loss", "echo_loss", "denoise_loss"):
         ours, theirs = curve(runs["trainer"], key), curve(runs["trl"], key)
         assert len(ours) == len(theirs) == 3 and all(value > 0 for value in theirs)
@@ -95,7 +96,7 @@ def test_stage3_on_trl_gives_the_trainer_loss_curve(tmp_path, data):
 
 
 def test_under_trl_the_ctc_loss_alone_still_trains_the_adapter(tmp_path, data):
-    """Batches without `labels`: EchoX's loss is 0.3 · CTC only, which SFTTrainer's fused LM head cannot even compute."""
+    """Batches without `labels`: EchoX's loss is 0.3 · CTC only, which SFTTrainer's fused LM head cannot compute."""
     from training.stages.common import lora_config
     from training.stages.data import EchoXDataCollator, load_dialogue_dataset
     from training.stages.trl_trainer import EchoXSFTTrainer, sft_config
@@ -176,7 +177,8 @@ def test_a_rerun_resumes_the_finetune(tmp_path, base, user_jsonl):
     finetune(base, user_jsonl, out, max_steps=2, overrides=["training_args.save_steps=2"])
     second = finetune(base, user_jsonl, out, max_steps=3, overrides=["training_args.save_steps=2"])
     assert second["global_step"] == 3
-    steps = [entry["step"] for entry in read_log(os.path.join(out, "training")) if "loss" in entry and "event" not in entry]
+    log = read_log(os.path.join(out, "training"))
+    steps = [entry["step"] for entry in log if "loss" in entry and "event" not in entry]
     assert steps == [1, 2, 3]
 
 
@@ -270,7 +272,8 @@ def test_bad_data_is_refused_naming_the_problem(tmp_path, lines, error):
     [
         ({"--stage": "2"}, "echox: error: Unknown stage '2': choose 1 (speech → text) or 3 (echo training)."),
         ({"--trainer": "sft"}, "echox: error: Unknown trainer 'sft': choose one of trainer, trl."),
-        ({"--lora-r": "0", "--save-adapter": None}, "echox: error: save_adapter keeps a LoRA as an adapter, but there is none"),
+        ({"--lora-r": "0", "--save-adapter": None},
+         "echox: error: save_adapter keeps a LoRA as an adapter, but there is none"),
         ({"--data": "nowhere.jsonl"}, "echox: error: The data nowhere.jsonl does not exist."),
         ({"--model": os.path.dirname(os.path.abspath(__file__))}, "echox: error: The model"),
         ({"--set": "no_such_field=1"}, "echox: error: Unknown config field(s): ['no_such_field']"),
@@ -297,6 +300,26 @@ def test_the_cli_imports_training_only_when_finetune_runs():
     code = ("import sys, modeling_echox.cli as cli; cli.build_parser(); "
             "assert not [m for m in sys.modules if m.split('.')[0] in ('training', 'trl')], sorted(sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_cli_finds_training_beside_the_package_it_runs_from(tmp_path):
+    """As from an editable install: `modeling_echox` imported from the checkout, which is not on sys.path."""
+    code = f"""
+import importlib.util, os, sys
+root = {ROOT!r}
+assert root not in sys.path and importlib.util.find_spec("training") is None
+spec = importlib.util.spec_from_file_location("modeling_echox", os.path.join(root, "modeling_echox", "__init__.py"),
+                                              submodule_search_locations=[os.path.join(root, "modeling_echox")])
+sys.modules["modeling_echox"] = module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+from modeling_echox.cli import _import_finetune
+finetune = _import_finetune()
+assert finetune.__module__ == "training.finetune.finetune" and sys.path[0] == root
+"""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
 
 

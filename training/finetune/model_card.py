@@ -24,7 +24,7 @@ def _losses(run_dir: str) -> str:
 
 
 def write_model_card(out: str, summary: dict, config: dict, stage_name: str, data) -> str:
-    """Write `out/README.md` for the fine-tune `summary` (from `finetune`) run with the stage `config`; returns its path."""
+    """Write `out/README.md` for the fine-tune `summary` (from `finetune`) run with the stage `config`; its path."""
     args = config["training_args"]
     adapter = summary["save_adapter"]
     lora = config.get("lora")
@@ -34,7 +34,9 @@ def write_model_card(out: str, summary: dict, config: dict, stage_name: str, dat
         license="apache-2.0",
         tags=["echox", "speech-to-speech", "fine-tuned", summary["trainer"], *(["lora", "peft"] if lora else [])],
     )
-    trained = [f"a LoRA (r {lora['r']}, α {lora['alpha']}) on the LLM's {', '.join(lora['target_modules'])}"] if lora else []
+    trained = []
+    if lora:
+        trained.append(f"a LoRA (r {lora['r']}, α {lora['alpha']}) on the LLM's {', '.join(lora['target_modules'])}")
     trained += [f"`{name}`" for name in config["trainable_modules"]]
     if adapter:
         form = (f"a peft adapter (the LoRA and the trained modules) on the base checkpoint `{summary['model']}`, which "

@@ -41,7 +41,9 @@ def _load(data) -> tuple[list[dict[str, Any]], str | None, str]:
         if isinstance(data, datasets.DatasetDict):
             data = _train_split(data, "the given dataset")
         if not isinstance(data, datasets.Dataset):
-            raise ValueError(f"The data must be a datasets.Dataset, a dataset folder or a JSONL file, got {type(data).__name__}.")
+            raise ValueError(
+                f"The data must be a datasets.Dataset, a dataset folder or a JSONL file, got {type(data).__name__}."
+            )
         return _dataset_rows(data, "the given dataset"), None, "the given dataset"
     path = os.fspath(data)
     if os.path.isdir(path):
@@ -133,7 +135,9 @@ def _audio_file(value, base_dir: str | None, audio_dir: str, name: str, where: s
     if isinstance(value, (str, os.PathLike)):
         value = {"path": os.fspath(value), "bytes": None}
     if not isinstance(value, dict):
-        raise ValueError(f"{where}: 'audio' must be a file path, a datasets Audio value or an array dict, got {type(value).__name__}.")
+        raise ValueError(
+            f"{where}: 'audio' must be a path, a datasets Audio value or an array dict, not {type(value).__name__}."
+        )
     if value.get("array") is not None:
         if not value.get("sampling_rate"):
             raise ValueError(f"{where}: an audio array needs its 'sampling_rate'.")
@@ -192,7 +196,8 @@ def user_records(data, audio_dir: str, stage: int = 1) -> list[dict[str, Any]]:
     for columns in needed:
         if not present.intersection(columns):
             alternatives = " or ".join(repr(c) for c in columns)
-            raise ValueError(f"{source} has no {alternatives} {'key' if jsonl else 'column'} (it has {sorted(present)}).")
+            kind = "key" if jsonl else "column"
+            raise ValueError(f"{source} has no {alternatives} {kind} (it has {sorted(present)}).")
     records = []
     for index, row in enumerate(rows):
         where = row["_where"]

@@ -143,7 +143,8 @@ def load_trained_echox(path: str, merge_lora: bool = True):
     if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(os.path.join(path, "config.json")):
         from peft import PeftConfig
 
-        model, adapter = EchoXForSpeechToSpeech.from_pretrained(PeftConfig.from_pretrained(path).base_model_name_or_path), path
+        base = PeftConfig.from_pretrained(path).base_model_name_or_path
+        model, adapter = EchoXForSpeechToSpeech.from_pretrained(base), path
     else:
         model = EchoXForSpeechToSpeech.from_pretrained(path)
     if os.path.isdir(adapter):
@@ -465,7 +466,8 @@ def adapter_base(config: dict) -> str:
     """
     name = config["model"]
     path = os.path.abspath(name) if isinstance(name, str) and not name.startswith("random:") else None
-    if path is None or not os.path.isfile(os.path.join(path, "config.json")) or os.path.isdir(os.path.join(path, ADAPTER_DIR)):
+    complete = path is not None and os.path.isfile(os.path.join(path, "config.json"))
+    if not complete or os.path.isdir(os.path.join(path, ADAPTER_DIR)):
         raise ValueError(
             f"save_lora 'adapter_only' keeps only the LoRA and names the model it was trained from as its base, so the "
             f"model must be a complete checkpoint directory (config.json and weights, no {ADAPTER_DIR}/); got {name!r}."
@@ -511,8 +513,8 @@ def save_final(trainer: Trainer, model, processor, config: dict) -> str:
 
 
 def run_trainer(
-    model, processor, config: dict, train_dataset, collator, label_names: list[str], stage: str, s_align: dict | None = None,
-    trainer_class=None, **trainer_kwargs,
+    model, processor, config: dict, train_dataset, collator, label_names: list[str], stage: str,
+    s_align: dict | None = None, trainer_class=None, **trainer_kwargs,
 ) -> dict:
     """
     Train (resuming from the newest complete checkpoint), plot the losses, save the final checkpoint; returns a summary.
