@@ -169,6 +169,9 @@ def test_save_adapter_keeps_a_peft_adapter_that_automodel_attaches(tmp_path, bas
         a, b = attached(input_ids=ids).logits, merged.eval()(input_ids=ids).logits
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert (a - reference).abs().max() > 1e-4  # the LoRA is applied
+    trained = attached.speech_adapter.projector.modules_to_save["default"].weight  # the adapter's trained copy
+    torch.testing.assert_close(trained, merged.speech_adapter.projector.weight)
+    assert not torch.equal(trained, AutoModel.from_pretrained(base).speech_adapter.projector.weight)
     assert "peft adapter" in (out / "README.md").read_text()
 
 
@@ -227,6 +230,19 @@ def test_user_data_in_every_form(tmp_path):
     check(user_records(str(jsonl), audio_dir))
     stage3 = user_records(datasets.Dataset.from_dict({"audio": clips}), audio_dir, stage=3)  # no texts needed
     assert [r["transcript"] for r in stage3] == ["", ""] and all("response" not in r for r in stage3)
+
+
+def test_a_folder_that_is_no_saved_dataset_is_refused(tmp_path):
+    (tmp_path / "clips").mkdir()
+    with pytest.raises(ValueError, match="is not a saved datasets.Dataset"):
+        user_records(str(tmp_path / "clips"), str(tmp_path / "audio"))
+    import datasets
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"audio": ["x.wav"]})}).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(ValueError, match="a 'train' split is needed"):
+        user_records(str(tmp_path / "d"), str(tmp_path / "audio"))
+    with pytest.raises(ValueError, match="the given dataset holds no examples"):
+        user_records(datasets.Dataset.from_dict({"audio": [], "question": [], "answer": []}), str(tmp_path / "audio"))
 
 
 def test_audio_soundfile_cannot_read_goes_to_the_datasets_decoder(tmp_path, monkeypatch):
