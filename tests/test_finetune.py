@@ -175,6 +175,22 @@ def test_save_adapter_keeps_a_peft_adapter_that_automodel_attaches(tmp_path, bas
     assert "peft adapter" in (out / "README.md").read_text()
 
 
+def test_stage3_finetune_trains_the_echo_decoder_on_its_own_answers(tmp_path, base, user_jsonl):
+    from transformers import AutoModel
+
+    out = tmp_path / "echo"
+    summary = finetune(base, user_jsonl, str(out), stage=3, max_steps=2, learning_rate=1e-2,
+                       overrides=["generation.max_new_tokens=6", "training_args.logging_steps=1"])
+    assert summary["stage"] == 3 and summary["lora_r"] == 0 and summary["global_step"] == 2
+    assert all(value > 0 for value in curve(str(out / "training"), "echo_loss"))
+    targets = [json.loads(line) for line in open(out / "training" / "echo_targets.jsonl")]
+    assert len(targets) == 8 and all(t["response_ids"] and t["segments"] for t in targets)
+    tuned, original = AutoModel.from_pretrained(str(out)), AutoModel.from_pretrained(base)
+    changed = {name for name, p in tuned.named_parameters() if not torch.equal(p, original.get_parameter(name))}
+    assert changed and all(name.startswith("echo_decoder.") for name in changed)
+    assert "stage III (echo)" in (out / "README.md").read_text()
+
+
 def test_a_rerun_resumes_the_finetune(tmp_path, base, user_jsonl):
     out = str(tmp_path / "resumed")
     finetune(base, user_jsonl, out, max_steps=2, overrides=["training_args.save_steps=2"])
@@ -229,7 +245,7 @@ def test_user_data_in_every_form(tmp_path):
                              for c, q, a in zip(clips, texts["question"], texts["answer"])))
     check(user_records(str(jsonl), audio_dir))
     stage3 = user_records(datasets.Dataset.from_dict({"audio": clips}), audio_dir, stage=3)  # no texts needed
-    assert [r["transcript"] for r in stage3] == ["", ""] and all("response" not in r for r in stage3)
+    assert [(r["transcript"], r["response"]) for r in stage3] == [("", ""), ("", "")]
 
 
 def test_a_folder_that_is_no_saved_dataset_is_refused(tmp_path):

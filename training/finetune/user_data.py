@@ -181,7 +181,7 @@ def user_records(data, audio_dir: str, stage: int = 1) -> list[dict[str, Any]]:
     """
     The examples of `data` (see the module docstring) as manifest records `{"id", "audio", "transcript", "response"}`
     with absolute audio paths; bytes and arrays are written to `audio_dir`. Stage I needs a transcript and an answer
-    per clip; stage III only the audio (a transcript is kept, no `response`). Raises a ValueError (an OSError for a
+    per clip; stage III only the audio (a transcript is kept, the response is left empty). Raises a ValueError (an OSError for a
     missing file) naming the row and the problem: an empty dataset, a missing column, a missing or unreadable audio
     file, an empty text.
     """
@@ -212,7 +212,7 @@ def user_records(data, audio_dir: str, stage: int = 1) -> list[dict[str, Any]]:
         column = next((c for c in TRANSCRIPT_COLUMNS if row.get(c) is not None), None)
         if column is not None or stage == 1:
             record["transcript"] = _text(row, (column,) if column else TRANSCRIPT_COLUMNS, where)
-        if stage == 1:
-            record["response"] = _text(row, ("answer",), where)
+        # stage III answers every question itself (the manifest still has the field)
+        record["response"] = _text(row, ("answer",), where) if stage == 1 else ""
         records.append(record)
     return records
