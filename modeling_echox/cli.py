@@ -162,6 +162,52 @@ def _convert_original(args) -> None:
     print(f"Wrote the converted EchoX checkpoint to {args.out} ({time.perf_counter() - started:.1f} s)")
 
 
+def _import_finetune():
+    """
+    `training.finetune.finetune`, imported only when `echox finetune` runs: the training code lives beside the package
+    in the repository (`training/`), not in it, so the checkout this package runs from is put on the path.
+    """
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if importlib.util.find_spec("training") is None:
+        if not os.path.isfile(os.path.join(root, "training", "finetune", "__init__.py")):
+            raise OSError(
+                "echox finetune needs the repository's training/ folder: run it from a clone installed with "
+                "pip install -e '.[train]'."
+            )
+        sys.path.insert(0, root)
+    try:
+        from training.finetune import finetune
+    except ModuleNotFoundError as error:
+        raise OSError(
+            f"echox finetune needs the train extra ({error.name} is missing): pip install -e '.[train]'."
+        ) from None
+    return finetune
+
+
+def _finetune(args) -> None:
+    from contextlib import nullcontext
+
+    from accelerate import PartialState
+
+    from .torch_threads import torch_threads
+
+    finetune = _import_finetune()
+    with torch_threads(args.threads) if args.threads else nullcontext():
+        summary = finetune(
+            _default_model(args.model), args.data, args.out, stage=args.stage, trainer=args.trainer,
+            max_steps=args.max_steps, lora_r=args.lora_r, learning_rate=args.learning_rate,
+            batch_size=args.batch_size, seed=args.seed, save_adapter=args.save_adapter, overrides=args.set,
+        )
+    if PartialState().is_main_process:
+        losses = " -> ".join(f"{summary[key]:.3f}" for key in ("first_loss", "last_loss") if summary[key] is not None)
+        print(f"Fine-tuned {summary['model']} on {summary['examples']} examples ({summary['trainer']}, stage "
+              f"{summary['stage']}, {summary['global_step']} steps, {summary['seconds']:.0f} s), loss {losses}",
+              file=sys.stderr)
+        print(f"-> {summary['checkpoint']}", file=sys.stderr)
+
+
 def _demo(args) -> None:
     try:
         import gradio  # noqa: F401
@@ -236,6 +282,31 @@ def build_parser() -> argparse.ArgumentParser:
                           help="evaluate a seeded random subset of N questions")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(run=_eval)
+
+    tune = commands.add_parser(
+        "finetune", help="fine-tune EchoX on your own spoken questions and answers (LoRA, TRL or Trainer)",
+        description="Fine-tune an EchoX checkpoint on your own speech (training/finetune/); needs a clone of the "
+                    "repository installed with its train extra. Re-running the same command resumes it.",
+    )
+    tune.add_argument("--model", default=None, help=MODEL_HELP)
+    tune.add_argument("--data", required=True,
+                      help='JSONL of {"audio": path, "transcript": text, "answer": text} (paths relative to the file), '
+                           "or a datasets folder (save_to_disk) with audio, question/transcript and answer columns")
+    tune.add_argument("--out", required=True, help="folder of the fine-tuned checkpoint (the run in OUT/training)")
+    tune.add_argument("--trainer", default="trl", help="trl (TRL's SFTTrainer, default) or trainer (Trainer)")
+    tune.add_argument("--stage", default="1", help="1: speech to text (default); 3: echo training of the spoken answer")
+    tune.add_argument("--max-steps", type=_positive_int, default=100)
+    tune.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 16 at stage 1, none at stage 3; 0: none)")
+    tune.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (default 3e-4, cosine)")
+    tune.add_argument("--batch-size", type=_positive_int, default=4, help="clips per step and process (default 4)")
+    tune.add_argument("--seed", type=int, default=1234)
+    tune.add_argument("--save-adapter", action="store_true",
+                      help="keep the LoRA as a peft adapter on the base model instead of merging it")
+    tune.add_argument("--threads", type=_positive_int, default=None,
+                      help="torch threads of the run (default: torch's; 1 where the cores are busy with other work)")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="any stage-config field (training/stages/README.md), e.g. training_args.logging_steps=1")
+    tune.set_defaults(run=_finetune)
 
     demo = commands.add_parser("demo", help="run the Gradio speech-to-speech demo (modeling_echox/demo.py)")
     demo.add_argument(

@@ -11,6 +11,9 @@ relative to the working directory. A stage writes into `output_dir`:
     loss.png                the loss curves, written at the end
     final/                  a loadable EchoX checkpoint (model + processor); with `save_lora: "adapter"` the LoRA stays
                             separate in final/lora_adapter/ (load with `load_trained_echox`)
+
+Stages I and III train on `transformers.Trainer` (`EchoXTrainer`) or, with `"trainer": "trl"`, on TRL's `SFTTrainer`
+(`training/stages/trl_trainer.py`); either way the loss optimized is the one `EchoXForSpeechToSpeech.forward` returns.
 """
 
 import argparse
@@ -24,7 +27,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from modeling_echox import EchoXForSpeechToSpeech, EchoXProcessor
 
@@ -45,7 +48,10 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "disable_dropout": False,  # set every dropout to 0 (exact DDP-vs-single-process comparisons)
     "max_response_tokens": 512,
     "max_ctc_length": 300,
-    "save_lora": "merged",  # "merged" | "adapter"
+    # "merged" | "adapter" (the base weights + the LoRA in lora_adapter/) | "adapter_only" (the LoRA and the trained
+    # modules alone, a peft adapter naming `model`, a checkpoint directory, as its base: see `save_final`)
+    "save_lora": "merged",
+    "final_dir": None,  # where the final checkpoint goes (default: <output_dir>/final)
     "lora": None,
     "trainable_modules": [],
     "training_args": {},  # any transformers.TrainingArguments field
@@ -129,11 +135,18 @@ def stage_cli(description: str, defaults: dict, main) -> None:
 def load_trained_echox(path: str, merge_lora: bool = True):
     """
     `(model, processor)` from a stage's `final/` directory (or any EchoX checkpoint). A LoRA kept as an adapter
-    (`final/lora_adapter/`) is applied on top; `merge_lora` folds it into the weights.
+    (`final/lora_adapter/`, or an adapter-only checkpoint: `adapter_config.json` naming its base, no `config.json`)
+    is applied on top; `merge_lora` folds it into the weights.
     """
-    model = EchoXForSpeechToSpeech.from_pretrained(path)
     processor = EchoXProcessor.from_pretrained(path)
     adapter = os.path.join(path, ADAPTER_DIR)
+    if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(os.path.join(path, "config.json")):
+        from peft import PeftConfig
+
+        base = PeftConfig.from_pretrained(path).base_model_name_or_path
+        model, adapter = EchoXForSpeechToSpeech.from_pretrained(base), path
+    else:
+        model = EchoXForSpeechToSpeech.from_pretrained(path)
     if os.path.isdir(adapter):
         from peft import PeftModel
 
@@ -225,6 +238,20 @@ def freeze_except(model, trainable_prefixes: list[str]) -> None:
         parameter.requires_grad_(any(name == p or name.startswith(p + ".") for p in trainable_prefixes))
 
 
+def lora_config(lora: dict, modules_to_save: list[str]):
+    """The peft `LoraConfig` of a config's `lora` settings (on the LLM only), `modules_to_save` fully trainable."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.get("r", 64),
+        lora_alpha=lora.get("alpha", 16),
+        lora_dropout=lora.get("dropout", 0.05),
+        target_modules=lora_target_regex(lora.get("target_modules", ["q_proj", "k_proj", "v_proj"])),
+        modules_to_save=list(modules_to_save) or None,
+        bias="none",
+    )
+
+
 def apply_lora(model, lora: dict | None, modules_to_save: list[str]):
     """
     Wrap `model` in a peft LoRA (on the LLM only) with `modules_to_save` fully trainable; without `lora`, just
@@ -233,18 +260,37 @@ def apply_lora(model, lora: dict | None, modules_to_save: list[str]):
     if not lora:
         freeze_except(model, modules_to_save)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     freeze_except(model, [])
-    peft_config = LoraConfig(
-        r=lora.get("r", 64),
-        lora_alpha=lora.get("alpha", 16),
-        lora_dropout=lora.get("dropout", 0.05),
-        target_modules=lora_target_regex(lora.get("target_modules", ["q_proj", "k_proj", "v_proj"])),
-        modules_to_save=list(modules_to_save) or None,
-        bias="none",
-    )
-    return get_peft_model(model, peft_config)
+    return get_peft_model(model, lora_config(lora, modules_to_save))
+
+
+TRAINERS = ("trainer", "trl")
+
+
+def trainer_name(config: dict) -> str:
+    """The config's `trainer` ("trainer": `transformers.Trainer`, the default; "trl": TRL's `SFTTrainer`)."""
+    name = config.get("trainer", "trainer")
+    if name not in TRAINERS:
+        raise ValueError(f"trainer must be one of {TRAINERS}, got {name!r}.")
+    return name
+
+
+def prepare_trainable(model, config: dict) -> tuple[Any, dict]:
+    """
+    Make trainable what `config` trains (`lora`, `trainable_modules`), the way its trainer wants it; returns the model
+    to hand to `run_trainer` and the trainer's extra arguments. "trainer": the LoRA is applied here (`apply_lora`);
+    "trl": the model stays unwrapped (only `trainable_modules` trainable, e.g. for stage I's CTC warm-up) and the
+    `LoraConfig` goes to `SFTTrainer` as `peft_config`. Both seed peft's LoRA initialisation with
+    `training_args.seed` right before it (as `SFTTrainer` does), so both trainers start from the same weights.
+    """
+    lora, modules = config.get("lora"), list(config["trainable_modules"])
+    if trainer_name(config) == "trl":
+        freeze_except(model, modules)
+        return model, ({"peft_config": lora_config(lora, modules)} if lora else {})
+    set_seed(_merge(TRAINING_ARGS_DEFAULTS, config.get("training_args") or {})["seed"])
+    return apply_lora(model, lora, modules), {}
 
 
 def count_parameters(model) -> dict[str, int]:
@@ -274,7 +320,11 @@ class EchoXTrainer(Trainer):
                     torch.distributed.broadcast(parameter.data, src=0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        # `Trainer.compute_loss` by name: the loss is the model's own (`outputs.loss`), even in a subclass whose other
+        # base replaces it (TRL's SFTTrainer computes an LM-only loss through its fused LM head)
+        loss, outputs = Trainer.compute_loss(
+            self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
         if model.training:
             for key in LOSS_KEYS:
                 value = outputs.get(key) if hasattr(outputs, "get") else None
@@ -344,7 +394,11 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return max(found)[1] if found else None
 
 
-def training_arguments(config: dict, label_names: list[str]) -> TrainingArguments:
+def training_arguments(config: dict, label_names: list[str], args_class=TrainingArguments, **fixed):
+    """
+    `args_class` (`TrainingArguments` or a subclass such as TRL's `SFTConfig`) from the stage defaults and the config's
+    `training_args`; `fixed` fields are set last.
+    """
     kwargs = _merge(TRAINING_ARGS_DEFAULTS, config.get("training_args") or {})
     kwargs.update(
         output_dir=config["output_dir"],
@@ -353,7 +407,8 @@ def training_arguments(config: dict, label_names: list[str]) -> TrainingArgument
     )
     if not torch.cuda.is_available():
         kwargs.setdefault("use_cpu", True)
-    return TrainingArguments(**kwargs)
+    kwargs.update(fixed)
+    return args_class(**kwargs)
 
 
 def plot_losses(log_history: list[dict], path: str, title: str = "") -> str | None:
@@ -401,16 +456,48 @@ def log_event(output_dir: str, event: dict, is_main: bool = True) -> None:
             handle.write(json.dumps({"time": time.time(), **event}) + "\n")
 
 
+SAVE_LORA_MODES = ("merged", "adapter", "adapter_only")
+
+
+def adapter_base(config: dict) -> str:
+    """
+    The base checkpoint an "adapter_only" final checkpoint names: `model`, which must be a complete checkpoint
+    directory (its own weights, no separate LoRA), as an absolute path. Raises a ValueError otherwise.
+    """
+    name = config["model"]
+    path = os.path.abspath(name) if isinstance(name, str) and not name.startswith("random:") else None
+    complete = path is not None and os.path.isfile(os.path.join(path, "config.json"))
+    if not complete or os.path.isdir(os.path.join(path, ADAPTER_DIR)):
+        raise ValueError(
+            f"save_lora 'adapter_only' keeps only the LoRA and names the model it was trained from as its base, so the "
+            f"model must be a complete checkpoint directory (config.json and weights, no {ADAPTER_DIR}/); got {name!r}."
+        )
+    return path
+
+
 def save_final(trainer: Trainer, model, processor, config: dict) -> str:
-    """Write `output_dir/final/`: a loadable EchoX checkpoint (LoRA merged, or kept in `final/lora_adapter/`)."""
-    final = os.path.join(config["output_dir"], "final")
+    """
+    Write the final checkpoint (`final_dir`, default `output_dir/final/`) with the processor, by `save_lora`:
+    "merged": the LoRA folded into the weights; "adapter": the base weights (with the trained modules) and the LoRA in
+    `lora_adapter/`; "adapter_only": a peft adapter alone (LoRA + trained modules, `adapter_config.json` naming the
+    `model` directory as its base), which `AutoModel.from_pretrained(final)` loads onto that base by itself
+    (transformers' peft integration) and `load_trained_echox` merges. Without a LoRA the whole model is saved.
+    """
+    final = config.get("final_dir") or os.path.join(config["output_dir"], "final")
     if not trainer.is_world_process_zero():
         trainer.accelerator.wait_for_everyone()
         return final
     unwrapped = trainer.accelerator.unwrap_model(model)
     mode = config.get("save_lora", "merged")
-    if mode not in ("merged", "adapter"):
-        raise ValueError(f"save_lora must be 'merged' or 'adapter', got {mode!r}.")
+    if mode not in SAVE_LORA_MODES:
+        raise ValueError(f"save_lora must be one of {SAVE_LORA_MODES}, got {mode!r}.")
+    if hasattr(unwrapped, "peft_config") and mode == "adapter_only":
+        for peft_config in unwrapped.peft_config.values():
+            peft_config.base_model_name_or_path = adapter_base(config)
+        unwrapped.save_pretrained(final)
+        processor.save_pretrained(final)
+        trainer.accelerator.wait_for_everyone()
+        return final
     if hasattr(unwrapped, "peft_config"):
         if mode == "adapter":
             unwrapped.save_pretrained(os.path.join(final, ADAPTER_DIR))
@@ -426,23 +513,34 @@ def save_final(trainer: Trainer, model, processor, config: dict) -> str:
 
 
 def run_trainer(
-    model, processor, config: dict, train_dataset, collator, label_names: list[str], stage: str, s_align: dict | None = None,
-    trainer_class=EchoXTrainer,
+    model, processor, config: dict, train_dataset, collator, label_names: list[str], stage: str,
+    s_align: dict | None = None, trainer_class=None, **trainer_kwargs,
 ) -> dict:
     """
-    Train (resuming from the newest complete checkpoint), plot the losses, save `final/`; returns a summary.
-    `trainer_class`: `EchoXTrainer` or a callable building one of its subclasses from the same arguments.
+    Train (resuming from the newest complete checkpoint), plot the losses, save the final checkpoint; returns a summary.
+    The config's `trainer` picks `EchoXTrainer` (`TrainingArguments`) or, for "trl", `EchoXSFTTrainer` (`SFTConfig`,
+    the processor as its `processing_class`). `trainer_class`: a callable building an `EchoXTrainer` subclass from the
+    same arguments instead; `trainer_kwargs` (e.g. `peft_config` from `prepare_trainable`) go to the trainer.
     """
     output_dir = config["output_dir"]
-    args = training_arguments(config, label_names)
+    if trainer_name(config) == "trl":
+        from .trl_trainer import EchoXSFTTrainer, sft_config
+
+        args = sft_config(config, label_names)
+        trainer_class = trainer_class or EchoXSFTTrainer
+        trainer_kwargs.setdefault("processing_class", processor)
+    else:
+        args = training_arguments(config, label_names)
+        trainer_class = trainer_class or EchoXTrainer
+        trainer_kwargs.setdefault("processing_class", None)
     trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_dataset,
         data_collator=collator,
-        processing_class=None,
         callbacks=[JsonlLogCallback(os.path.join(output_dir, "train_log.jsonl"))],
         s_align=s_align,
+        **trainer_kwargs,
     )
     if trainer.model_accepts_loss_kwargs:  # EchoX sets accepts_loss_kwargs = False: its loss is a per-batch mean
         raise RuntimeError("Trainer would treat the EchoX loss as normalised for gradient accumulation; it is not.")
@@ -450,7 +548,8 @@ def run_trainer(
     resume = last_complete_checkpoint(output_dir)
     log_event(
         output_dir,
-        {"event": "start", "stage": stage, "resume_from": resume, "world_size": args.world_size, **count_parameters(model)},
+        {"event": "start", "stage": stage, "trainer": trainer_name(config), "resume_from": resume,
+         "world_size": args.world_size, **count_parameters(trainer.model)},
         is_main,
     )
     started = time.time()

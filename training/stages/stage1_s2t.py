@@ -3,7 +3,7 @@ Stage I — speech-to-text: LoRA on the LLM + the fully trainable speech adapter
 final eot) + 0.3 · CTC of the adapter's head against the transcript (blank = the `<audio>` placeholder). The speech
 encoder stays frozen, so its outputs are cached on disk (`feature_cache`).
 
-    python -m training.stages.stage1_s2t --config training/configs/stage1_tiny.json
+    python -m training.stages.stage1_s2t --config training/configs/stage1_tiny.json [--set trainer=trl]
     accelerate launch --config_file training/accelerate/ddp_cpu.yaml -m training.stages.stage1_s2t --config ...
 
 Optional S-Align (the adversarial modality alignment of arXiv 2312.10952; `"s_align": {"enabled": true, ...}`, see
@@ -16,16 +16,17 @@ import os
 from accelerate import PartialState
 
 from .common import (
-    apply_lora,
     last_complete_checkpoint,
     load_model,
     log_event,
+    prepare_trainable,
     run_trainer,
     stage_cli,
 )
 from .data import EchoXDataCollator, EncoderStateCache, load_dialogue_dataset
 
 DEFAULTS = {
+    "trainer": "trainer",  # "trainer" (transformers.Trainer) | "trl" (TRL's SFTTrainer, training/stages/trl_trainer.py)
     # the original Soundwave/EchoX stage-I recipe: LoRA r=64, alpha=16, dropout 0.05 on q/k/v of the LLM
     "lora": {"r": 64, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj"]},
     "trainable_modules": ["speech_adapter"],
@@ -109,7 +110,7 @@ def main(config: dict) -> dict:
         max_ctc_length=config["max_ctc_length"],
         max_response_tokens=config["max_response_tokens"],
     )
-    model = apply_lora(model, config.get("lora"), config["trainable_modules"])
+    model, trainer_kwargs = prepare_trainable(model, config)
     if config["ctc_warmup"].get("steps") and last_complete_checkpoint(config["output_dir"]) is None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         summary = ctc_warmup(base, collator, dataset, config["ctc_warmup"], config["output_dir"],
@@ -117,7 +118,8 @@ def main(config: dict) -> dict:
         log_event(config["output_dir"], {"event": "ctc_warmup", **summary}, PartialState().is_main_process)
     model.train()
     return run_trainer(
-        model, processor, config, dataset, collator, ["labels", "ctc_labels"], "stage1_s2t", s_align=config.get("s_align")
+        model, processor, config, dataset, collator, ["labels", "ctc_labels"], "stage1_s2t", s_align=config.get("s_align"),
+        **trainer_kwargs,
     )
 
 

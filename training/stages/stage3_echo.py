@@ -15,7 +15,7 @@ and each segment is one echo-decoder sample (`echo_segment_lengths`; echo loss o
 whole answer is one segment and the S2T loss (CE + 0.3 · CTC) joins by the paper's rule. Trainable: LoRA on the LLM +
 speech_adapter + echo_decoder (denoiser included).
 
-    python -m training.stages.stage3_echo --config training/configs/stage3_tiny.json
+    python -m training.stages.stage3_echo --config training/configs/stage3_tiny.json [--set trainer=trl]
 
 Only the precompute path is implemented (on-the-fly target generation is not).
 """
@@ -31,7 +31,7 @@ from torch import nn
 from modeling_echox.model.generation_configuration_echox import EchoXGenerationConfig
 from modeling_echox.model.segmentation import boundary_scores, segmentation_rule
 
-from .common import apply_lora, load_model, log_event, run_trainer, stage_cli
+from .common import load_model, log_event, prepare_trainable, run_trainer, stage_cli
 from .data import (
     EchoXDataCollator,
     extract_features,
@@ -41,6 +41,7 @@ from .data import (
 from .stage1_s2t import build_feature_cache
 
 DEFAULTS = {
+    "trainer": "trainer",  # "trainer" (transformers.Trainer) | "trl" (TRL's SFTTrainer, training/stages/trl_trainer.py)
     "echo_decoder_from": None,  # stage-II final/ directory: its echo decoder initialises (and labels for) stage III
     "targets_cache": None,  # default <output_dir>/echo_targets.jsonl
     "segment_wise": True,  # the released segment-wise mode (matches streaming inference)
@@ -348,10 +349,10 @@ def main(config: dict) -> dict:
         max_ctc_length=config["max_ctc_length"],
         max_response_tokens=config["max_response_tokens"],
     )
-    model = apply_lora(model, config.get("lora"), config["trainable_modules"])
+    model, trainer_kwargs = prepare_trainable(model, config)
     model.train()
     labels = ["labels", "unit_labels"] + (["ctc_labels"] if whole else [])
-    return run_trainer(model, processor, config, dataset, collator, labels, "stage3_echo")
+    return run_trainer(model, processor, config, dataset, collator, labels, "stage3_echo", **trainer_kwargs)
 
 
 def cli():
