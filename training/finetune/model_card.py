@@ -66,7 +66,7 @@ from transformers import AutoModel, AutoProcessor
 
 model = AutoModel.from_pretrained("{summary['checkpoint']}").eval()
 processor = AutoProcessor.from_pretrained("{summary['checkpoint']}")
-out = model.generate(**processor(audio="question.wav"), tokenizer=processor.tokenizer)
+out = model.generate(**processor(audio="question.wav"), processor=processor)
 print(out.text[0])  # the answer; out.waveforms[0]: the spoken answer at out.sampling_rate
 ```
 
