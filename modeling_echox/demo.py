@@ -16,8 +16,6 @@ EchoX checkpoint directory; default: `$ECHOX_MODEL`, else EchoX-mini, built once
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import io
 import logging
 import os
@@ -36,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gradio as gr  # noqa: E402
 
+from .memory import release_freed_memory  # noqa: E402
 from .mini.assembly import default_model_dir  # noqa: E402
 from .serving import EchoXInputError, EchoXServer, EchoXServerBusy  # noqa: E402
 
@@ -90,30 +89,6 @@ def wav_bytes(audio: np.ndarray, sampling_rate: int = SAMPLING_RATE) -> bytes:
         writer.setframerate(int(sampling_rate))
         writer.writeframes(pcm.tobytes())
     return buffer.getvalue()
-
-
-def _find_malloc_trim():
-    """glibc's `malloc_trim`, or `None` where the C library has none (macOS, musl)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        return None
-
-
-_MALLOC_TRIM = _find_malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """
-    Give the heap memory freed by a finished request back to the operating system. glibc serves the threads of a
-    request (the EchoX server's thread, gradio's workers) from per-thread arenas and keeps what they
-    free for later; from request to request that memory fragments and the server's resident size creeps up (about
-    65 MB per 100 EchoX-mini requests without this; tests/test_space_soak.py). `malloc_trim(0)` returns the free
-    pages of every arena. A no-op where the C library has no `malloc_trim`.
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _decode_file(path: str) -> tuple[int, np.ndarray]:

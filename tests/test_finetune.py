@@ -20,7 +20,8 @@ from modeling_echox.cli import main as echox
 from modeling_echox.testing.random_checkpoint import build_random_echox, write_random_checkpoint
 from training.finetune import finetune, user_records
 from training.stages import stage1_s2t, stage3_echo
-from training.stages.common import load_config, load_trained_echox, read_log
+from training.stages.common import load_config, load_trained_echox
+from training.stages.run_log import read_log
 from training.stages.tiny_data import make_tiny_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -23,8 +23,8 @@ from training.stages.common import (
     load_config,
     load_model,
     load_trained_echox,
-    read_log,
 )
+from training.stages.run_log import read_log
 from training.stages.data import (
     IGNORE_INDEX,
     EchoXDataCollator,

@@ -29,7 +29,8 @@ from typing import Any
 from accelerate import PartialState
 
 from ..stages import stage1_s2t, stage3_echo
-from ..stages.common import TRAINERS, adapter_base, load_config, read_log
+from ..stages.common import TRAINERS, adapter_base, load_config
+from ..stages.run_log import read_log
 from ..stages.data import write_manifest
 from .model_card import write_model_card
 from .user_data import user_records

@@ -7,7 +7,7 @@ import os
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..stages.common import read_log
+from ..stages.run_log import read_log
 
 TRAINER_NAMES = {"trl": "TRL `SFTTrainer` (EchoX's own loss, `training/stages/trl_trainer.py`)",
                  "trainer": "`transformers.Trainer` (`EchoXTrainer`)"}

@@ -18,20 +18,20 @@ Stages I and III train on `transformers.Trainer` (`EchoXTrainer`) or, with `"tra
 
 import argparse
 import json
-import math
 import os
 import re
 import time
-from collections import defaultdict
 from typing import Any
 
 import torch
 from accelerate import PartialState
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 
 from modeling_echox import EchoXForSpeechToSpeech, EchoXProcessor
 
-LOSS_KEYS = ("lm_loss", "ctc_loss", "echo_loss", "denoise_loss")
+from .echox_trainer import EchoXTrainer
+from .run_log import JsonlLogCallback, log_event, plot_losses
+
 ADAPTER_DIR = "lora_adapter"
 
 COMMON_DEFAULTS: dict[str, Any] = {
@@ -299,88 +299,6 @@ def count_parameters(model) -> dict[str, int]:
     return {"total": total, "trainable": trainable}
 
 
-# -------------------------------------------------------------------------------------------------------- trainer
-class EchoXTrainer(Trainer):
-    """
-    `Trainer` that also logs the model's loss components (`lm_loss`, `ctc_loss`, `echo_loss`, `denoise_loss`) and,
-    with `s_align` settings, runs the S-Align two-player game (training/stages/s_align.py) next to the model loss.
-    """
-
-    def __init__(self, *args, s_align: dict | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._components: dict[str, list[torch.Tensor]] = defaultdict(list)
-        self.s_align = None
-        if s_align and s_align.get("enabled"):
-            from .s_align import SAlign
-
-            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            self.s_align = SAlign(base, s_align)  # built after Trainer's set_seed: the same on every rank
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                for parameter in self.s_align.discriminator.parameters():
-                    torch.distributed.broadcast(parameter.data, src=0)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # `Trainer.compute_loss` by name: the loss is the model's own (`outputs.loss`), even in a subclass whose other
-        # base replaces it (TRL's SFTTrainer computes an LM-only loss through its fused LM head)
-        loss, outputs = Trainer.compute_loss(
-            self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
-        if model.training:
-            for key in LOSS_KEYS:
-                value = outputs.get(key) if hasattr(outputs, "get") else None
-                if value is not None:
-                    self._components[key].append(value.detach().float())
-        if self.s_align is not None:
-            term, logs = self.s_align.losses(inputs, self.state.global_step, model.training)
-            for key, value in logs.items():
-                self._components[key].append(value.float())
-            if term is not None:
-                loss = loss + term
-        return (loss, outputs) if return_outputs else loss
-
-    def _save_checkpoint(self, model, trial):
-        if self.s_align is not None and self.is_world_process_zero():
-            from .s_align import STATE_FILE
-
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            torch.save(self.s_align.state_dict(), os.path.join(folder, STATE_FILE))  # before trainer_state.json
-        super()._save_checkpoint(model, trial)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.s_align is not None:
-            from .s_align import STATE_FILE
-
-            path = os.path.join(resume_from_checkpoint, STATE_FILE)
-            if os.path.isfile(path):
-                self.s_align.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=False))
-            else:
-                print(f"warning: {path} is missing; the S-Align discriminator restarts from scratch.")
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._components:
-            for key, values in sorted(self._components.items()):
-                mean = torch.stack(values).mean().to(self.args.device)
-                if self.args.world_size > 1:
-                    mean = self.accelerator.reduce(mean, reduction="mean")
-                logs[key] = round(float(mean), 6)
-            self._components.clear()
-        super().log(logs, start_time)
-
-
-class JsonlLogCallback(TrainerCallback):
-    """Appends every log event to `train_log.jsonl` (main process only)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": state.global_step, "time": time.time(), **logs}) + "\n")
-
-
 def last_complete_checkpoint(output_dir: str) -> str | None:
     """Newest `checkpoint-N` that holds a `trainer_state.json` (written last), so a kill mid-save is skipped."""
     if not os.path.isdir(output_dir):
@@ -409,51 +327,6 @@ def training_arguments(config: dict, label_names: list[str], args_class=Training
         kwargs.setdefault("use_cpu", True)
     kwargs.update(fixed)
     return args_class(**kwargs)
-
-
-def plot_losses(log_history: list[dict], path: str, title: str = "") -> str | None:
-    """Loss curves (every `*loss` key against the step) → PNG. Returns the path, or None without data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for entry in log_history:
-        for key, value in entry.items():
-            if (key == "loss" or key.endswith("_loss")) and isinstance(value, (int, float)) and math.isfinite(value):
-                if key.startswith("eval_") or "step" not in entry:
-                    continue
-                series[key].append((entry["step"], float(value)))
-    if not series:
-        return None
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for key, points in sorted(series.items()):
-        axis.plot([p[0] for p in points], [p[1] for p in points], label=key, marker="." if len(points) < 30 else None)
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
-
-
-def read_log(output_dir: str) -> list[dict]:
-    path = os.path.join(output_dir, "train_log.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def log_event(output_dir: str, event: dict, is_main: bool = True) -> None:
-    if is_main:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "train_log.jsonl"), "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"time": time.time(), **event}) + "\n")
 
 
 SAVE_LORA_MODES = ("merged", "adapter", "adapter_only")

@@ -32,14 +32,12 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from .common import (
-    JsonlLogCallback,
     last_complete_checkpoint,
     load_config,
-    log_event,
     parse_args,
-    plot_losses,
     training_arguments,
 )
+from .run_log import JsonlLogCallback, log_event, plot_losses
 
 DEFAULTS = {
     "eval_manifest": None,  # held-out read sentences in reserved voices (training.data.listening)

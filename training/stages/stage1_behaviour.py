@@ -36,13 +36,13 @@ from accelerate import PartialState
 from torch import nn
 
 from .common import (
-    EchoXTrainer,
     apply_lora,
     load_model,
-    log_event,
     run_trainer,
     stage_cli,
 )
+from .echox_trainer import EchoXTrainer
+from .run_log import log_event
 from .data import IGNORE_INDEX, EchoXDataCollator, load_dialogue_dataset
 from .stage1_s2t import build_feature_cache
 

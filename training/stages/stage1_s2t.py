@@ -18,11 +18,11 @@ from accelerate import PartialState
 from .common import (
     last_complete_checkpoint,
     load_model,
-    log_event,
     prepare_trainable,
     run_trainer,
     stage_cli,
 )
+from .run_log import log_event
 from .data import EchoXDataCollator, EncoderStateCache, load_dialogue_dataset
 
 DEFAULTS = {

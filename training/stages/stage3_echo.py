@@ -31,7 +31,8 @@ from torch import nn
 from modeling_echox.model.generation_configuration_echox import EchoXGenerationConfig
 from modeling_echox.model.segmentation import boundary_scores, segmentation_rule
 
-from .common import load_model, log_event, prepare_trainable, run_trainer, stage_cli
+from .common import load_model, prepare_trainable, run_trainer, stage_cli
+from .run_log import log_event
 from .data import (
     EchoXDataCollator,
     extract_features,

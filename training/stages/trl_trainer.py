@@ -22,7 +22,8 @@ no gradient checkpointing, no bf16 autocast (both only when the config does not 
 
 from trl import SFTConfig, SFTTrainer
 
-from .common import EchoXTrainer, training_arguments
+from .common import training_arguments
+from .echox_trainer import EchoXTrainer
 
 
 class EchoXSFTTrainer(EchoXTrainer, SFTTrainer):
