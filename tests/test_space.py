@@ -368,12 +368,12 @@ def test_each_request_gives_its_freed_memory_back(space, question_wav, monkeypat
 def test_freed_memory_goes_back_with_glibc():
     import platform
 
-    import modeling_echox.demo as app
+    import modeling_echox.memory as memory
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's")
-    assert app._MALLOC_TRIM is not None
-    app.release_freed_memory()
+    assert memory._MALLOC_TRIM is not None
+    memory.release_freed_memory()
 
 
 def test_default_model_is_the_argument_else_env_else_ensure_mini(monkeypatch, tmp_path):

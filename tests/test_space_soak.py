@@ -197,10 +197,12 @@ def test_memory_freed_by_a_request_goes_back_to_the_system(tmp_path, question_wa
         return Answered()
 
     monkeypatch.setattr(space.server, "submit", fragmenting_submit)
-    app._MALLOC_TRIM(0)  # start from arenas holding nothing free
+    from modeling_echox.memory import _MALLOC_TRIM
+
+    _MALLOC_TRIM(0)  # start from arenas holding nothing free
     list(space.respond(question_wav, "fast"))
     after_request = _usage(os.getpid())["anon"]
-    app._MALLOC_TRIM(0)
+    _MALLOC_TRIM(0)
     still_held = after_request - _usage(os.getpid())["anon"]
     assert len(survivors) == 1024
     assert still_held < 16, f"{still_held:.1f} MB freed by the request were still held by the process after it"
