@@ -8,7 +8,8 @@ its next question as soon as its last one is answered (a closed loop, as people 
 
 - `engine`: in this process, through one `EchoXServer` (`server.submit(audio)`, iterating the request's chunks);
 - `space`: through the Gradio Space (`spaces_demo/app.py`, started on 127.0.0.1 in a process of its own) with one
-  `gradio_client.Client` per client (output files are not downloaded).
+  `gradio_client.Client` per client (output files are not downloaded); each question starts a new conversation
+  (`/new_conversation`, not timed), so that the Space answers the same single questions as the engine.
 
 With one client, every question is also answered by `model.stream` alone right after its engine request (`lone` in
 the engine's results, timed as benchmarks/latency.py times it), so that the two compare on the same machine state.
@@ -237,6 +238,9 @@ def space_asker(url: str, paths: list[str], mode: str, timeout: float):
     def ask(index: int) -> dict:
         if not hasattr(local, "client"):
             local.client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
+        # a question of its own, as the engine's: the Space would otherwise keep this client's earlier exchanges in
+        # the prompt (and encode their audio again); the reset is not timed
+        local.client.predict(api_name="/new_conversation")
         started = time.perf_counter()
         first_audio, error = None, None
         try:
