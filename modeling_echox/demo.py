@@ -233,7 +233,7 @@ class EchoXSpace:
         return cls(model, processor)
 
     def respond(
-        self, audio, mode: str | None = None, history: list | None = None, keep_question: bool = False
+        self, audio, mode: str | None = None, history: list | None = None
     ) -> Iterator[tuple[str, bytes | None, str, bytes | None]]:
         """
         Answer one spoken question (through the server, together with the other listeners' questions). Yields
@@ -243,11 +243,12 @@ class EchoXSpace:
         `(answer text, None, "done …" status, the whole answer as one 16-bit wav file, or None if it has no audio)`.
         Bad input and failures raise `gr.Error` with a friendly message (never a traceback). When the request ends,
         however it ends, the memory it freed is returned to the system (`release_freed_memory`). `history`: earlier
-        conversation messages that go into the prompt before the question (see `converse`); with `keep_question`, the
-        question's own message (its audio as 16-bit samples) is yielded first, in place of the text.
+        conversation messages that go into the prompt before the question; once the answer is complete, this exchange
+        (the question's audio as 16-bit samples, the answer's text) is appended to it in place, and only the last
+        `MAX_EARLIER_EXCHANGES` exchanges are kept (see `converse`).
         """
         try:
-            yield from self._respond(audio, mode, history, keep_question)
+            yield from self._respond(audio, mode, history)
         finally:
             release_freed_memory()
 
@@ -259,16 +260,8 @@ class EchoXSpace:
         `MAX_EARLIER_EXCHANGES` exchanges are kept.
         """
         history = list(history or [])
-        question, answer, status, whole = None, None, "", None
-        for text, audio_out, status, whole in self.respond(audio, mode, history=history, keep_question=True):
-            if isinstance(text, dict):  # the question as it was asked, handed back once at the start
-                question = text
-                continue
-            answer = text
-            yield text, audio_out, status, whole, history
-        if question is not None and answer:
-            history = (history + [question, {"role": "assistant", "content": answer}])[-2 * MAX_EARLIER_EXCHANGES :]
-        yield answer or "", None, status, whole, history
+        for outputs in self.respond(audio, mode, history=history):
+            yield (*outputs, history)
 
     @staticmethod
     def transcript(history: list | None) -> str:
@@ -279,18 +272,17 @@ class EchoXSpace:
         lines = [f"{i}. (spoken question) → {answer}" for i, answer in enumerate(answers, 1)]
         return "Earlier in this conversation (kept in the prompt):\n\n" + "\n".join(lines)
 
-    def _respond(self, audio, mode: str | None, history: list | None = None, keep_question: bool = False):
+    def _respond(self, audio, mode: str | None, history: list | None = None):
         started = time.perf_counter()
         mode = mode if mode in MODES else self.default_mode
         try:
             rate, samples = check_audio(audio, self.max_seconds)
         except InputError as error:
             raise gr.Error(str(error), print_exception=False) from None
-        # kept as 16-bit samples (half the memory of float32) in the listener's history
-        pcm = np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
-        question = {"role": "user", "content": [{"type": "audio", "audio": {"array": pcm, "sampling_rate": rate}}]}
-        if keep_question:
-            yield question, None, None, None
+        question = None
+        if history is not None:  # kept as 16-bit samples (half the memory of float32) in the listener's history
+            pcm = np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
+            question = {"role": "user", "content": [{"type": "audio", "audio": {"array": pcm, "sampling_rate": rate}}]}
         try:
             if history:
                 conversation = [_with_float_audio(message) for message in [*history, question]]
@@ -344,6 +336,8 @@ class EchoXSpace:
             yield "", None, "The model gave an empty answer.", None
             return
         whole = wav_bytes(np.concatenate(pieces), out_rate) if pieces else None
+        if history is not None and text:
+            history[:] = [*history, question, {"role": "assistant", "content": text}][-2 * MAX_EARLIER_EXCHANGES :]
         yield text, None, self._status(mode, segments, seconds, first_audio, started, True), whole
 
     @staticmethod
