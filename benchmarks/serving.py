@@ -98,24 +98,37 @@ def run_clients(clients: int, questions: int, ask) -> tuple[list[dict], float]:
 
 
 # ------------------------------------------------------------------------------------------------------ the engine
+def timed(answer) -> dict:
+    """
+    Time one question: `answer()` asks it and iterates over its answer, yielding True for each piece that carries
+    audio. First audio is when the first such piece arrives; an exception is counted as the request's error.
+    """
+    started = time.perf_counter()
+    first_audio, error = None, None
+    try:
+        for spoke in answer():
+            if first_audio is None and spoke:
+                first_audio = time.perf_counter()
+    except Exception as failure:  # counted, with its message
+        error = f"{type(failure).__name__}: {failure}"
+    finished = time.perf_counter()
+    return {
+        "first_audio_ms": None if first_audio is None else (first_audio - started) * 1000,
+        "answer_ms": (finished - started) * 1000,
+        "error": error,
+    }
+
+
 def engine_asker(server: EchoXServer, clips: list[tuple[np.ndarray, int]], mode: str, timeout: float):
     def ask(index: int) -> dict:
         audio, rate = clips[index % len(clips)]
-        started = time.perf_counter()
-        first_audio, error = None, None
-        try:
+
+        def answer():
             request = server.submit(audio, sampling_rate=rate, segmentation_mode=mode)
             while (chunk := request.get(timeout=timeout)) is not None:
-                if first_audio is None and chunk.audio.size:
-                    first_audio = time.perf_counter()
-        except Exception as failure:  # counted, with its message
-            error = f"{type(failure).__name__}: {failure}"
-        finished = time.perf_counter()
-        return {
-            "first_audio_ms": None if first_audio is None else (first_audio - started) * 1000,
-            "answer_ms": (finished - started) * 1000,
-            "error": error,
-        }
+                yield bool(chunk.audio.size)
+
+        return timed(answer)
 
     return ask
 
@@ -125,22 +138,14 @@ def lone_asker(model, processor, clips: list[tuple[np.ndarray, int]], mode: str)
 
     def ask(index: int) -> dict:
         audio, rate = clips[index % len(clips)]
-        started = time.perf_counter()
-        first_audio, error = None, None
-        try:
+
+        def answer():
             with torch_threads(1):
                 inputs = processor(audio=audio, sampling_rate=rate)
-            for chunk in model.stream(**inputs, tokenizer=processor.tokenizer, segmentation_mode=mode):
-                if first_audio is None and chunk.audio.size:
-                    first_audio = time.perf_counter()
-        except Exception as failure:  # counted, with its message
-            error = f"{type(failure).__name__}: {failure}"
-        finished = time.perf_counter()
-        return {
-            "first_audio_ms": None if first_audio is None else (first_audio - started) * 1000,
-            "answer_ms": (finished - started) * 1000,
-            "error": error,
-        }
+            for chunk in model.stream(**inputs, processor=processor, segmentation_mode=mode):
+                yield bool(chunk.audio.size)
+
+        return timed(answer)
 
     return ask
 
@@ -241,28 +246,21 @@ def space_asker(url: str, paths: list[str], mode: str, timeout: float):
         # a question of its own, as the engine's: the Space would otherwise keep this client's earlier exchanges in
         # the prompt (and encode their audio again); the reset is not timed
         local.client.predict(api_name="/new_conversation")
-        started = time.perf_counter()
-        first_audio, error = None, None
-        try:
+
+        def answer():
+            started = time.perf_counter()
             job = local.client.submit(handle_file(paths[index % len(paths)]), mode, api_name="/respond")
             for _, _, status, _ in job:
                 if time.perf_counter() - started > timeout:
                     job.cancel()
                     raise TimeoutError(f"no answer within {timeout} s")
                 spoken = SPEECH_SECONDS.search(status or "")
-                if first_audio is None and spoken and float(spoken.group(1)) > 0:
-                    first_audio = time.perf_counter()
+                yield bool(spoken and float(spoken.group(1)) > 0)
             outputs = job.outputs()
             if not outputs or not str(outputs[-1][2]).startswith("done"):
                 raise RuntimeError(f"the Space ended without an answer: {outputs[-1] if outputs else job.status()}")
-        except Exception as failure:  # counted, with its message
-            error = f"{type(failure).__name__}: {failure}"
-        finished = time.perf_counter()
-        return {
-            "first_audio_ms": None if first_audio is None else (first_audio - started) * 1000,
-            "answer_ms": (finished - started) * 1000,
-            "error": error,
-        }
+
+        return timed(answer)
 
     return ask
 
