@@ -25,3 +25,18 @@ def question_wav(tmp_path_factory):
         t = np.arange(int(1.5 * rate)) / rate
         soundfile.write(path, (0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(np.pi * t / 1.5)).astype(np.float32), rate)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def speech_to_speech(tmp_path_factory):
+    """`pipeline("speech-to-speech")` on a tiny random checkpoint; each clip's own frames reach the adapter, so
+    different clips get different answers from the random model; 8 echo-decoder tokens per segment keep it quick."""
+    from transformers import pipeline
+
+    import modeling_echox  # noqa: F401  (registers the task)
+    from modeling_echox.testing.random_checkpoint import write_random_checkpoint
+
+    speech_to_speech = pipeline("speech-to-speech", model=write_random_checkpoint(str(tmp_path_factory.mktemp("ckpt"))))
+    speech_to_speech.model.config.crop_audio_padding = True
+    speech_to_speech.model.generation_config.echo_max_new_tokens = 8
+    return speech_to_speech

@@ -3,24 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from transformers import pipeline
 
 import modeling_echox  # noqa: F401  (registers the task)
-from modeling_echox.testing.random_checkpoint import write_random_checkpoint
 
 SR = 16000
 
 
 def noise(seconds, seed):
     return (0.05 * np.random.default_rng(seed).standard_normal(int(seconds * SR))).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def speech_to_speech(tmp_path_factory):
-    speech_to_speech = pipeline("speech-to-speech", model=write_random_checkpoint(str(tmp_path_factory.mktemp("ckpt"))))
-    speech_to_speech.model.config.crop_audio_padding = True
-    speech_to_speech.model.generation_config.echo_max_new_tokens = 8
-    return speech_to_speech
 
 
 def conversation(first_clip, second_clip):

@@ -12,12 +12,10 @@ from transformers import (
     AutomaticSpeechRecognitionPipeline,
     WhisperConfig,
     WhisperForConditionalGeneration,
-    pipeline,
 )
 
 import modeling_echox  # noqa: F401  (registers the task)
 from modeling_echox import SpeechToSpeechPipeline
-from modeling_echox.testing.random_checkpoint import write_random_checkpoint
 
 SR = 16000
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed (make installs it)")
@@ -31,15 +29,6 @@ def wav_bytes(samples, rate=SR):
     buffer = io.BytesIO()
     soundfile.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def speech_to_speech(tmp_path_factory):
-    speech_to_speech = pipeline("speech-to-speech", model=write_random_checkpoint(str(tmp_path_factory.mktemp("ckpt"))))
-    # the adapter sees each clip's own frames, so different clips get different answers from the random model
-    speech_to_speech.model.config.crop_audio_padding = True
-    speech_to_speech.model.generation_config.echo_max_new_tokens = 8
-    return speech_to_speech
 
 
 @pytest.fixture(scope="module")
