@@ -29,8 +29,6 @@ import json
 import os
 import re
 import resource
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -47,6 +45,7 @@ from latency import spoken_questions  # noqa: E402
 
 from modeling_echox.model.loading import load_echox  # noqa: E402
 from modeling_echox.serving import EchoXServer  # noqa: E402
+from modeling_echox.testing.space_process import serve_space  # noqa: E402
 from modeling_echox.torch_threads import torch_threads  # noqa: E402
 
 APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "spaces_demo", "app.py")
@@ -181,12 +180,6 @@ def bench_engine(model, processor, clips, levels, questions, mode, timeout) -> d
 
 
 # ------------------------------------------------------------------------------------------------------- the Space
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _peak_rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status", encoding="utf-8") as handle:
         for line in handle:
@@ -196,43 +189,13 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 @contextmanager
-def serve_space(model_dir: str, threads: int | None, workdir: str, startup_timeout: float = 600.0):
-    """`spaces_demo/app.py --model model_dir` on a free loopback port; yields `(url, pid)`."""
-    import httpx
-
-    port = _free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", ECHOX_EXAMPLES_DIR=os.path.join(workdir, "examples"))
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(APP)), env.get("PYTHONPATH", "")])
+def space_process(model_dir: str, threads: int | None, workdir: str):
+    """The Space (`spaces_demo/app.py`) on a free loopback port with `threads` OpenMP threads; yields `(url, pid)`."""
+    env = {"ECHOX_EXAMPLES_DIR": os.path.join(workdir, "examples")}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    log = open(os.path.join(workdir, "space.log"), "w")
-    process = subprocess.Popen(
-        [sys.executable, APP, "--model", model_dir, "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the Space exited ({process.returncode}); see {log.name}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the Space did not start within {startup_timeout:g} s")
-            time.sleep(0.5)
-        yield url, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+    with serve_space(APP, model_dir, os.path.join(workdir, "space.log"), env, startup_timeout=600.0) as served:
+        yield served
 
 
 def space_asker(url: str, paths: list[str], mode: str, timeout: float):
@@ -267,7 +230,7 @@ def space_asker(url: str, paths: list[str], mode: str, timeout: float):
 
 def bench_space(model_dir, paths, levels, questions, mode, timeout, threads, workdir) -> dict:
     results = {}
-    with serve_space(model_dir, threads, workdir) as (url, pid):
+    with space_process(model_dir, threads, workdir) as (url, pid):
         space_asker(url, paths, mode, timeout)(0)  # warm-up
         for clients in levels:
             ask = space_asker(url, paths, mode, timeout)  # fresh clients for each level

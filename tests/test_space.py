@@ -6,7 +6,6 @@ gradio_client, and the page in a real browser (Debian's chromium driven by Playw
 import io
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -28,6 +27,7 @@ from modeling_echox.demo import (  # noqa: E402
     synthesize_examples,
     wav_bytes,
 )
+from modeling_echox.testing.space_process import free_port  # noqa: E402
 
 SR = 16000
 CHROMIUM = "/usr/bin/chromium"
@@ -59,12 +59,6 @@ def space(checkpoint):
     return EchoXSpace.from_pretrained(checkpoint)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _needs_ffmpeg():
     if shutil.which("ffmpeg") is None:
         pytest.skip("gradio's streamed audio output needs the ffmpeg binary (apt-get install ffmpeg)")
@@ -78,7 +72,7 @@ def served(checkpoint, space, tmp_path_factory):
     demo.launch(
         prevent_thread_lock=True,
         server_name="127.0.0.1",
-        server_port=_free_port(),
+        server_port=free_port(),
         quiet=True,
         **launch_kwargs(demo),
     )

@@ -10,12 +10,8 @@ arenas keeping what the request threads freed; see `release_freed_memory` in mod
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,14 +22,10 @@ pytest.importorskip("gradio", reason="the demo extra (gradio==6.31.0) is not ins
 if not Path("/proc/self/status").is_file():
     pytest.skip("reads the server's memory from /proc (Linux)", allow_module_level=True)
 
+from modeling_echox.testing.space_process import serve_space  # noqa: E402
+
 APP = Path(__file__).resolve().parent.parent / "spaces_demo" / "app.py"
 SR = 16000
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _usage(pid: int) -> dict:
@@ -60,50 +52,10 @@ def _usage(pid: int) -> dict:
     }
 
 
-@contextmanager
 def _serve(model_dir: str, tmp_path: Path, startup_timeout: float = 300.0):
-    """`spaces_demo/app.py --model model_dir` on a free loopback port; yields `(url, pid)`."""
-    import httpx
-
-    port = _free_port()
-    env = dict(
-        os.environ,
-        GRADIO_ANALYTICS_ENABLED="False",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        ECHOX_EXAMPLES_DIR=str(tmp_path / "examples"),
-        PYTHONPATH=os.pathsep.join([str(APP.parent.parent), os.environ.get("PYTHONPATH", "")]),
-    )
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, str(APP), "--model", model_dir, "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"the app exited ({server.returncode}): {(tmp_path / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the app did not start within {startup_timeout:g} s")
-            time.sleep(0.5)
-        yield url, server.pid
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+    """`spaces_demo/app.py --model model_dir` on a free loopback port (`serve_space`); yields `(url, pid)`."""
+    return serve_space(str(APP), model_dir, str(tmp_path / "server.log"),
+                       {"ECHOX_EXAMPLES_DIR": str(tmp_path / "examples")}, startup_timeout)
 
 
 def _soak(url: str, pid: int, question: str, requests: int, warmup: int, every: int = 20) -> tuple[dict, dict, list]:
