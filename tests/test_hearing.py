@@ -54,6 +54,41 @@ def test_ctc_head_is_the_frozen_table_and_only_the_frame_path_trains(tiny):
     assert trainable == {"projector", "frame_block", "out_norm"}
 
 
+@pytest.mark.parametrize("rank", [None, 2])
+def test_trained_ctc_head_starts_at_the_table_and_its_state_is_the_whole_head(tiny, rank):
+    """A trained head (whole, or the frozen table + a rank-r correction) starts equal to the table, trains, and is
+    saved as one `speech_adapter.ctc_head.weight` that gives the same logits in an EchoX model."""
+    model, _ = tiny
+    table = model.language_model.get_output_embeddings().weight
+    net = _hearing(model, ctc_head="trained", ctc_head_rank=rank).train()
+    frames = torch.randn(1, 5, table.shape[1])
+    torch.testing.assert_close(net.head_logits(frames, net.vocab_ids), frames @ table.T)
+    trainable = {name for name, p in net.named_parameters() if p.requires_grad}
+    if rank:
+        assert {"ctc_delta_rows", "ctc_delta_basis"} <= trainable and not net.speech_adapter.ctc_head.weight.requires_grad
+    else:
+        assert "speech_adapter.ctc_head.weight" in trainable
+    states, lengths = torch.randn(1, 20, model.config.audio_config.d_model), torch.tensor([20])
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):
+        loss = net(states, lengths, torch.tensor([[3, 4, 5]]))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    head = net.trained_state()["speech_adapter.ctc_head.weight"]
+    assert not torch.equal(head, table)
+    torch.testing.assert_close(frames @ head.T, net.head_logits(frames, net.vocab_ids), atol=1e-4, rtol=1e-4)
+
+
+def test_a_rank_needs_a_trained_head(tiny):
+    model, _ = tiny
+    for head, rank in (("table", 4), ("trained", 0)):
+        with pytest.raises(ValueError, match="ctc_head_rank"):
+            _hearing(model, ctc_head=head, ctc_head_rank=rank)
+    with pytest.raises(ValueError, match="ctc_head must be"):
+        _hearing(model, ctc_head="tied")
+
+
 @pytest.mark.parametrize("negatives", [0, 5])
 def test_restricted_and_sampled_ctc_losses_train(tiny, negatives):
     model, _ = tiny

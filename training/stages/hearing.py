@@ -45,12 +45,15 @@ DEFAULTS = {
     "unfrozen_encoder_layers": 0,
     "ctc_vocabulary": "corpus",  # "corpus" | "full"
     "ctc_sampled_negatives": 0,  # > 0: training softmax over the batch's targets + the blank + this many random tokens
+    "ctc_head": "table",  # "table": the frozen LLM output table | "trained": trained, starting from the table
+    "ctc_head_rank": None,  # with "trained": the head is the frozen table + a trained rank-r correction
     "adapter": {"intermediate_size": None, "num_heads": None},
     "init_adapter": None,  # a hearing_adapter.safetensors to start from
     "eval_steps": 250,
     "eval_clips": 400,  # held-out clips scored during training (all of them at the end)
     "seed": 0,
 }
+CTC_HEADS = ("table", "trained")
 SHARD_SIZE = 256
 HOP_SAMPLES = 320  # 16 kHz samples per Whisper encoder frame
 IGNORE_INDEX = -100
@@ -202,13 +205,23 @@ class HearingModel(nn.Module):
     """
 
     def __init__(self, echox_config, table: torch.Tensor, encoder=None, unfrozen_layers: int = 0,
-                 vocab_ids: torch.Tensor | None = None, sampled_negatives: int = 0):
+                 vocab_ids: torch.Tensor | None = None, sampled_negatives: int = 0, ctc_head: str = "table",
+                 ctc_head_rank: int | None = None):
         super().__init__()
         from modeling_echox.model.speech_adapter import EchoXSpeechAdapter
 
+        if ctc_head not in CTC_HEADS:
+            raise ValueError(f"ctc_head must be one of {CTC_HEADS}, got {ctc_head!r}.")
         self.speech_adapter = EchoXSpeechAdapter(echox_config)
-        self.speech_adapter.ctc_head.weight.requires_grad_(False)
-        self.speech_adapter.ctc_head.weight.data.copy_(table)
+        if ctc_head_rank is not None and (ctc_head != "trained" or ctc_head_rank < 1):
+            raise ValueError(f"ctc_head_rank needs ctc_head='trained' and a rank >= 1, got {ctc_head!r}, {ctc_head_rank}.")
+        head = self.speech_adapter.ctc_head.weight
+        head.data.copy_(table)
+        head.requires_grad_(ctc_head == "trained" and ctc_head_rank is None)
+        self.ctc_delta_rows = self.ctc_delta_basis = None
+        if ctc_head_rank:
+            self.ctc_delta_rows = nn.Parameter(torch.zeros(head.shape[0], ctc_head_rank))
+            self.ctc_delta_basis = nn.Parameter(torch.randn(ctc_head_rank, head.shape[1]) * head.std())
         for module in (self.speech_adapter.look_back, self.speech_adapter.look_back_norm):
             module.requires_grad_(False)  # the look-back attention reads the LLM's side: stage I trains it
         self.encoder_layers = nn.ModuleList()
@@ -256,8 +269,7 @@ class HearingModel(nn.Module):
         ids = self.vocab_ids if restricted else self.vocab_ids[:0]
         if self.training and self.sampled_negatives and labels is not None:
             ids = self.sampled_ids(labels)
-        weight = self.speech_adapter.ctc_head.weight
-        logits = frames @ (weight[ids] if len(ids) else weight).T
+        logits = self.head_logits(frames, ids)
         loss = None
         if labels is not None:
             valid = labels != IGNORE_INDEX
@@ -271,13 +283,24 @@ class HearingModel(nn.Module):
                                           reduction="mean", zero_infinity=True)
         return {"loss": loss, "logits": logits, "counts": counts}
 
+    def head_logits(self, frames: torch.Tensor, ids: torch.LongTensor) -> torch.Tensor:
+        """CTC logits of `frames` over the rows `ids` of the head (all rows when `ids` is empty)."""
+        weight = self.speech_adapter.ctc_head.weight
+        weight = weight[ids] if len(ids) else weight
+        if self.ctc_delta_rows is not None:
+            rows = self.ctc_delta_rows[ids] if len(ids) else self.ctc_delta_rows
+            weight = weight + rows @ self.ctc_delta_basis
+        return frames @ weight.T
+
     @torch.no_grad()
     def dictate(self, states, lengths, restricted: bool = True) -> list[list[int]]:
         """CTC greedy transcripts as LLM token ids (argmax per frame, runs collapsed, blanks dropped). Over the whole
         table the argmax is the adapter's own (`ctc_argmax`, as at inference)."""
         frames, counts = self.frames(states, lengths)
         if restricted and len(self.vocab_ids):
-            ids = self.vocab_ids[(frames @ self.speech_adapter.ctc_head.weight[self.vocab_ids].T).argmax(-1)]
+            ids = self.vocab_ids[self.head_logits(frames, self.vocab_ids).argmax(-1)]
+        elif self.ctc_delta_rows is not None:
+            ids = self.head_logits(frames.float(), self.vocab_ids[:0]).argmax(-1)
         else:
             ids = self.speech_adapter.ctc_argmax(frames.float())
         return [ctc_collapse(row[:count], self.blank_id) for row, count in zip(ids, counts.tolist())]
@@ -286,6 +309,10 @@ class HearingModel(nn.Module):
         """The trained tensors under their EchoX checkpoint names (the encoder layers as `audio_tower.layers.*`)."""
         state = {f"speech_adapter.{name}": p.detach().contiguous() for name, p in
                  self.speech_adapter.named_parameters() if p.requires_grad}
+        if self.ctc_delta_rows is not None:
+            with torch.no_grad():
+                head = self.speech_adapter.ctc_head.weight + self.ctc_delta_rows @ self.ctc_delta_basis
+            state["speech_adapter.ctc_head.weight"] = head.contiguous()
         if len(self.encoder_layers):
             for index, layer in enumerate(self.encoder_layers, start=self.first_unfrozen_layer):
                 for name, p in layer.named_parameters():
@@ -417,7 +444,8 @@ def main(config: dict) -> dict:
     vocab_ids = None
     if config["ctc_vocabulary"] == "corpus":
         vocab_ids = torch.tensor(sorted({i for row in train_set.labels for i in row} | {echox_config.audio_token_id}))
-    model = HearingModel(echox_config, table, encoder, unfrozen, vocab_ids, int(config["ctc_sampled_negatives"]))
+    model = HearingModel(echox_config, table, encoder, unfrozen, vocab_ids, int(config["ctc_sampled_negatives"]),
+                         config["ctc_head"], config["ctc_head_rank"])
     if config.get("init_adapter"):
         load_hearing_adapter(model, config["init_adapter"])
     log = os.path.join(output_dir, "train_log.jsonl")
@@ -455,7 +483,8 @@ def main(config: dict) -> dict:
         "train_loss": result.training_loss, "seconds": round(time.time() - started, 1),
         "train_clips": len(train_set), "train_hours": round(hours, 2),
         "train_distinct_words": len({w for line in train_lines for w in line["text"].split()}),
-        "ctc_vocabulary": config["ctc_vocabulary"], "unfrozen_encoder_layers": unfrozen,
+        "ctc_vocabulary": config["ctc_vocabulary"], "ctc_head": config["ctc_head"],
+        "ctc_head_rank": config["ctc_head_rank"], "unfrozen_encoder_layers": unfrozen,
         "adapter": config["adapter"], "trainable": trainable, "dictation": dictation, "whisper_tiny_en": whisper,
     }
     with open(os.path.join(final, "hearing.json"), "w", encoding="utf-8") as handle:
