@@ -79,6 +79,14 @@ def test_trained_ctc_head_starts_at_the_table_and_its_state_is_the_whole_head(ti
     assert not torch.equal(head, table)
     torch.testing.assert_close(frames @ head.T, net.head_logits(frames, net.vocab_ids), atol=1e-4, rtol=1e-4)
 
+    vocab = torch.tensor([3, 4, 5, model.config.audio_token_id])
+    net.register_buffer("vocab_ids", vocab)
+    head = net.trained_state()["speech_adapter.ctc_head.weight"]
+    outside = torch.ones(len(head), dtype=torch.bool)
+    outside[vocab] = False
+    assert not head[outside].any() and head[vocab].abs().sum(-1).gt(0).all()  # the dictation writes corpus tokens only
+    torch.testing.assert_close((frames @ head.T)[..., vocab], net.head_logits(frames, vocab), atol=1e-4, rtol=1e-4)
+
 
 def test_a_rank_needs_a_trained_head(tiny):
     model, _ = tiny

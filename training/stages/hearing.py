@@ -283,6 +283,23 @@ class HearingModel(nn.Module):
                                           reduction="mean", zero_infinity=True)
         return {"loss": loss, "logits": logits, "counts": counts}
 
+    @property
+    def head_trains(self) -> bool:
+        return self.ctc_delta_rows is not None or self.speech_adapter.ctc_head.weight.requires_grad
+
+    @torch.no_grad()
+    def exported_head(self) -> torch.Tensor:
+        """The trained CTC head `[V, H]` as an EchoX model takes it: rows of tokens outside `vocab_ids` (which the
+        dictation was never trained to tell apart) are zero, so they never win the argmax over a trained row."""
+        head = self.speech_adapter.ctc_head.weight.detach().clone()
+        if self.ctc_delta_rows is not None:
+            head += self.ctc_delta_rows @ self.ctc_delta_basis
+        if len(self.vocab_ids):
+            outside = torch.ones(len(head), dtype=torch.bool, device=head.device)
+            outside[self.vocab_ids] = False
+            head[outside] = 0
+        return head
+
     def head_logits(self, frames: torch.Tensor, ids: torch.LongTensor) -> torch.Tensor:
         """CTC logits of `frames` over the rows `ids` of the head (all rows when `ids` is empty)."""
         weight = self.speech_adapter.ctc_head.weight
@@ -299,8 +316,8 @@ class HearingModel(nn.Module):
         frames, counts = self.frames(states, lengths)
         if restricted and len(self.vocab_ids):
             ids = self.vocab_ids[self.head_logits(frames, self.vocab_ids).argmax(-1)]
-        elif self.ctc_delta_rows is not None:
-            ids = self.head_logits(frames.float(), self.vocab_ids[:0]).argmax(-1)
+        elif self.head_trains:
+            ids = (frames.float() @ self.exported_head().T).argmax(-1)
         else:
             ids = self.speech_adapter.ctc_argmax(frames.float())
         return [ctc_collapse(row[:count], self.blank_id) for row, count in zip(ids, counts.tolist())]
@@ -309,10 +326,8 @@ class HearingModel(nn.Module):
         """The trained tensors under their EchoX checkpoint names (the encoder layers as `audio_tower.layers.*`)."""
         state = {f"speech_adapter.{name}": p.detach().contiguous() for name, p in
                  self.speech_adapter.named_parameters() if p.requires_grad}
-        if self.ctc_delta_rows is not None:
-            with torch.no_grad():
-                head = self.speech_adapter.ctc_head.weight + self.ctc_delta_rows @ self.ctc_delta_basis
-            state["speech_adapter.ctc_head.weight"] = head.contiguous()
+        if self.head_trains:
+            state["speech_adapter.ctc_head.weight"] = self.exported_head().contiguous()
         if len(self.encoder_layers):
             for index, layer in enumerate(self.encoder_layers, start=self.first_unfrozen_layer):
                 for name, p in layer.named_parameters():
