@@ -8,7 +8,8 @@ Only the trained parts are committed (`modeling_echox/mini/parts/`, a few tens o
     generation_config.json    its `EchoXGenerationConfig` (greedy answers, segmentation, echo-decoder output length)
     trained_parts.safetensors every tensor that is not a base weight (adapter, echo decoder, vocoder, ...), and the
                               LLM's trained weight changes as exact low-rank factors (`<name>.delta_left/right`)
-    parts.json                which base tensors are derived, the LLM weights changed, the system prompt, metadata
+    parts.json                which base tensors are derived (and which of them training changed), the LLM weights
+                              changed, the system prompt, metadata
     unit_vocab.txt            the unit-language vocabulary
     unit_kmeans.*             the k-means of the speech units (over the same audio tower)
 
@@ -45,9 +46,11 @@ ECHO_SIZE = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 
 DEFAULT_VOCODER = {"generator_type": "istft", "unit_embed_dim": 128, "istft_dim": 256, "istft_intermediate_dim": 768,
                    "istft_layers": 6, "istft_upsample": 2, "istft_n_fft": 640, "istft_hop_length": 160,
                    "var_pred_dropout": 0.5, "sampling_rate": 16000}
-# Derived from the base at build time, never stored: the CTC head starts as (and stays, frozen) the LLM's output
-# table, so adapter frames are pushed towards the text embeddings of what was said.
+# Derived from the base at build time: the CTC head starts as the LLM's output table, so adapter frames are pushed
+# towards the text embeddings of what was said. A trained head (the hearing stage's) is stored as its change: the
+# rows it keeps (`<name>.kept_rows`, the others are zero) and exact low-rank factors (`<name>.delta_left/right`).
 DERIVED = {"speech_adapter.ctc_head.weight": "language_model.lm_head.weight"}
+DERIVED_CHANGE_SUFFIXES = (".delta_left", ".delta_right", ".kept_rows")
 # EchoX-mini's echo decoder reads each segment in one bidirectional pass (CTC, each input position repeated 3 times)
 # from spelled input (16 byte positions per text token); see MODEL_CARD.md for why. Its spelling table is made from
 # the tokenizer at build time, never stored.
@@ -175,15 +178,22 @@ def export_mini_parts(model: EchoXForSpeechToSpeech, processor: EchoXProcessor, 
     base, _ = build_mini_base(processor.unit_vocabulary, model.config.num_units, config=model.config,
                               generation_config=model.generation_config)
     base_state = base.state_dict()
-    tensors, changed = {}, []
+    tensors, changed, trained_derived = {}, [], []
     for name, tensor in model.state_dict().items():
         if name in FROM_TOKENIZER:
             if not torch.equal(tensor, base_state[name]):
                 raise ValueError(f"{name} differs from the one the tokenizer gives.")
             continue
         if name in DERIVED:
-            if not torch.equal(tensor, base_state[DERIVED[name]]):
-                raise ValueError(f"{name} was trained; EchoX-mini keeps it equal to {DERIVED[name]}.")
+            source = base_state[DERIVED[name]]
+            if not torch.equal(tensor, source):
+                kept = tensor.ne(0).any(dim=-1)
+                left, right = _low_rank(tensor.float() - source.float() * kept[:, None])
+                tensors[f"{name}.delta_left"] = left.half().contiguous()
+                tensors[f"{name}.delta_right"] = right.half().contiguous()
+                if not kept.all():
+                    tensors[f"{name}.kept_rows"] = kept.nonzero()[:, 0].int().contiguous()
+                trained_derived.append(name)
             continue
         if name.startswith(("audio_tower.", "language_model.")):
             reference = base_state[name]
@@ -208,8 +218,8 @@ def export_mini_parts(model: EchoXForSpeechToSpeech, processor: EchoXProcessor, 
         for name in os.listdir(unit_kmeans_dir):
             if name.startswith("unit_kmeans"):
                 shutil.copy(os.path.join(unit_kmeans_dir, name), out_dir)
-    info = {"derived": DERIVED, "low_rank_changes": changed, "system_prompt": processor.system_prompt,
-            "metadata": metadata or {}}
+    info = {"derived": DERIVED, "trained_derived": trained_derived, "low_rank_changes": changed,
+            "system_prompt": processor.system_prompt, "metadata": metadata or {}}
     with open(os.path.join(out_dir, PARTS_INFO), "w", encoding="utf-8") as handle:
         json.dump(info, handle, indent=2)
     size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
@@ -236,14 +246,19 @@ def load_mini_parts(parts_dir: str = MINI_PARTS_DIR) -> tuple[EchoXForSpeechToSp
     state = model.state_dict()
     expected = {n for n in state if n not in DERIVED and n not in FROM_TOKENIZER
                 and not n.startswith(("audio_tower.", "language_model."))}
-    stored = {n for n in parts if not n.endswith((".delta_left", ".delta_right"))}
+    stored = {n for n in parts if not n.endswith(DERIVED_CHANGE_SUFFIXES)}
     if stored != expected:
         raise ValueError(f"EchoX-mini parts do not match the model: missing {sorted(expected - stored)[:5]}, "
                          f"unexpected {sorted(stored - expected)[:5]}.")
     with torch.no_grad():
         for name in stored:
             state[name].copy_(parts[name].to(state[name].dtype))
-        for name in info["low_rank_changes"]:
+        for name in info.get("trained_derived", []):  # the base copied the source in: keep its rows, add the change
+            if f"{name}.kept_rows" in parts:
+                kept = torch.zeros(len(state[name]), dtype=torch.bool)
+                kept[parts[f"{name}.kept_rows"].long()] = True
+                state[name][~kept] = 0
+        for name in info["low_rank_changes"] + info.get("trained_derived", []):
             delta = parts[f"{name}.delta_left"].float() @ parts[f"{name}.delta_right"].float()
             state[name].add_(delta.to(state[name].dtype))
     return model.eval(), processor
