@@ -13,13 +13,16 @@ Steps (each resumes): (1) the encoder states of every clip are computed once and
 `eval_steps` the dictation WER on the held-out read sentences is logged; (3) `final/` receives
 `hearing_adapter.safetensors` (the trained tensors under their EchoX names, `load_hearing_adapter`) and
 `hearing.json` (settings and the dictation WER, next to Whisper tiny.en's own WER on the same clips, whose
-transcripts are kept in `<cache_dir>/whisper_tiny_en.jsonl`).
+transcripts are kept in `<cache_dir>/whisper_tiny_en.jsonl`; the same for `open_eval_manifest` when it is given).
+A run that has reached `max_steps` only redoes step (3): rerun it with an `open_eval_manifest` to score the open set.
 
 Options (config fields): `unfrozen_encoder_layers` k > 0 caches the states before the encoder's last k layers and
 trains those layers and the final layer norm too ("partly unfrozen"); `ctc_vocabulary: "corpus"` restricts the CTC
 softmax to the tokens the training transcripts hold (+ the blank): cheaper steps, and a dictation that never leaves
 the corpus's tokens (evaluated both ways: `restricted` and the full-table argmax the model uses at inference);
-`adapter` sets the frame block's FFN width and heads (a larger adapter).
+`ctc_head: "trained"` trains the CTC head too, from the LLM's output table (`ctc_head_rank` r: as the frozen table +
+a trained rank-r correction, which EchoX-mini's parts store as exact low-rank factors); the exported head has zero
+rows outside the corpus's tokens. `adapter` sets the frame block's FFN width and heads (a larger adapter).
 """
 
 import json
@@ -41,6 +44,7 @@ from .run_log import JsonlLogCallback, log_event, plot_losses
 
 DEFAULTS = {
     "eval_manifest": None,  # held-out read sentences in reserved voices (training.data.listening)
+    "open_eval_manifest": None,  # also scored at the end: the open evaluation set (training.data.open_questions)
     "cache_dir": None,  # default: <output_dir>/../hearing_cache
     "unfrozen_encoder_layers": 0,
     "ctc_vocabulary": "corpus",  # "corpus" | "full"
@@ -418,14 +422,16 @@ def whisper_wer(manifest_lines: list[dict], out_path: str) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- training
 def read_lines(paths) -> list[dict]:
-    """Manifest lines of `training.data.listening` with absolute audio paths."""
+    """Manifest lines of `training.data.listening` (or of the open set, whose `question` is the text) with absolute
+    audio paths."""
     paths = [paths] if isinstance(paths, str) else list(paths)
     lines = []
     for path in paths:
         base = os.path.dirname(os.path.abspath(path))
         with open(path, encoding="utf-8") as handle:
             for line in map(json.loads, filter(str.strip, handle)):
-                lines.append({**line, "audio": os.path.join(base, line["audio"])})
+                text = line["text"] if "text" in line else line["question"]
+                lines.append({**line, "text": text, "audio": os.path.join(base, line["audio"])})
     if not lines:
         raise ValueError(f"The manifests {paths} hold no clips.")
     return lines
@@ -491,8 +497,15 @@ def main(config: dict) -> dict:
     from safetensors.torch import save_file
 
     save_file(model.trained_state(), os.path.join(final, "hearing_adapter.safetensors"))
+    whisper_transcripts = os.path.join(cache_dir, "whisper_tiny_en.jsonl")
     dictation = dictation_wer(model, eval_set, tokenizer)
-    whisper = whisper_wer(eval_lines, os.path.join(cache_dir, "whisper_tiny_en.jsonl"))
+    whisper = whisper_wer(eval_lines, whisper_transcripts)
+    open_set = None
+    if config.get("open_eval_manifest"):
+        open_lines = read_lines(config["open_eval_manifest"])
+        open_set = {"dictation": dictation_wer(model, make_dataset(shards, open_lines, "open", tokenizer, max_ctc),
+                                               tokenizer),
+                    "whisper_tiny_en": whisper_wer(open_lines, whisper_transcripts)}
     summary = {
         "event": "end", "stage": "hearing", "global_step": trainer.state.global_step,
         "train_loss": result.training_loss, "seconds": round(time.time() - started, 1),
@@ -501,21 +514,25 @@ def main(config: dict) -> dict:
         "ctc_vocabulary": config["ctc_vocabulary"], "ctc_head": config["ctc_head"],
         "ctc_head_rank": config["ctc_head_rank"], "unfrozen_encoder_layers": unfrozen,
         "adapter": config["adapter"], "trainable": trainable, "dictation": dictation, "whisper_tiny_en": whisper,
+        "open_set": open_set,
     }
     with open(os.path.join(final, "hearing.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=2)
     plot_losses(trainer.state.log_history, os.path.join(output_dir, "loss.png"), "EchoX-mini hearing (CTC)")
-    log_event(output_dir, {k: v for k, v in summary.items() if k != "dictation"} | {
-        "dictation_wer": {k: v for k, v in dictation.items() if k.startswith("wer_") and "voice" not in k}})
+    log_event(output_dir, without_examples(summary))
     return summary
+
+
+def without_examples(summary: dict) -> dict:
+    """A summary without the dictation examples (what the log and the console get)."""
+    return {key: without_examples(value) if isinstance(value, dict) else value
+            for key, value in summary.items() if not key.startswith("examples")}
 
 
 def cli():
     args = parse_args(__doc__.strip().splitlines()[0])
     config = load_config(args.config, DEFAULTS, args.set)
-    summary = main(config)
-    print(json.dumps({k: v for k, v in summary.items() if k != "dictation"} | {
-        "dictation": {k: v for k, v in summary["dictation"].items() if not k.startswith("examples")}}, indent=2))
+    print(json.dumps(without_examples(main(config)), indent=2))
 
 
 __all__ = ["DEFAULTS", "HearingModel", "dictation_wer", "load_hearing_adapter", "main"]
