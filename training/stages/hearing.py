@@ -289,6 +289,7 @@ class HearingModel(nn.Module):
 
     @property
     def head_trains(self) -> bool:
+        """Whether the CTC head is trained (whole, or as a low-rank correction of the table)."""
         return self.ctc_delta_rows is not None or self.speech_adapter.ctc_head.weight.requires_grad
 
     @torch.no_grad()
@@ -316,7 +317,8 @@ class HearingModel(nn.Module):
     @torch.no_grad()
     def dictate(self, states, lengths, restricted: bool = True) -> list[list[int]]:
         """CTC greedy transcripts as LLM token ids (argmax per frame, runs collapsed, blanks dropped). Over the whole
-        table the argmax is the adapter's own (`ctc_argmax`, as at inference)."""
+        table the argmax is what an EchoX model with these tensors computes: the exported head's when the head
+        trains, else the adapter's own `ctc_argmax`."""
         frames, counts = self.frames(states, lengths)
         if restricted and len(self.vocab_ids):
             ids = self.vocab_ids[self.head_logits(frames, self.vocab_ids).argmax(-1)]
