@@ -14,7 +14,8 @@ Steps (each resumes): (1) the encoder states of every clip are computed once and
 `hearing_adapter.safetensors` (the trained tensors under their EchoX names, `load_hearing_adapter`) and
 `hearing.json` (settings and the dictation WER, next to Whisper tiny.en's own WER on the same clips, whose
 transcripts are kept in `<cache_dir>/whisper_tiny_en.jsonl`; the same for `open_eval_manifest` when it is given).
-A run that has reached `max_steps` only redoes step (3): rerun it with an `open_eval_manifest` to score the open set.
+A run that has reached `max_steps` redoes step (3) (Trainer takes one more step, at the schedule's end, where the
+learning rate is about 0): rerun it with an `open_eval_manifest` to score the open set.
 
 Options (config fields): `unfrozen_encoder_layers` k > 0 caches the states before the encoder's last k layers and
 trains those layers and the final layer norm too ("partly unfrozen"); `ctc_vocabulary: "corpus"` restricts the CTC
