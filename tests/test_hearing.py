@@ -204,3 +204,17 @@ def test_bad_settings_are_refused(tmp_path):
         hearing.main(config)
     with pytest.raises(ValueError, match="train_manifest"):
         hearing.main({**config, "ctc_vocabulary": "corpus", "eval_manifest": None})
+
+
+def test_open_set_kinds_scores_each_group_and_whether_the_probe_name_was_heard():
+    lines = [{"kind": "animals", "text": "what sound does a cow make"},
+             {"kind": "small_talk", "text": "hello how are you"},
+             {"kind": "probe_animal", "text": "what is a capybara", "probe": "capybara"},
+             {"kind": "probe_person", "text": "who was tutankhamun", "probe": "tutankhamun"}]
+    result = hearing.open_set_kinds(lines, ["what sound does a cow make", "hello how are", "what is a capybara",
+                                            "who was tut"])
+    assert result["everyday"] == {"clips": 1, "wer": 0.0}
+    assert result["small_talk"]["wer"] == 0.25
+    assert result["probe"]["clips"] == 2 and result["probe"]["names_probe"] == 0.5
+    with pytest.raises(ValueError):
+        hearing.open_set_kinds(lines, ["too few"])

@@ -13,7 +13,8 @@ Steps (each resumes): (1) the encoder states of every clip are computed once and
 `eval_steps` the dictation WER on the held-out read sentences is logged; (3) `final/` receives
 `hearing_adapter.safetensors` (the trained tensors under their EchoX names, `load_hearing_adapter`) and
 `hearing.json` (settings and the dictation WER, next to Whisper tiny.en's own WER on the same clips, whose
-transcripts are kept in `<cache_dir>/whisper_tiny_en.jsonl`; the same for `open_eval_manifest` when it is given).
+transcripts are kept in `<cache_dir>/whisper_tiny_en.jsonl`; the same for `open_eval_manifest` when it is given,
+with both scored by kind: `open_set_kinds`).
 A run that has reached `max_steps` redoes step (3) (Trainer takes one more step, at the schedule's end, where the
 learning rate is about 0): rerun it with an `open_eval_manifest` to score the open set.
 
@@ -362,7 +363,7 @@ def load_hearing_adapter(model, path: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- dictation
 def dictation_wer(model: HearingModel, dataset: DictationDataset, tokenizer, limit: int | None = None,
-                  batch_size: int = 32, bf16: bool = False) -> dict:
+                  batch_size: int = 32, bf16: bool = False, keep_transcripts: bool = False) -> dict:
     """WER of the adapter's dictation on `dataset` (both argmax modes), overall and per voice; `bf16`: under bf16
     autocast (the quicker check during training; the final figures are fp32)."""
     from modeling_echox.evaluation.text_metrics import word_error_rate
@@ -392,10 +393,34 @@ def dictation_wer(model: HearingModel, dataset: DictationDataset, tokenizer, lim
                                          [t for t, v in zip(texts, voices) if v == voice]), 4)
             for voice in sorted(set(voices))}
         result[f"examples_{mode}"] = [[r, t] for r, t in zip(references[:6], texts[:6])]
+    if keep_transcripts:
+        result["transcripts"] = hypotheses["full"]
     return result
 
 
-def whisper_wer(manifest_lines: list[dict], out_path: str) -> dict:
+def open_set_kinds(lines: list[dict], transcripts: list[str]) -> dict:
+    """Transcripts of open-set clips scored by kind: WER of the everyday questions, the small talk and the hearing
+    probes (every `probe_*` kind), and for the probes the share of transcripts holding every word of the probe's
+    unseen name (`probe`)."""
+    from modeling_echox.evaluation.text_metrics import normalize_text, word_error_rate
+
+    groups: dict[str, list] = {}
+    for line, text in zip(lines, transcripts, strict=True):
+        kind = line.get("kind", "")
+        group = "probe" if kind.startswith("probe") else "small_talk" if kind == "small_talk" else "everyday"
+        groups.setdefault(group, []).append((line, text))
+    result = {}
+    for group, rows in sorted(groups.items()):
+        result[group] = {"clips": len(rows), "wer": round(word_error_rate([line["text"] for line, _ in rows],
+                                                                           [text for _, text in rows]), 4)}
+        if group == "probe":
+            names = [normalize_text(line["probe"]).split() for line, _ in rows]
+            heard = [set(normalize_text(text).split()) >= set(name) for (_, text), name in zip(rows, names)]
+            result[group]["names_probe"] = round(sum(heard) / len(rows), 4)
+    return result
+
+
+def whisper_wer(manifest_lines: list[dict], out_path: str, keep_transcripts: bool = False) -> dict:
     """Whisper tiny.en (faster-whisper int8, beam 1: `modeling_echox.evaluation.asr`) on the same clips; transcripts cached in
     `out_path`. → {"wer", "wer_per_voice", "clips"}."""
     from modeling_echox.evaluation.text_metrics import word_error_rate
@@ -417,10 +442,13 @@ def whisper_wer(manifest_lines: list[dict], out_path: str) -> dict:
     references = [line["text"] for line in manifest_lines]
     hypotheses = [done[line["audio"]] for line in manifest_lines]
     voices = [line["voice"] for line in manifest_lines]
-    return {"clips": len(references), "wer": round(word_error_rate(references, hypotheses), 4),
-            "wer_per_voice": {voice: round(word_error_rate([r for r, v in zip(references, voices) if v == voice],
-                                                           [h for h, v in zip(hypotheses, voices) if v == voice]), 4)
-                              for voice in sorted(set(voices))}}
+    result = {"clips": len(references), "wer": round(word_error_rate(references, hypotheses), 4),
+              "wer_per_voice": {voice: round(word_error_rate([r for r, v in zip(references, voices) if v == voice],
+                                                             [h for h, v in zip(hypotheses, voices) if v == voice]), 4)
+                                for voice in sorted(set(voices))}}
+    if keep_transcripts:
+        result["transcripts"] = hypotheses
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------- training
@@ -506,9 +534,12 @@ def main(config: dict) -> dict:
     open_set = None
     if config.get("open_eval_manifest"):
         open_lines = read_lines(config["open_eval_manifest"])
-        open_set = {"dictation": dictation_wer(model, make_dataset(shards, open_lines, "open", tokenizer, max_ctc),
-                                               tokenizer),
-                    "whisper_tiny_en": whisper_wer(open_lines, whisper_transcripts)}
+        open_dictation = dictation_wer(model, make_dataset(shards, open_lines, "open", tokenizer, max_ctc), tokenizer,
+                                       keep_transcripts=True)
+        open_whisper = whisper_wer(open_lines, whisper_transcripts, keep_transcripts=True)
+        open_set = {"dictation": open_dictation, "whisper_tiny_en": open_whisper, "per_kind": {
+            "adapter": open_set_kinds(open_lines, open_dictation.pop("transcripts")),
+            "whisper_tiny_en": open_set_kinds(open_lines, open_whisper.pop("transcripts"))}}
     summary = {
         "event": "end", "stage": "hearing", "global_step": trainer.state.global_step,
         "train_loss": result.training_loss, "seconds": round(time.time() - started, 1),
