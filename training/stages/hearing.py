@@ -402,7 +402,7 @@ def open_set_kinds(lines: list[dict], transcripts: list[str]) -> dict:
     """Transcripts of open-set clips scored by kind: WER of the everyday questions, the small talk and the hearing
     probes (every `probe_*` kind), and for the probes the share of transcripts holding every word of the probe's
     unseen name (`probe`)."""
-    from modeling_echox.evaluation.text_metrics import normalize_text, word_error_rate
+    from modeling_echox.evaluation.text_metrics import all_answer_words_in_text, word_error_rate
 
     groups: dict[str, list] = {}
     for line, text in zip(lines, transcripts, strict=True):
@@ -414,8 +414,7 @@ def open_set_kinds(lines: list[dict], transcripts: list[str]) -> dict:
         result[group] = {"clips": len(rows), "wer": round(word_error_rate([line["text"] for line, _ in rows],
                                                                            [text for _, text in rows]), 4)}
         if group == "probe":
-            names = [normalize_text(line["probe"]).split() for line, _ in rows]
-            heard = [set(normalize_text(text).split()) >= set(name) for (_, text), name in zip(rows, names)]
+            heard = [all_answer_words_in_text(line["probe"], text) for line, text in rows]
             result[group]["names_probe"] = round(sum(heard) / len(rows), 4)
     return result
 
