@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import AutoConfig, AutoModel, AutoModelForMultimodalLM, AutoProcessor
 
 from modeling_echox import EchoXConfig, EchoXForSpeechToSpeech, EchoXProcessor
@@ -461,6 +462,72 @@ def test_prompt_prefix_cache_gives_the_same_answer_and_follows_the_weights():
     changed = model.generate(**inputs)
     assert model.prompt_prefix_cache._key != key
     assert changed.sequences.tolist() == model.generate(**inputs, reuse_prompt_prefix=False).sequences.tolist()
+
+
+# ------------------------------------------------------------------------------------------ adapter_output="dictation"
+@pytest.fixture(scope="module")
+def dictating():
+    tester = EchoXModelTester()
+    tester.model.config.adapter_output = "dictation"
+    tester.model.speech_adapter.output = "dictation"
+    return tester
+
+
+def test_dictation_output_is_the_llm_embedding_of_the_collapsed_ctc_ids(dictating):
+    model = dictating.model.eval()
+    batch = dictating.speech_inputs()
+    with torch.no_grad():
+        speech = model.get_speech_embeddings(batch["input_features"])
+        blank = model.config.audio_token_id
+        for clip, vectors in enumerate(speech.speech_embeddings):
+            ids = speech.ctc_logits[clip].argmax(-1)
+            starts = EchoXSpeechAdapter.run_starts(ids[None])[0]
+            dictation = ids[starts & (ids != blank)]
+            assert len(dictation) == len(vectors) > 0
+            torch.testing.assert_close(vectors, model.get_input_embeddings()(dictation))
+        # the same ids without the CTC logits (inference: the screened argmax)
+        quick = model.get_speech_embeddings(batch["input_features"], return_ctc_logits=False)
+        for a, b in zip(quick.speech_embeddings, speech.speech_embeddings):
+            torch.testing.assert_close(a, b)
+
+
+def test_dictation_answers_exactly_as_the_llm_answers_the_dictated_text(dictating):
+    model, processor = dictating.model.eval(), dictating.processor
+    batch = dictating.speech_inputs(clips=[chirp(2.0, 1)], texts=[""])
+    with torch.no_grad():
+        speech = model.get_speech_embeddings(batch["input_features"])
+    ids = speech.ctc_logits[0].argmax(-1)
+    dictation = ids[EchoXSpeechAdapter.run_starts(ids[None])[0] & (ids != model.config.audio_token_id)]
+    prompt = batch["input_ids"][0]
+    at = int(torch.nonzero(prompt == model.config.audio_token_id)[0, 0])
+    as_text = torch.cat([prompt[:at], dictation, prompt[at + 1 :]])[None]
+    from_speech = model.generate(**batch, max_new_tokens=6, return_audio=False)
+    from_text = model.generate(input_ids=as_text, attention_mask=torch.ones_like(as_text), max_new_tokens=6,
+                               return_audio=False)
+    assert from_speech.sequences[0, batch["input_ids"].shape[1] :].tolist() == \
+        from_text.sequences[0, as_text.shape[1] :].tolist()
+
+
+def test_dictation_trains_the_adapter_through_its_ctc_loss_only(dictating):
+    model = dictating.model.train()
+    model.zero_grad()
+    model(**dictating.training_batch()).loss.backward()
+    adapter = model.speech_adapter
+    assert adapter.projector.weight.grad is not None and adapter.projector.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in adapter.look_back.parameters())  # unused: the LLM reads token embeddings
+    model.zero_grad()
+    model.eval()
+
+
+def test_adapter_output_is_checked():
+    config = copy.deepcopy(EchoXModelTester().model.config).to_dict()
+    config.update(adapter_output="frames")
+    with pytest.raises(StrictDataclassFieldValidationError, match="adapter_output"):
+        EchoXConfig(**config)
+    config.update(adapter_output="dictation")
+    adapter = EchoXSpeechAdapter(EchoXConfig(**config))
+    with pytest.raises(ValueError, match="token_embedding"):
+        adapter(torch.randn(1, 40, config["audio_config"]["d_model"]))
 
 
 # ------------------------------------------------------------------------------------------------ crop_audio_padding

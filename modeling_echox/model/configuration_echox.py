@@ -233,6 +233,13 @@ class EchoXConfig(PreTrainedConfig):
             cropped frames only (several times faster on short questions; the frames then never attend to padding, so
             the adapter must be trained with it: EchoX-mini is). Encoder states stay window-sized, zero after the frames
             that were encoded.
+        adapter_output: what replaces the `<audio>` placeholder. `"look_back"` (released): the kept adapter frames
+            after the look-back attention, continuous vectors the LLM learns to read (stage I). `"dictation"`: the
+            LLM's own input embeddings of the adapter's CTC dictation (argmax ids, runs collapsed, blanks dropped), so
+            the LLM reads the question as the text it would be given, and keeps its text behaviour wherever the
+            dictation is right (LegoSLM-style CTC interface, arXiv 2505.11352, with hard ids). Hearing errors reach
+            the LLM as wrong words. The look-back layers are then unused, and no gradient reaches the adapter through
+            the LLM: only its CTC loss trains it (the hearing stage, `training.stages.hearing`).
 
     Prompt:
         mask_eot_in_prompt: original quirk. The released model uses `<|eot_id|>` as padding and masks every eot of
@@ -279,6 +286,7 @@ class EchoXConfig(PreTrainedConfig):
     ctc_loss_weight: float = 0.3
     crop_audio_padding: bool = False
     encoder_window: Literal["full", "clip"] = "full"
+    adapter_output: Literal["look_back", "dictation"] = "look_back"
 
     mask_eot_in_prompt: bool = True
     text_pad_token_id: int | None = _LLAMA3_EOT

@@ -28,9 +28,12 @@ class EchoXSpeechAdapter(nn.Module):
     """
     Stack `adapter_frame_stack` encoder frames → `projector` → `frame_block` (one pre-norm transformer layer) →
     `out_norm` → `ctc_head`. The CTC argmax then shrinks the sequence: of each run of frames with the same argmax only
-    the first is kept (blank runs too). The kept frames attend back over the kept frames (`look_back`, residual,
-    `look_back_norm`); their outputs are the speech embeddings. Without gradients and without `return_ctc_logits`,
-    the argmax comes from `ScreenedArgmax` on CPUs with native bf16 products (same ids, about 3× faster).
+    the first is kept (blank runs too). With `adapter_output="look_back"` (released) the kept frames attend back over
+    the kept frames (`look_back`, residual, `look_back_norm`); their outputs are the speech embeddings. With
+    `"dictation"` the kept non-blank frames' argmax ids are the clip's dictation, and the speech embeddings are the
+    LLM's input embeddings of those ids (`token_embedding`, passed to `forward`). Without gradients and without
+    `return_ctc_logits`, the argmax comes from `ScreenedArgmax` on CPUs with native bf16 products (same ids, about 3×
+    faster).
     """
 
     def __init__(self, config):
@@ -38,6 +41,8 @@ class EchoXSpeechAdapter(nn.Module):
         audio_dim = config.audio_config.d_model
         hidden = config.text_config.hidden_size
         self.frame_stack = config.adapter_frame_stack
+        self.output = config.adapter_output
+        self.blank_id = config.audio_token_id
         self.per_frame_block = config.adapter_per_frame_block
         self.projector = nn.Linear(audio_dim * self.frame_stack, hidden)
         self.frame_block = nn.TransformerEncoderLayer(
@@ -93,14 +98,25 @@ class EchoXSpeechAdapter(nn.Module):
         return keep
 
     def forward(
-        self, encoder_states: torch.Tensor, frame_counts: list[int] | None = None, return_ctc_logits: bool = True
+        self,
+        encoder_states: torch.Tensor,
+        frame_counts: list[int] | None = None,
+        return_ctc_logits: bool = True,
+        token_embedding: nn.Module | None = None,
     ) -> SpeechAdapterOutput:
         """
         `frame_counts`: encoder frames to use per clip (multiples of the frame stack); default: all of them.
         `return_ctc_logits=False` (inference): only the argmax of the CTC head is computed; `ctc_logits` is None.
+        `token_embedding`: the LLM's input embedding table; needed (and only read) with `adapter_output="dictation"`.
         """
+        if self.output == "dictation" and token_embedding is None:
+            raise ValueError("adapter_output='dictation' embeds the adapter's dictation with the LLM's input embedding "
+                             "table: pass token_embedding.")
         if frame_counts is not None:
-            clips = [self(encoder_states[i : i + 1, :count], None, return_ctc_logits) for i, count in enumerate(frame_counts)]
+            clips = [
+                self(encoder_states[i : i + 1, :count], None, return_ctc_logits, token_embedding)
+                for i, count in enumerate(frame_counts)
+            ]
             logits = [clip.ctc_logits[0] for clip in clips] if return_ctc_logits else None
             return SpeechAdapterOutput(
                 speech_embeddings=[clip.speech_embeddings[0] for clip in clips],
@@ -109,7 +125,12 @@ class EchoXSpeechAdapter(nn.Module):
             )
         frames = self.encode_frames(encoder_states)
         ctc_logits = self.ctc_head(frames) if return_ctc_logits else None
-        keep = self.run_starts(ctc_logits.argmax(dim=-1) if return_ctc_logits else self.ctc_argmax(frames))
+        tokens = ctc_logits.argmax(dim=-1) if return_ctc_logits else self.ctc_argmax(frames)
+        keep = self.run_starts(tokens)
+        if self.output == "dictation":
+            spoken = keep & (tokens != self.blank_id)
+            speech = [token_embedding(clip_tokens[clip_spoken]) for clip_tokens, clip_spoken in zip(tokens, spoken)]
+            return SpeechAdapterOutput(speech_embeddings=speech, ctc_logits=ctc_logits)
         lengths = keep.sum(dim=-1)
         queries = pad_sequence([clip_frames[clip_keep] for clip_frames, clip_keep in zip(frames, keep)], batch_first=True)
         attended, _ = self.look_back(queries, frames, frames, key_padding_mask=~keep, need_weights=False)

@@ -59,7 +59,8 @@ class EchoXSpeechPromptMixin:
         frame_counts = None
         if self.config.crop_audio_padding and audio_frame_lengths is not None:
             frame_counts = [self.cropped_frames(length) for length in audio_frame_lengths.tolist()]
-        return self.speech_adapter(states.to(self.speech_adapter.projector.weight.dtype), frame_counts, return_ctc_logits)
+        return self.speech_adapter(states.to(self.speech_adapter.projector.weight.dtype), frame_counts, return_ctc_logits,
+                                   token_embedding=self.get_input_embeddings())
 
     @staticmethod
     def real_frame_lengths(input_features: torch.FloatTensor) -> torch.LongTensor:
