@@ -492,7 +492,7 @@ def test_dictation_output_is_the_llm_embedding_of_the_collapsed_ctc_ids(dictatin
 
 
 def test_dictation_answers_exactly_as_the_llm_answers_the_dictated_text(dictating):
-    model, processor = dictating.model.eval(), dictating.processor
+    model = dictating.model.eval()
     batch = dictating.speech_inputs(clips=[chirp(2.0, 1)], texts=[""])
     with torch.no_grad():
         speech = model.get_speech_embeddings(batch["input_features"])
