@@ -24,6 +24,7 @@ from training.stages.stage1_behaviour import (
     BehaviourCollator,
     BehaviourTrainer,
     mixed_dataset,
+    set_adapter_output,
 )
 from training.stages.tiny_data import make_tiny_dataset
 
@@ -187,6 +188,45 @@ def test_the_guard_refuses_answers_that_teach_an_open_question_or_name_a_held_ou
     assert guard.prompt_problem("what color is a lemon")
     assert guard.text_problem("a lemon is a sour citrus fruit") is None
     assert guard.prompt_problem("define harbour") is None
+
+
+def _ctc_head_spelling(model, transcripts):
+    """A forward hook making the CTC head's argmax spell each transcript (clips in order): token k on frame 2k, blank
+    on every other frame, so that the dictation is exactly the transcript."""
+    blank, clips = model.config.audio_token_id, iter(transcripts)
+
+    def hook(module, inputs, logits):
+        spelled = torch.full_like(logits, -10.0)
+        for clip in range(logits.shape[0]):
+            ids = next(clips)
+            assert 2 * len(ids) <= logits.shape[1], "the clip is too short to spell its transcript"
+            spelled[clip, :, blank] = 10.0
+            for k, token in enumerate(ids):
+                spelled[clip, 2 * k, blank], spelled[clip, 2 * k, token] = -10.0, 10.0
+        return spelled
+
+    return model.speech_adapter.ctc_head.register_forward_hook(hook)
+
+
+def test_dictation_student_reading_the_transcript_has_zero_kl_and_only_the_lora_trains(tiny, tmp_path):
+    _, rows = tiny
+    model, processor = build_random_echox("tiny")
+    set_adapter_output(model, "dictation")
+    model.eval()
+    batch = BehaviourCollator(processor, model.config)(rows)
+    trainer = _trainer(model, tmp_path)
+    assert _kl(trainer, model, batch) > 1e-3  # the random head dictates something else
+    transcripts = [processor.tokenizer(row["transcript"], add_special_tokens=False).input_ids for row in rows]
+    handle = _ctc_head_spelling(model, transcripts)
+    try:
+        assert abs(_kl(trainer, model, batch)) < 1e-6
+    finally:
+        handle.remove()
+    peft_model = apply_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, [])
+    trainable = {name for name, parameter in peft_model.named_parameters() if parameter.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    with pytest.raises(ValueError, match="adapter_output"):
+        set_adapter_output(model, "frames")
 
 
 def test_taught_facts_are_a_seeded_minority_without_kl(tmp_path):

@@ -26,6 +26,10 @@ the SPEECH of a prompt learns to answer as its text LLM answers the TRANSCRIPT.
   student's own LLM); with a LoRA the KL term holds it to the LLM as loaded.
 - `init_adapter`: a `hearing_adapter.safetensors` of the hearing stage (`training.stages.hearing`), loaded into the
   model before training.
+- `adapter_output`: set on the model before training and saved with it (`EchoXConfig.adapter_output`; null keeps the
+  model's). With `"dictation"` the student reads the adapter's dictation of the speech (its hearing errors included)
+  and the teacher the transcript: the LoRA learns to answer noisy dictations as the text LLM answers the true text,
+  and only the CTC loss reaches the adapter (`trainable_modules: []` keeps the hearing stage's adapter as it is).
 """
 
 import contextlib
@@ -53,6 +57,7 @@ DEFAULTS = {
     "taught_manifest": None,
     "taught_share": 0.2,
     "init_adapter": None,
+    "adapter_output": None,
 }
 TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels")
 
@@ -190,6 +195,14 @@ def mixed_dataset(manifest, taught_manifest=None, taught_share: float = 0.2, see
     return datasets.concatenate_datasets([behaviour, taught])
 
 
+def set_adapter_output(model, adapter_output: str) -> None:
+    """Switch the model's speech interface (`EchoXConfig.adapter_output`), in its config and its adapter."""
+    if adapter_output not in ("look_back", "dictation"):
+        raise ValueError(f"adapter_output must be 'look_back' or 'dictation', got {adapter_output!r}.")
+    model.config.adapter_output = adapter_output
+    model.speech_adapter.output = adapter_output
+
+
 def main(config: dict) -> dict:
     model, processor = load_model(config)
     if config.get("init_adapter"):
@@ -198,6 +211,8 @@ def main(config: dict) -> dict:
         loaded = load_hearing_adapter(model, config["init_adapter"])
         log_event(config["output_dir"], {"event": "init_adapter", "path": config["init_adapter"],
                                          "tensors": len(loaded)}, PartialState().is_main_process)
+    if config.get("adapter_output"):
+        set_adapter_output(model, config["adapter_output"])
     seed = config["training_args"].get("seed", 0)
     dataset = mixed_dataset(config["train_manifest"], config.get("taught_manifest"), config["taught_share"], seed)
     cache = build_feature_cache(model, processor, config, dataset)
