@@ -224,3 +224,31 @@ def test_recipe_refuses_unknown_steps_to_skip(tmp_path):
     with pytest.raises(ValueError, match="stage9"):
         run(str(tmp_path), skip=("stage2", "stage9"))
     assert not os.listdir(tmp_path)
+
+
+def test_hearing_swap_takes_the_adapter_and_the_base_llm_and_keeps_the_rest(trained, tmp_path):
+    from safetensors.torch import save_file
+
+    from training.hearing_swap import swap_hearing
+
+    model, processor, parts, _, changed = trained
+    mini = build_mini(str(tmp_path / "mini"), parts_dir=parts)
+    generator = torch.Generator().manual_seed(5)
+    state = model.state_dict()
+    heard = {name: torch.randn(state[name].shape, generator=generator)
+             for name in ("speech_adapter.projector.weight", "speech_adapter.ctc_head.weight")}
+    save_file(heard, str(tmp_path / "hearing_adapter.safetensors"))
+    out = swap_hearing(str(tmp_path / "hearing_adapter.safetensors"), str(tmp_path / "swapped"), llm="base",
+                       mini_dir=mini)
+    swapped, _ = load_echox(out)
+    assert swapped.config.adapter_output == "dictation" and swapped.speech_adapter.output == "dictation"
+    result, mini_state = swapped.state_dict(), load_echox(mini)[0].state_dict()
+    base_state = build_mini_base(processor.unit_vocabulary, 20, seed=3)[0].state_dict()
+    for name, tensor in heard.items():
+        assert torch.equal(result[name], tensor), name
+    for name in changed:  # the LLM is the base again, without the trained change
+        assert torch.equal(result[name], base_state[name]) and not torch.equal(result[name], mini_state[name]), name
+    for name in ("echo_decoder.decoder.layers.0.mlp.up_proj.weight", "speech_adapter.look_back.in_proj_weight"):
+        assert torch.equal(result[name], mini_state[name]), name
+    with pytest.raises(ValueError, match="llm"):
+        swap_hearing(str(tmp_path / "hearing_adapter.safetensors"), str(tmp_path / "x"), llm="other", mini_dir=mini)
