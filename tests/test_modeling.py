@@ -468,8 +468,7 @@ def test_prompt_prefix_cache_gives_the_same_answer_and_follows_the_weights():
 @pytest.fixture(scope="module")
 def dictating():
     tester = EchoXModelTester()
-    tester.model.config.adapter_output = "dictation"
-    tester.model.speech_adapter.output = "dictation"
+    tester.model.config.adapter_output = "dictation"  # the adapter reads it from the config
     return tester
 
 

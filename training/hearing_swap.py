@@ -10,7 +10,7 @@ that measure what hearing alone changes, before any stage trains on it (docs/exp
 
 import argparse
 
-import torch
+from modeling_echox.model.configuration_echox import ADAPTER_OUTPUTS
 
 LLM_CHOICES = ("committed", "base")
 
@@ -33,13 +33,10 @@ def swap_hearing(adapter_path: str, out_dir: str, llm: str = "committed", adapte
     if llm == "base":
         base, _ = build_mini_base(processor.unit_vocabulary, model.config.num_units, config=model.config,
                                   generation_config=model.generation_config)
-        with torch.no_grad():
-            for name, tensor in base.language_model.state_dict().items():
-                model.language_model.state_dict()[name].copy_(tensor)
+        model.language_model.load_state_dict(base.language_model.state_dict())
     set_adapter_output(model, adapter_output)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    model.generation_config.save_pretrained(out_dir)
     return out_dir
 
 
@@ -48,7 +45,7 @@ def main(argv=None):
     parser.add_argument("--adapter", required=True, help="a hearing_adapter.safetensors of training.stages.hearing")
     parser.add_argument("--llm", choices=LLM_CHOICES, default="committed",
                         help="the LLM as committed (with its stage-I change) or as the base")
-    parser.add_argument("--adapter-output", choices=("look_back", "dictation"), default="dictation")
+    parser.add_argument("--adapter-output", choices=ADAPTER_OUTPUTS, default="dictation")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     print(swap_hearing(args.adapter, args.out, args.llm, args.adapter_output))

@@ -100,6 +100,8 @@ class EchoXVocoderConfig(PreTrainedConfig):
 # Token ids of the released (Llama-3 based) EchoX.
 _LLAMA3_SPEAKER_HEADER = [128006, 128000, 65576, 128007, 128000, 198]  # <|start_header_id|> BOS "speaker" <|end_header_id|> BOS "\n"
 _LLAMA3_EOT = 128009
+# What may replace the `<audio>` placeholder (`EchoXConfig.adapter_output`).
+ADAPTER_OUTPUTS = ("look_back", "dictation")
 
 
 @strict
@@ -286,7 +288,7 @@ class EchoXConfig(PreTrainedConfig):
     ctc_loss_weight: float = 0.3
     crop_audio_padding: bool = False
     encoder_window: Literal["full", "clip"] = "full"
-    adapter_output: Literal["look_back", "dictation"] = "look_back"
+    adapter_output: Literal[ADAPTER_OUTPUTS] = "look_back"
 
     mask_eot_in_prompt: bool = True
     text_pad_token_id: int | None = _LLAMA3_EOT

@@ -40,8 +40,8 @@ class EchoXSpeechAdapter(nn.Module):
         super().__init__()
         audio_dim = config.audio_config.d_model
         hidden = config.text_config.hidden_size
+        self.config = config
         self.frame_stack = config.adapter_frame_stack
-        self.output = config.adapter_output
         self.blank_id = config.audio_token_id
         self.per_frame_block = config.adapter_per_frame_block
         self.projector = nn.Linear(audio_dim * self.frame_stack, hidden)
@@ -59,6 +59,11 @@ class EchoXSpeechAdapter(nn.Module):
         )
         self.look_back_norm = nn.LayerNorm(hidden)
         self._screened_argmax = ScreenedArgmax()
+
+    @property
+    def output(self) -> str:
+        """The speech interface, read from the model's config (`adapter_output`), so switching it there switches it."""
+        return self.config.adapter_output
 
     def encode_frames(self, encoder_states: torch.Tensor) -> torch.Tensor:
         """`[N, T, D]` encoder states → `[N, T / stack, H]` normalized adapter frames."""

@@ -39,6 +39,8 @@ import torch
 from accelerate import PartialState
 from torch import nn
 
+from modeling_echox.model.configuration_echox import ADAPTER_OUTPUTS
+
 from .common import (
     apply_lora,
     load_model,
@@ -196,11 +198,10 @@ def mixed_dataset(manifest, taught_manifest=None, taught_share: float = 0.2, see
 
 
 def set_adapter_output(model, adapter_output: str) -> None:
-    """Switch the model's speech interface (`EchoXConfig.adapter_output`), in its config and its adapter."""
-    if adapter_output not in ("look_back", "dictation"):
-        raise ValueError(f"adapter_output must be 'look_back' or 'dictation', got {adapter_output!r}.")
+    """Switch the model's speech interface (`EchoXConfig.adapter_output`, which its adapter reads)."""
+    if adapter_output not in ADAPTER_OUTPUTS:
+        raise ValueError(f"adapter_output must be one of {ADAPTER_OUTPUTS}, got {adapter_output!r}.")
     model.config.adapter_output = adapter_output
-    model.speech_adapter.output = adapter_output
 
 
 def main(config: dict) -> dict:
