@@ -54,6 +54,9 @@ def _eval(args) -> None:
         text_llm=None if args.text_llm == "none" else args.text_llm, segmentation_mode=args.mode,
         batch_size=args.batch_size, limit=args.limit, seed=args.seed, int8=args.int8,
         progress=lambda message: print(message, file=sys.stderr, flush=True),
+        generation={key: value for key, value in (("dictation_beam_size", args.dictation_beam_size),
+                                                   ("dictation_lm_weight", args.dictation_lm_weight))
+                    if value is not None},
     )
     keys = ("n", "s2t_accuracy", "s2s_accuracy", "text_llm_accuracy", "s2t_accuracy_all_words",
             "s2s_accuracy_all_words", "text_llm_accuracy_all_words", *EVAL_ROW_KEYS[4:], "segmentation_mode", "seconds")
@@ -69,6 +72,17 @@ def _eval(args) -> None:
         summary = f'{summary[:-2]},\n "{name}": {{\n{lines}\n }}\n}}'
     print(summary)
     print(f"-> {args.out}", file=sys.stderr)
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -281,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=_positive_int, default=None,
                           help="evaluate a seeded random subset of N questions")
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--dictation-beam-size", type=_positive_int, default=None,
+                          help="adapter_output='dictation' only: CTC prefix beam width of the dictation (default: "
+                               "the generation config's; 1 = greedy)")
+    evaluate.add_argument("--dictation-lm-weight", type=_non_negative_float, default=None,
+                          help="adapter_output='dictation' only: weight of the LLM's own score of the dictated words "
+                               "in that search (default: the generation config's)")
     evaluate.set_defaults(run=_eval)
 
     tune = commands.add_parser(

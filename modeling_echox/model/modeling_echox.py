@@ -362,7 +362,9 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
         eos_ids = set([eos_ids] if isinstance(eos_ids, int) else (eos_ids or []))
 
         prompt = self._prepare_prompt(
-            input_ids, attention_mask, input_features, padding_side="left", return_ctc_logits=False
+            input_ids, attention_mask, input_features, padding_side="left", return_ctc_logits=False,
+            dictation_beam_size=generation_config.dictation_beam_size,
+            dictation_lm_weight=generation_config.dictation_lm_weight,
         )
         # The final-layer state that produced each token, collected step by step (no other layer is kept).
         producing_states = []
@@ -396,7 +398,8 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
         text = None
         if tokenizer is not None:
             text = [tokenizer.decode(answer, skip_special_tokens=True) for answer in answers]
-        output = EchoXGenerationOutput(sequences=sequences, text=text, sampling_rate=self.config.vocoder_config.sampling_rate)
+        output = EchoXGenerationOutput(sequences=sequences, text=text, sampling_rate=self.config.vocoder_config.sampling_rate,
+                                       dictation=prompt.dictation)
         if not return_audio or streams_audio:
             return output
 

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
+from .dictation_search import LanguageModelPrefixScorer, ctc_prefix_beam_search
+
 IGNORE_INDEX = -100
 AUDIO_CROP_MARGIN = 4  # encoder frames kept after a clip's real audio when `crop_audio_padding` is on
 
@@ -21,6 +23,7 @@ class _PromptInputs:
     labels: torch.LongTensor | None
     ctc_logits: torch.Tensor | None
     ctc_lengths: torch.LongTensor | None = None
+    dictation: list[torch.LongTensor] | None = None
 
 
 class EchoXSpeechPromptMixin:
@@ -35,10 +38,16 @@ class EchoXSpeechPromptMixin:
         encoder_states: torch.FloatTensor | None = None,
         audio_frame_lengths: torch.LongTensor | None = None,
         return_ctc_logits: bool = True,
+        dictation_contexts: list[list[int]] | None = None,
+        dictation_beam_size: int = 1,
+        dictation_lm_weight: float = 0.0,
     ):
         """
         Log-mel features `[N, n_mels, frames]` → `SpeechAdapterOutput` (speech embeddings per clip, CTC logits unless
         `return_ctc_logits=False`).
+        With `adapter_output="dictation"`, `dictation_beam_size > 1` or `dictation_lm_weight > 0` find each clip's
+        dictation by CTC prefix beam search with the LLM as language model (`dictation_search`), the LLM reading the
+        clip's words after `dictation_contexts[clip]` (the prompt ids in front of its placeholder; default: none).
         `encoder_states` `[N, frames / 2, d_model]`: the frozen `audio_tower`'s outputs computed beforehand (e.g. a
         training feature cache, see `encode_audio`); they replace `input_features` and skip the speech encoder.
         With `crop_audio_padding`, each clip's adapter sees only its real encoder frames (+ a margin):
@@ -59,8 +68,37 @@ class EchoXSpeechPromptMixin:
         frame_counts = None
         if self.config.crop_audio_padding and audio_frame_lengths is not None:
             frame_counts = [self.cropped_frames(length) for length in audio_frame_lengths.tolist()]
+        dictate = None
+        if dictation_beam_size > 1 or dictation_lm_weight > 0:
+            dictate = self._dictation_search(dictation_contexts or [[] for _ in range(states.shape[0])],
+                                             dictation_beam_size, dictation_lm_weight)
         return self.speech_adapter(states.to(self.speech_adapter.projector.weight.dtype), frame_counts, return_ctc_logits,
-                                   token_embedding=self.get_input_embeddings())
+                                   token_embedding=self.get_input_embeddings(), dictate=dictate)
+
+    def _dictation_search(self, contexts: list[list[int]], beam_size: int, lm_weight: float):
+        """`dictate(clip, log_probs)` for the adapter: `ctc_prefix_beam_search` with the LLM after `contexts[clip]`."""
+        if self.config.adapter_output != "dictation":
+            raise ValueError(
+                f"dictation_beam_size / dictation_lm_weight apply to adapter_output='dictation'; this model's "
+                f"adapter_output is {self.config.adapter_output!r}."
+            )
+        if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+            raise ValueError(f"dictation_beam_size must be an integer >= 1, got {beam_size!r}.")
+        if isinstance(lm_weight, bool) or not isinstance(lm_weight, (int, float)) or lm_weight < 0:
+            raise ValueError(f"dictation_lm_weight must be a number >= 0, got {lm_weight!r}.")
+        pad_id = self.config.text_pad_token_id if self.config.text_pad_token_id is not None else 0
+        end_id = self.config.text_pad_token_id  # the end-of-turn token of EchoX's prompts: where the user's words end
+
+        masked = [end_id] if self.config.mask_eot_in_prompt and end_id is not None else []
+
+        def dictate(clip: int, log_probs: torch.Tensor) -> list[int]:
+            if lm_weight and not contexts[clip]:
+                raise ValueError("dictation_lm_weight needs prompt text in front of the speech for the LLM to read the "
+                                 "dictated words after (e.g. the chat template's user header).")
+            scorer = LanguageModelPrefixScorer(self.language_model, contexts[clip], pad_id, masked) if lm_weight else None
+            return ctc_prefix_beam_search(log_probs, self.config.audio_token_id, beam_size, lm_weight, scorer, end_id)
+
+        return dictate
 
     @staticmethod
     def real_frame_lengths(input_features: torch.FloatTensor) -> torch.LongTensor:
@@ -131,12 +169,16 @@ class EchoXSpeechPromptMixin:
         encoder_states=None,
         audio_frame_lengths=None,
         return_ctc_logits=True,
+        dictation_beam_size=1,
+        dictation_lm_weight=0.0,
     ):
         """
         Embed `input_ids`, replace each `<audio>` placeholder by its clip's speech embeddings (clips in row-major
         order), re-pad the batch on `padding_side`, and build the attention mask (padding, plus every eot when
         `mask_eot_in_prompt`) and position ids (contiguous over non-padding tokens, masked eots included).
         `return_ctc_logits=False` when only the speech embeddings are needed (generation).
+        `dictation_beam_size`, `dictation_lm_weight`: see `get_speech_embeddings`; the language model reads each clip's
+        words after its row's prompt ids in front of its placeholder.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -150,8 +192,16 @@ class EchoXSpeechPromptMixin:
                 f"The prompt holds {int(placeholders.sum())} audio placeholder token(s) (id {self.config.audio_token_id}) "
                 f"but {num_clips} audio clip(s) were given; each clip needs exactly one placeholder."
             )
+        contexts = None
+        if dictation_beam_size > 1 or dictation_lm_weight > 0:
+            contexts = [
+                row_ids[:position].tolist()
+                for row_ids in (input_ids[row][attention_mask[row].bool()] for row in range(input_ids.shape[0]))
+                for position in torch.nonzero(row_ids == self.config.audio_token_id).flatten().tolist()
+            ]
         speech = (
-            self.get_speech_embeddings(input_features, encoder_states, audio_frame_lengths, return_ctc_logits)
+            self.get_speech_embeddings(input_features, encoder_states, audio_frame_lengths, return_ctc_logits,
+                                       contexts, dictation_beam_size, dictation_lm_weight)
             if num_clips
             else None
         )
@@ -202,4 +252,5 @@ class EchoXSpeechPromptMixin:
             labels=new_labels,
             ctc_logits=speech.ctc_logits if speech is not None else None,
             ctc_lengths=speech.ctc_lengths if speech is not None else None,
+            dictation=speech.dictation if speech is not None else None,
         )

@@ -1,0 +1,155 @@
+"""
+The adapter's dictation found by CTC prefix beam search, with the LLM itself as a shallow-fusion language model: of the
+token sequences the CTC head can spell, the one that maximises log P_ctc(ids | speech) + `lm_weight` · log P_llm(ids |
+the prompt text before the speech), the LLM scoring the ids as the words its user says (`adapter_output="dictation"`).
+"""
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+# A frame's candidate tokens: those within this many nats of the frame's most likely token (blank included); frames
+# where blank is far ahead (most of them) then extend no prefix, and the language model is only asked about real words.
+CANDIDATE_LOG_PROB_MARGIN = 10.0
+
+Prefix = tuple[int, ...]
+
+
+def _log_add(*values: float) -> float:
+    top = max(values)
+    if top == -math.inf:
+        return top
+    return top + math.log(sum(math.exp(value - top) for value in values))
+
+
+class LanguageModelPrefixScorer:
+    """
+    `scorer(prefixes)` → `[len(prefixes), V]` log-probabilities of the token after `context` + each prefix, by
+    `language_model` (a causal LM taking `input_ids`, `attention_mask`, `position_ids`, `past_key_values`). The
+    context's key/value cache is computed once; each call runs only the prefixes not scored before, together (results
+    are kept per prefix). Context positions holding an id of `masked_ids` are not attended to (EchoX's
+    `mask_eot_in_prompt`); positions count them all the same.
+    """
+
+    def __init__(self, language_model, context: Sequence[int], pad_token_id: int = 0, masked_ids: Sequence[int] = ()):
+        if not context:
+            raise ValueError("The language model needs a context to score the dictation after (at least one token).")
+        self.language_model = language_model
+        self.pad_token_id = pad_token_id
+        device = language_model.get_input_embeddings().weight.device
+        self.context_ids = torch.tensor([list(context)], dtype=torch.long, device=device)
+        self.context_mask = (~torch.isin(self.context_ids, torch.tensor(list(masked_ids), device=device))).long()
+        self._context_cache = None
+        self._scores: dict[Prefix, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _score_empty(self) -> None:
+        output = self.language_model(
+            input_ids=self.context_ids, attention_mask=self.context_mask,
+            position_ids=torch.arange(self.context_ids.shape[1], device=self.context_ids.device)[None],
+            use_cache=True, logits_to_keep=1,
+        )
+        self._context_cache = output.past_key_values
+        self._scores[()] = torch.log_softmax(output.logits[0, -1].float(), dim=-1)
+
+    @torch.no_grad()
+    def __call__(self, prefixes: Sequence[Prefix]) -> torch.Tensor:
+        if () not in self._scores:
+            self._score_empty()
+        new = [prefix for prefix in dict.fromkeys(prefixes) if prefix not in self._scores]
+        if new:
+            device = self.context_ids.device
+            offset = self.context_ids.shape[1]
+            width = max(map(len, new))
+            input_ids = torch.full((len(new), width), self.pad_token_id, dtype=torch.long, device=device)
+            prefix_mask = torch.zeros_like(input_ids)
+            for i, prefix in enumerate(new):  # left padding: every row's next token is read at the last position
+                input_ids[i, width - len(prefix) :] = torch.tensor(prefix, device=device)
+                prefix_mask[i, width - len(prefix) :] = 1
+            position_ids = offset + (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+            cache = copy.deepcopy(self._context_cache)
+            cache.batch_repeat_interleave(len(new))
+            logits = self.language_model(
+                input_ids=input_ids,
+                attention_mask=torch.cat([self.context_mask.expand(len(new), -1), prefix_mask], dim=1),
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            for prefix, row in zip(new, torch.log_softmax(logits.float(), dim=-1)):
+                self._scores[prefix] = row
+        return torch.stack([self._scores[prefix] for prefix in prefixes])
+
+
+def ctc_prefix_beam_search(
+    log_probs: torch.Tensor,
+    blank_id: int,
+    beam_size: int,
+    lm_weight: float = 0.0,
+    next_token_log_probs: Callable[[Sequence[Prefix]], torch.Tensor] | None = None,
+    end_token_id: int | None = None,
+) -> list[int]:
+    """
+    The best token sequence for CTC `log_probs` `[frames, V]` (log-softmax over the vocabulary, blank = `blank_id`):
+    CTC prefix beam search keeping `beam_size` prefixes, each scored by its CTC log-probability (all alignments summed)
+    plus `lm_weight` × its language-model log-probability (`next_token_log_probs`, see `LanguageModelPrefixScorer`),
+    and at the end, with `end_token_id`, the language model's log-probability that the utterance ends there. A frame
+    extends prefixes by at most `beam_size` tokens, those within `CANDIDATE_LOG_PROB_MARGIN` of its best token.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}.")
+    if lm_weight and next_token_log_probs is None:
+        raise ValueError("lm_weight needs next_token_log_probs (the language model's scorer).")
+    if log_probs.dim() != 2:
+        raise ValueError(f"log_probs must be [frames, vocabulary], got shape {list(log_probs.shape)}.")
+    use_lm = bool(lm_weight)
+    log_probs = log_probs.float()
+    # prefix → [log P(prefix, ending in blank), log P(prefix, ending in its last token)]
+    beams: dict[Prefix, list[float]] = {(): [0.0, -math.inf]}
+    lm_scores: dict[Prefix, float] = {(): 0.0}
+    for frame in log_probs:
+        best = float(frame.max())
+        candidates = torch.nonzero(frame >= best - CANDIDATE_LOG_PROB_MARGIN).flatten()
+        candidates = candidates[frame[candidates].argsort(descending=True)].tolist()
+        tokens = [token for token in candidates if token != blank_id][:beam_size]
+        blank = float(frame[blank_id])
+        following: dict[Prefix, list[float]] = {}
+        for prefix, (ends_blank, ends_token) in beams.items():
+            entry = following.setdefault(prefix, [-math.inf, -math.inf])
+            entry[0] = _log_add(entry[0], ends_blank + blank, ends_token + blank)
+            for token in tokens:
+                token_log_prob = float(frame[token])
+                extended = prefix + (token,)
+                grown = following.setdefault(extended, [-math.inf, -math.inf])
+                if prefix and token == prefix[-1]:
+                    # a repeat only counts as a new token after a blank; without one it stays the same token
+                    entry[1] = _log_add(entry[1], ends_token + token_log_prob)
+                    grown[1] = _log_add(grown[1], ends_blank + token_log_prob)
+                else:
+                    grown[1] = _log_add(grown[1], ends_blank + token_log_prob, ends_token + token_log_prob)
+        new = [prefix for prefix in following if prefix not in lm_scores]
+        if new:
+            if use_lm:
+                parents = [prefix[:-1] for prefix in new]
+                scores = next_token_log_probs(parents)
+                for row, prefix in enumerate(new):
+                    lm_scores[prefix] = lm_scores[prefix[:-1]] + lm_weight * float(scores[row, prefix[-1]])
+            else:
+                lm_scores.update(dict.fromkeys(new, 0.0))
+        ranked = sorted(following, key=lambda p: _log_add(*following[p]) + lm_scores[p], reverse=True)
+        beams = {prefix: following[prefix] for prefix in ranked[:beam_size]}
+
+    def final_score(prefix: Prefix) -> float:
+        return _log_add(*beams[prefix]) + lm_scores[prefix]
+
+    if use_lm and end_token_id is not None:
+        finals = list(beams)
+        ends = next_token_log_probs(finals)[:, end_token_id]
+        return list(max(zip(finals, ends.tolist()), key=lambda item: final_score(item[0]) + lm_weight * item[1])[0])
+    return list(max(beams, key=final_score))
+
+
+__all__ = ["CANDIDATE_LOG_PROB_MARGIN", "LanguageModelPrefixScorer", "ctc_prefix_beam_search"]
