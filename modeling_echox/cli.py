@@ -55,7 +55,8 @@ def _eval(args) -> None:
         batch_size=args.batch_size, limit=args.limit, seed=args.seed, int8=args.int8,
         progress=lambda message: print(message, file=sys.stderr, flush=True),
         generation={key: value for key, value in (("dictation_beam_size", args.dictation_beam_size),
-                                                   ("dictation_lm_weight", args.dictation_lm_weight))
+                                                   ("dictation_lm_weight", args.dictation_lm_weight),
+                                                   ("dictation_length_bonus", args.dictation_length_bonus))
                     if value is not None},
     )
     keys = ("n", "s2t_accuracy", "s2s_accuracy", "text_llm_accuracy", "s2t_accuracy_all_words",
@@ -301,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dictation-lm-weight", type=_non_negative_float, default=None,
                           help="adapter_output='dictation' only: weight of the LLM's own score of the dictated words "
                                "in that search (default: the generation config's)")
+    evaluate.add_argument("--dictation-length-bonus", type=float, default=None,
+                          help="adapter_output='dictation' only: score added per dictated token in that search "
+                               "(default: the generation config's)")
     evaluate.set_defaults(run=_eval)
 
     tune = commands.add_parser(

@@ -78,6 +78,18 @@ def test_the_end_of_the_utterance_is_scored_too():
     assert ctc_prefix_beam_search(padded, BLANK, 4, lm_weight=1.0, next_token_log_probs=scorer, end_token_id=end) == [1, 2]
 
 
+def test_a_length_bonus_keeps_a_word_the_language_model_finds_unlikely():
+    log_probs = frames([0.5, 0.5, 0.0], [0.98, 0.01, 0.01])
+    unlikely = torch.log(torch.tensor([0.85, 0.05, 0.1]))
+
+    def scorer(prefixes):
+        return unlikely.expand(len(prefixes), -1)
+
+    search = dict(beam_size=4, lm_weight=1.0, next_token_log_probs=scorer)
+    assert ctc_prefix_beam_search(log_probs, BLANK, **search) == []
+    assert ctc_prefix_beam_search(log_probs, BLANK, **search, length_bonus=3.0) == [1]
+
+
 def test_bad_search_settings_are_refused():
     log_probs = frames([0.5, 0.5])
     with pytest.raises(ValueError, match="beam_size"):
@@ -142,10 +154,10 @@ def test_generate_reads_the_dictation_the_search_finds(dictating):
     masked = [config.text_pad_token_id] if config.mask_eot_in_prompt else []
     scorer = LanguageModelPrefixScorer(model.language_model, context, config.text_pad_token_id, masked)
     expected = ctc_prefix_beam_search(_clip_log_probs(model, inputs["input_features"]), config.audio_token_id, 4, 0.5,
-                                      scorer, config.text_pad_token_id)
+                                      scorer, config.text_pad_token_id, length_bonus=1.0)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, return_audio=False, dictation_beam_size=4,
-                             dictation_lm_weight=0.5)
+                             dictation_lm_weight=0.5, dictation_length_bonus=1.0)
     assert out.dictation[0].tolist() == expected
     assert len(expected) > 0 and expected != greedy(_clip_log_probs(model, inputs["input_features"]), config.audio_token_id)
     # and the LLM answers the searched ids as it answers them given as text
@@ -178,7 +190,8 @@ def test_a_dictation_search_needs_the_dictation_interface():
 
 def test_bad_dictation_settings_are_refused(dictating):
     model, processor = dictating
-    for bad in ({"dictation_beam_size": 0}, {"dictation_lm_weight": -1.0}, {"dictation_lm_weight": "high"}):
+    for bad in ({"dictation_beam_size": 0}, {"dictation_lm_weight": -1.0}, {"dictation_lm_weight": "high"},
+                {"dictation_length_bonus": "long"}):
         with pytest.raises(ValueError, match="dictation_"):
             EchoXGenerationConfig(**bad).validate()
     inputs = processor(audio=[noise(1.0, 4)], sampling_rate=16000)

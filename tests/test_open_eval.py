@@ -283,7 +283,8 @@ def test_cli_prints_the_figures_per_kind_and_voice(monkeypatch, capsys, tmp_path
     monkeypatch.setattr(evaluation, "run_eval", lambda *args, **kwargs: result)
     args = types.SimpleNamespace(model="m", manifest="x", out=str(tmp_path / "r.json"), asr_model=None,
                                  text_only=True, text_llm="auto", mode=None, batch_size=8, limit=None, seed=0,
-                                 int8=False, dictation_beam_size=None, dictation_lm_weight=None)
+                                 int8=False, dictation_beam_size=None, dictation_lm_weight=None,
+                                 dictation_length_bonus=None)
     cli._eval(args)
     out = capsys.readouterr().out
     printed = json.loads(out)
@@ -301,8 +302,9 @@ def test_cli_passes_the_dictation_search_to_generate(monkeypatch, tmp_path):
     monkeypatch.setattr(evaluation, "run_eval", lambda *args, **kwargs: seen.update(kwargs) or {"n": 0})
     parser = cli.build_parser()
     args = parser.parse_args(["eval", "--model", "m", "--manifest", "x", "--out", str(tmp_path / "r.json"),
-                              "--dictation-beam-size", "8", "--dictation-lm-weight", "0.3"])
+                              "--dictation-beam-size", "8", "--dictation-lm-weight", "0.3",
+                              "--dictation-length-bonus", "2"])
     args.run(args)
-    assert seen["generation"] == {"dictation_beam_size": 8, "dictation_lm_weight": 0.3}
+    assert seen["generation"] == {"dictation_beam_size": 8, "dictation_lm_weight": 0.3, "dictation_length_bonus": 2.0}
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--manifest", "x", "--out", "y", "--dictation-lm-weight", "-1"])

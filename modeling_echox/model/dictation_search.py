@@ -91,12 +91,15 @@ def ctc_prefix_beam_search(
     lm_weight: float = 0.0,
     next_token_log_probs: Callable[[Sequence[Prefix]], torch.Tensor] | None = None,
     end_token_id: int | None = None,
+    length_bonus: float = 0.0,
 ) -> list[int]:
     """
     The best token sequence for CTC `log_probs` `[frames, V]` (log-softmax over the vocabulary, blank = `blank_id`):
     CTC prefix beam search keeping `beam_size` prefixes, each scored by its CTC log-probability (all alignments summed)
     plus `lm_weight` × its language-model log-probability (`next_token_log_probs`, see `LanguageModelPrefixScorer`),
-    and at the end, with `end_token_id`, the language model's log-probability that the utterance ends there. A frame
+    and at the end, with `end_token_id`, the language model's log-probability that the utterance ends there; plus
+    `length_bonus` per token (it offsets the language model's cost of every word, which otherwise drops the words it
+    finds unlikely, often the very ones the question is about). A frame
     extends prefixes by at most `beam_size` tokens, those within `CANDIDATE_LOG_PROB_MARGIN` of its best token.
     """
     if beam_size < 1:
@@ -136,9 +139,9 @@ def ctc_prefix_beam_search(
                 parents = [prefix[:-1] for prefix in new]
                 scores = next_token_log_probs(parents)
                 for row, prefix in enumerate(new):
-                    lm_scores[prefix] = lm_scores[prefix[:-1]] + lm_weight * float(scores[row, prefix[-1]])
+                    lm_scores[prefix] = lm_scores[prefix[:-1]] + lm_weight * float(scores[row, prefix[-1]]) + length_bonus
             else:
-                lm_scores.update(dict.fromkeys(new, 0.0))
+                lm_scores.update({prefix: length_bonus * len(prefix) for prefix in new})
         ranked = sorted(following, key=lambda p: _log_add(*following[p]) + lm_scores[p], reverse=True)
         beams = {prefix: following[prefix] for prefix in ranked[:beam_size]}
 

@@ -21,6 +21,7 @@ ECHOX_GENERATION_FIELDS = {
     "vocoding_mode": "faithful",
     "dictation_beam_size": 1,
     "dictation_lm_weight": 0.0,
+    "dictation_length_bonus": 0.0,
 }
 # Smallest value of each integer field.
 _MINIMUM = {
@@ -70,6 +71,8 @@ class EchoXGenerationConfig(GenerationConfig):
             in a CTC prefix beam search (`modeling_echox.model.dictation_search`).
         dictation_lm_weight: weight of the LLM's own log-probability of the dictated words (after the prompt text in
             front of the speech) in that search: shallow fusion, which prefers what a user would say. 0: none.
+        dictation_length_bonus: added to a prefix's score per dictated token in that search; it offsets the LLM's
+            cost of every word, which would otherwise drop the words it finds unlikely (often those asked about).
     """
 
     def __init__(self, **kwargs):
@@ -93,6 +96,9 @@ class EchoXGenerationConfig(GenerationConfig):
         lm_weight = getattr(self, "dictation_lm_weight", None)
         if lm_weight is not None and (isinstance(lm_weight, bool) or not isinstance(lm_weight, (int, float)) or lm_weight < 0):
             raise ValueError(f"EchoXGenerationConfig: dictation_lm_weight must be a number >= 0, got {lm_weight!r}.")
+        bonus = getattr(self, "dictation_length_bonus", None)
+        if bonus is not None and (isinstance(bonus, bool) or not isinstance(bonus, (int, float))):
+            raise ValueError(f"EchoXGenerationConfig: dictation_length_bonus must be a number, got {bonus!r}.")
         threshold = getattr(self, "segment_score_threshold", None)
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
             raise ValueError(f"EchoXGenerationConfig: segment_score_threshold must be a number, got {threshold!r}.")

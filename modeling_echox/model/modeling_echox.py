@@ -365,6 +365,7 @@ class EchoXForSpeechToSpeech(EchoXSpeechPromptMixin, EchoXTrainingLossesMixin, E
             input_ids, attention_mask, input_features, padding_side="left", return_ctc_logits=False,
             dictation_beam_size=generation_config.dictation_beam_size,
             dictation_lm_weight=generation_config.dictation_lm_weight,
+            dictation_length_bonus=generation_config.dictation_length_bonus,
         )
         # The final-layer state that produced each token, collected step by step (no other layer is kept).
         producing_states = []

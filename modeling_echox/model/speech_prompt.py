@@ -41,13 +41,15 @@ class EchoXSpeechPromptMixin:
         dictation_contexts: list[list[int]] | None = None,
         dictation_beam_size: int = 1,
         dictation_lm_weight: float = 0.0,
+        dictation_length_bonus: float = 0.0,
     ):
         """
         Log-mel features `[N, n_mels, frames]` → `SpeechAdapterOutput` (speech embeddings per clip, CTC logits unless
         `return_ctc_logits=False`).
         With `adapter_output="dictation"`, `dictation_beam_size > 1` or `dictation_lm_weight > 0` find each clip's
         dictation by CTC prefix beam search with the LLM as language model (`dictation_search`), the LLM reading the
-        clip's words after `dictation_contexts[clip]` (the prompt ids in front of its placeholder; default: none).
+        clip's words after `dictation_contexts[clip]` (the prompt ids in front of its placeholder), and
+        `dictation_length_bonus` added per dictated token.
         `encoder_states` `[N, frames / 2, d_model]`: the frozen `audio_tower`'s outputs computed beforehand (e.g. a
         training feature cache, see `encode_audio`); they replace `input_features` and skip the speech encoder.
         With `crop_audio_padding`, each clip's adapter sees only its real encoder frames (+ a margin):
@@ -71,11 +73,11 @@ class EchoXSpeechPromptMixin:
         dictate = None
         if dictation_beam_size > 1 or dictation_lm_weight > 0:
             dictate = self._dictation_search(dictation_contexts or [[] for _ in range(states.shape[0])],
-                                             dictation_beam_size, dictation_lm_weight)
+                                             dictation_beam_size, dictation_lm_weight, dictation_length_bonus)
         return self.speech_adapter(states.to(self.speech_adapter.projector.weight.dtype), frame_counts, return_ctc_logits,
                                    token_embedding=self.get_input_embeddings(), dictate=dictate)
 
-    def _dictation_search(self, contexts: list[list[int]], beam_size: int, lm_weight: float):
+    def _dictation_search(self, contexts: list[list[int]], beam_size: int, lm_weight: float, length_bonus: float):
         """`dictate(clip, log_probs)` for the adapter: `ctc_prefix_beam_search` with the LLM after `contexts[clip]`."""
         if self.config.adapter_output != "dictation":
             raise ValueError(
@@ -86,6 +88,8 @@ class EchoXSpeechPromptMixin:
             raise ValueError(f"dictation_beam_size must be an integer >= 1, got {beam_size!r}.")
         if isinstance(lm_weight, bool) or not isinstance(lm_weight, (int, float)) or lm_weight < 0:
             raise ValueError(f"dictation_lm_weight must be a number >= 0, got {lm_weight!r}.")
+        if isinstance(length_bonus, bool) or not isinstance(length_bonus, (int, float)):
+            raise ValueError(f"dictation_length_bonus must be a number, got {length_bonus!r}.")
         pad_id = self.config.text_pad_token_id if self.config.text_pad_token_id is not None else 0
         end_id = self.config.text_pad_token_id  # the end-of-turn token of EchoX's prompts: where the user's words end
 
@@ -96,7 +100,8 @@ class EchoXSpeechPromptMixin:
                 raise ValueError("dictation_lm_weight needs prompt text in front of the speech for the LLM to read the "
                                  "dictated words after (e.g. the chat template's user header).")
             scorer = LanguageModelPrefixScorer(self.language_model, contexts[clip], pad_id, masked) if lm_weight else None
-            return ctc_prefix_beam_search(log_probs, self.config.audio_token_id, beam_size, lm_weight, scorer, end_id)
+            return ctc_prefix_beam_search(log_probs, self.config.audio_token_id, beam_size, lm_weight, scorer, end_id,
+                                          length_bonus)
 
         return dictate
 
@@ -171,13 +176,15 @@ class EchoXSpeechPromptMixin:
         return_ctc_logits=True,
         dictation_beam_size=1,
         dictation_lm_weight=0.0,
+        dictation_length_bonus=0.0,
     ):
         """
         Embed `input_ids`, replace each `<audio>` placeholder by its clip's speech embeddings (clips in row-major
         order), re-pad the batch on `padding_side`, and build the attention mask (padding, plus every eot when
         `mask_eot_in_prompt`) and position ids (contiguous over non-padding tokens, masked eots included).
         `return_ctc_logits=False` when only the speech embeddings are needed (generation).
-        `dictation_beam_size`, `dictation_lm_weight`: see `get_speech_embeddings`; the language model reads each clip's
+        `dictation_beam_size`, `dictation_lm_weight`, `dictation_length_bonus`: see `get_speech_embeddings`; the
+        language model reads each clip's
         words after its row's prompt ids in front of its placeholder.
         """
         if attention_mask is None:
@@ -201,7 +208,7 @@ class EchoXSpeechPromptMixin:
             ]
         speech = (
             self.get_speech_embeddings(input_features, encoder_states, audio_frame_lengths, return_ctc_logits,
-                                       contexts, dictation_beam_size, dictation_lm_weight)
+                                       contexts, dictation_beam_size, dictation_lm_weight, dictation_length_bonus)
             if num_clips
             else None
         )
