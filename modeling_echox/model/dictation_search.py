@@ -4,11 +4,11 @@ token sequences the CTC head can spell, the one that maximises log P_ctc(ids | s
 the prompt text before the speech), the LLM scoring the ids as the words its user says (`adapter_output="dictation"`).
 """
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 
 import torch
+from transformers import DynamicCache
 
 # A frame's candidate tokens: those within this many nats of the frame's most likely token (blank included); frames
 # where blank is far ahead (most of them) then extend no prefix, and the language model is only asked about real words.
@@ -27,10 +27,11 @@ def _log_add(*values: float) -> float:
 class LanguageModelPrefixScorer:
     """
     `scorer(prefixes)` → `[len(prefixes), V]` log-probabilities of the token after `context` + each prefix, by
-    `language_model` (a causal LM taking `input_ids`, `attention_mask`, `position_ids`, `past_key_values`). The
-    context's key/value cache is computed once; each call runs only the prefixes not scored before, together (results
-    are kept per prefix). Context positions holding an id of `masked_ids` are not attended to (EchoX's
-    `mask_eot_in_prompt`); positions count them all the same.
+    `language_model` (a causal LM taking `input_ids`, `attention_mask`, `position_ids`, `past_key_values`; its cache a
+    `DynamicCache`). Each prefix is scored once, by running only its last token on its parent's keys and values (kept
+    per scored prefix; a parent not scored yet is scored first), the prefixes of one call batched together. Context
+    positions holding an id of `masked_ids` are not attended to (EchoX's `mask_eot_in_prompt`); positions count them
+    all the same.
     """
 
     def __init__(self, language_model, context: Sequence[int], pad_token_id: int = 0, masked_ids: Sequence[int] = ()):
@@ -41,46 +42,66 @@ class LanguageModelPrefixScorer:
         device = language_model.get_input_embeddings().weight.device
         self.context_ids = torch.tensor([list(context)], dtype=torch.long, device=device)
         self.context_mask = (~torch.isin(self.context_ids, torch.tensor(list(masked_ids), device=device))).long()
-        self._context_cache = None
         self._scores: dict[Prefix, torch.Tensor] = {}
+        self._states: dict[Prefix, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per layer: keys, values [1, h, L, d]
+
+    def _keep(self, prefix: Prefix, logits: torch.Tensor, states: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._scores[prefix] = torch.log_softmax(logits.float(), dim=-1)
+        self._states[prefix] = states
 
     @torch.no_grad()
-    def _score_empty(self) -> None:
+    def _score_context(self) -> None:
         output = self.language_model(
             input_ids=self.context_ids, attention_mask=self.context_mask,
             position_ids=torch.arange(self.context_ids.shape[1], device=self.context_ids.device)[None],
             use_cache=True, logits_to_keep=1,
         )
-        self._context_cache = output.past_key_values
-        self._scores[()] = torch.log_softmax(output.logits[0, -1].float(), dim=-1)
+        self._keep((), output.logits[0, -1], [(layer.keys, layer.values) for layer in output.past_key_values.layers])
 
     @torch.no_grad()
+    def _score_children(self, prefixes: list[Prefix]) -> None:
+        """Score `prefixes` (non-empty, parents already scored): each last token on its parent's keys and values."""
+        device = self.context_ids.device
+        offset = self.context_ids.shape[1]
+        lengths = [offset + len(prefix) - 1 for prefix in prefixes]  # cached positions of each parent
+        width = max(lengths)
+        mask = torch.zeros((len(prefixes), width + 1), dtype=torch.long, device=device)
+        for row, length in enumerate(lengths):  # left padding of the parents' caches
+            mask[row, width - length : width - length + offset] = self.context_mask[0]
+            mask[row, width - length + offset :] = 1
+        layers = []
+        for layer in range(len(self._states[()])):
+            keys, values = [], []
+            for prefix, length in zip(prefixes, lengths):
+                key, value = self._states[prefix[:-1]][layer]
+                pad = (0, 0, width - length, 0)
+                keys.append(torch.nn.functional.pad(key, pad))
+                values.append(torch.nn.functional.pad(value, pad))
+            layers.append((torch.cat(keys), torch.cat(values)))
+        output = self.language_model(
+            input_ids=torch.tensor([[prefix[-1]] for prefix in prefixes], device=device),
+            attention_mask=mask,
+            position_ids=torch.tensor([[length] for length in lengths], device=device),
+            past_key_values=DynamicCache(layers),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = output.past_key_values.layers
+        for row, (prefix, length) in enumerate(zip(prefixes, lengths)):
+            start = width - length
+            states = [(layer.keys[row : row + 1, :, start:], layer.values[row : row + 1, :, start:]) for layer in cache]
+            self._keep(prefix, output.logits[row, -1], states)
+
     def __call__(self, prefixes: Sequence[Prefix]) -> torch.Tensor:
         if () not in self._scores:
-            self._score_empty()
-        new = [prefix for prefix in dict.fromkeys(prefixes) if prefix not in self._scores]
-        if new:
-            device = self.context_ids.device
-            offset = self.context_ids.shape[1]
-            width = max(map(len, new))
-            input_ids = torch.full((len(new), width), self.pad_token_id, dtype=torch.long, device=device)
-            prefix_mask = torch.zeros_like(input_ids)
-            for i, prefix in enumerate(new):  # left padding: every row's next token is read at the last position
-                input_ids[i, width - len(prefix) :] = torch.tensor(prefix, device=device)
-                prefix_mask[i, width - len(prefix) :] = 1
-            position_ids = offset + (prefix_mask.cumsum(-1) - 1).clamp(min=0)
-            cache = copy.deepcopy(self._context_cache)
-            cache.batch_repeat_interleave(len(new))
-            logits = self.language_model(
-                input_ids=input_ids,
-                attention_mask=torch.cat([self.context_mask.expand(len(new), -1), prefix_mask], dim=1),
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
-            for prefix, row in zip(new, torch.log_softmax(logits.float(), dim=-1)):
-                self._scores[prefix] = row
+            self._score_context()
+        missing = set()
+        for prefix in prefixes:  # each prefix not scored yet, and its ancestors not scored yet
+            while prefix not in self._scores and prefix not in missing:
+                missing.add(prefix)
+                prefix = prefix[:-1]
+        for length in sorted({len(prefix) for prefix in missing}):  # parents before their children
+            self._score_children([prefix for prefix in missing if len(prefix) == length])
         return torch.stack([self._scores[prefix] for prefix in prefixes])
 
 
