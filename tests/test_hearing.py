@@ -218,3 +218,9 @@ def test_open_set_kinds_scores_each_group_and_whether_the_probe_name_was_heard()
     assert result["probe"]["clips"] == 2 and result["probe"]["names_probe"] == 0.5
     with pytest.raises(ValueError):
         hearing.open_set_kinds(lines, ["too few"])
+
+
+def test_wer_per_voice_scores_each_voice_on_its_own_clips():
+    references = ["the cat sat", "a dog", "hello there"]
+    hypotheses = ["the cat sat", "a cat", "Hello, there!"]
+    assert hearing.wer_per_voice(references, hypotheses, ["awb", "ked", "awb"]) == {"awb": 0.0, "ked": 0.5}

@@ -362,6 +362,15 @@ def load_hearing_adapter(model, path: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- dictation
+def wer_per_voice(references: list[str], hypotheses: list[str], voices: list[str]) -> dict[str, float]:
+    """Corpus WER (normalized texts, 4 decimals) of each voice's (reference, hypothesis) pairs."""
+    from modeling_echox.evaluation.text_metrics import word_error_rate
+
+    return {voice: round(word_error_rate([r for r, v in zip(references, voices) if v == voice],
+                                         [h for h, v in zip(hypotheses, voices) if v == voice]), 4)
+            for voice in sorted(set(voices))}
+
+
 def dictation_wer(model: HearingModel, dataset: DictationDataset, tokenizer, limit: int | None = None,
                   batch_size: int = 32, bf16: bool = False, keep_transcripts: bool = False) -> dict:
     """WER of the adapter's dictation on `dataset` (both argmax modes), overall and per voice; `bf16`: under bf16
@@ -388,10 +397,7 @@ def dictation_wer(model: HearingModel, dataset: DictationDataset, tokenizer, lim
         if not texts:
             continue
         result[f"wer_{mode}"] = round(word_error_rate(references, texts), 4)
-        result[f"wer_{mode}_per_voice"] = {
-            voice: round(word_error_rate([r for r, v in zip(references, voices) if v == voice],
-                                         [t for t, v in zip(texts, voices) if v == voice]), 4)
-            for voice in sorted(set(voices))}
+        result[f"wer_{mode}_per_voice"] = wer_per_voice(references, texts, voices)
         result[f"examples_{mode}"] = [[r, t] for r, t in zip(references[:6], texts[:6])]
     if keep_transcripts:
         result["transcripts"] = hypotheses["full"]
@@ -442,9 +448,7 @@ def whisper_wer(manifest_lines: list[dict], out_path: str, keep_transcripts: boo
     hypotheses = [done[line["audio"]] for line in manifest_lines]
     voices = [line["voice"] for line in manifest_lines]
     result = {"clips": len(references), "wer": round(word_error_rate(references, hypotheses), 4),
-              "wer_per_voice": {voice: round(word_error_rate([r for r, v in zip(references, voices) if v == voice],
-                                                             [h for h, v in zip(hypotheses, voices) if v == voice]), 4)
-                                for voice in sorted(set(voices))}}
+              "wer_per_voice": wer_per_voice(references, hypotheses, voices)}
     if keep_transcripts:
         result["transcripts"] = hypotheses
     return result
