@@ -52,7 +52,8 @@ Steps (outputs under `--work`):
                                                    stage III
     stage3      runs/mini_stage3/final/            Echo training (the stage-I model's answers, labelled by the answer
                                                    voice's TTS or by the stage-II echo decoder, + read-aloud general
-                                                   sentences: mini_stage3.json)
+                                                   sentences: mini_stage3.json); with BEHAVIOUR_STAGE1 the questions
+                                                   are the training questions and the spoken behaviour prompts
 With `--export` the final model's trained parts are written to `modeling_echox/mini/parts/` (what is committed).
 With `--carry-over PARTS_DIR` (e.g. `modeling_echox/mini/parts`) the steps named by `--carry` (default
 `units,vocoder`; `stage1` may be added) take their result from those exported parts instead of training again:
@@ -310,6 +311,7 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     stage1_model = os.path.join(stage1_behaviour_dir if BEHAVIOUR_STAGE1 else stage1_refine, "final")
     cache = os.path.join(runs, "encoder_cache")
     stage1_data = [manifests.get(name) for name in STAGE1_DATA]
+    behaviour_stage1_manifest = os.path.join(data, "stages", "s2t_behaviour.jsonl")
     t2c = os.path.join(data, "stages", "t2c_train.jsonl")
     if _done(os.path.join(units, "vocoder_units.jsonl")):
         t2c_manifest(units, t2c)
@@ -334,7 +336,6 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
         from .stages import stage1_behaviour
 
         hearing_adapter = os.path.join(runs, "mini_hearing", "final", "hearing_adapter.safetensors")
-        behaviour_stage1_manifest = os.path.join(data, "stages", "s2t_behaviour.jsonl")
         train_behaviour = stage_step("stage1_behaviour", stage1_behaviour, model=base, output_dir=stage1_behaviour_dir,
                                      feature_cache_dir=cache, train_manifest=behaviour_stage1_manifest,
                                      taught_manifest=manifests.get("train"), init_adapter=hearing_adapter)
@@ -363,8 +364,11 @@ def run(work: str = "build", until: str = "stage3", export: bool = False, carry_
     if stage3_config.get("read_aloud") and _done(t2c):
         read_aloud = read_aloud_manifest(t2c, speech, os.path.join(data, "stages", "read_aloud.jsonl"))
         stage3_paths["read_aloud"] = {"manifest": read_aloud}
+    # With BEHAVIOUR_STAGE1 the echo decoder also learns to voice the answers to the behaviour prompts: trained on the
+    # taught answers alone it does not voice the text LLM's free-form sentences (docs/experiments/open-evaluation.md).
+    stage3_data = [manifests.get("train"), behaviour_stage1_manifest] if BEHAVIOUR_STAGE1 else manifests.get("train")
     train_stage3 = stage_step("stage3", stage3_echo, model=stage1_model, echo_decoder_from=stage2_final,
-                              output_dir=stage3, train_manifest=manifests.get("train"), feature_cache_dir=cache,
+                              output_dir=stage3, train_manifest=stage3_data, feature_cache_dir=cache,
                               **stage3_paths)
 
     def stage3_action():
