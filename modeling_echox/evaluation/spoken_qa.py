@@ -291,8 +291,9 @@ def run_eval(model_dir: str, manifest: str, out: str, asr_model: str | None = No
              int8: bool = False, generation: dict | None = None) -> dict:
     """
     `echox eval`: load the checkpoint (`int8`: quantized for CPU inference), evaluate the manifest (`generation`:
-    keyword arguments of `model.generate`), write the JSON result to `out` and return it. The ASR transcribes the spoken answers (unless `text_only`) and, when the manifest
-    has `question` texts, the question clips too (`question_asr_wer`, beside the adapter's `dictation_wer`).
+    keyword arguments of `model.generate`), write the JSON result to `out` and return it. The ASR transcribes the
+    spoken answers (unless `text_only`) and, when the manifest has `question` texts, the question clips too
+    (`question_asr_wer`, beside the adapter's `dictation_wer`).
     """
     from ..model.loading import load_echox
     from .asr import WhisperTranscriber

@@ -33,8 +33,18 @@ _MINIMUM = {
     "fast_min_segment_tokens": 1,
     "fast_max_segment_tokens": 1,
     "echo_max_new_tokens": 1,
-    "dictation_beam_size": 1,
 }
+
+
+def check_dictation_search(beam_size=None, lm_weight=None, length_bonus=None) -> None:
+    """A `ValueError` naming the dictation-search setting (see `EchoXGenerationConfig`) whose value it cannot take;
+    `None` means not set."""
+    if beam_size is not None and (isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1):
+        raise ValueError(f"dictation_beam_size must be an integer >= 1, got {beam_size!r}.")
+    if lm_weight is not None and (isinstance(lm_weight, bool) or not isinstance(lm_weight, (int, float)) or lm_weight < 0):
+        raise ValueError(f"dictation_lm_weight must be a number >= 0, got {lm_weight!r}.")
+    if length_bonus is not None and (isinstance(length_bonus, bool) or not isinstance(length_bonus, (int, float))):
+        raise ValueError(f"dictation_length_bonus must be a number, got {length_bonus!r}.")
 
 
 class EchoXGenerationConfig(GenerationConfig):
@@ -93,12 +103,11 @@ class EchoXGenerationConfig(GenerationConfig):
             value = getattr(self, name, None)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
                 raise ValueError(f"EchoXGenerationConfig: {name} must be an integer >= {minimum}, got {value!r}.")
-        lm_weight = getattr(self, "dictation_lm_weight", None)
-        if lm_weight is not None and (isinstance(lm_weight, bool) or not isinstance(lm_weight, (int, float)) or lm_weight < 0):
-            raise ValueError(f"EchoXGenerationConfig: dictation_lm_weight must be a number >= 0, got {lm_weight!r}.")
-        bonus = getattr(self, "dictation_length_bonus", None)
-        if bonus is not None and (isinstance(bonus, bool) or not isinstance(bonus, (int, float))):
-            raise ValueError(f"EchoXGenerationConfig: dictation_length_bonus must be a number, got {bonus!r}.")
+        try:
+            check_dictation_search(getattr(self, "dictation_beam_size", None), getattr(self, "dictation_lm_weight", None),
+                                   getattr(self, "dictation_length_bonus", None))
+        except ValueError as error:
+            raise ValueError(f"EchoXGenerationConfig: {error}") from None
         threshold = getattr(self, "segment_score_threshold", None)
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
             raise ValueError(f"EchoXGenerationConfig: segment_score_threshold must be a number, got {threshold!r}.")
@@ -139,4 +148,4 @@ class EchoXGenerationConfig(GenerationConfig):
         return cls.from_dict(values)
 
 
-__all__ = ["ECHOX_GENERATION_FIELDS", "EchoXGenerationConfig"]
+__all__ = ["ECHOX_GENERATION_FIELDS", "EchoXGenerationConfig", "check_dictation_search"]

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from .dictation_search import LanguageModelPrefixScorer, ctc_prefix_beam_search
+from .generation_configuration_echox import check_dictation_search
 
 IGNORE_INDEX = -100
 AUDIO_CROP_MARGIN = 4  # encoder frames kept after a clip's real audio when `crop_audio_padding` is on
@@ -84,15 +85,9 @@ class EchoXSpeechPromptMixin:
                 f"dictation_beam_size / dictation_lm_weight apply to adapter_output='dictation'; this model's "
                 f"adapter_output is {self.config.adapter_output!r}."
             )
-        if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
-            raise ValueError(f"dictation_beam_size must be an integer >= 1, got {beam_size!r}.")
-        if isinstance(lm_weight, bool) or not isinstance(lm_weight, (int, float)) or lm_weight < 0:
-            raise ValueError(f"dictation_lm_weight must be a number >= 0, got {lm_weight!r}.")
-        if isinstance(length_bonus, bool) or not isinstance(length_bonus, (int, float)):
-            raise ValueError(f"dictation_length_bonus must be a number, got {length_bonus!r}.")
+        check_dictation_search(beam_size, lm_weight, length_bonus)
         pad_id = self.config.text_pad_token_id if self.config.text_pad_token_id is not None else 0
         end_id = self.config.text_pad_token_id  # the end-of-turn token of EchoX's prompts: where the user's words end
-
         masked = [end_id] if self.config.mask_eot_in_prompt and end_id is not None else []
 
         def dictate(clip: int, log_probs: torch.Tensor) -> list[int]:
@@ -184,8 +179,7 @@ class EchoXSpeechPromptMixin:
         `mask_eot_in_prompt`) and position ids (contiguous over non-padding tokens, masked eots included).
         `return_ctc_logits=False` when only the speech embeddings are needed (generation).
         `dictation_beam_size`, `dictation_lm_weight`, `dictation_length_bonus`: see `get_speech_embeddings`; the
-        language model reads each clip's
-        words after its row's prompt ids in front of its placeholder.
+        language model reads each clip's words after its row's prompt ids in front of its placeholder.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
